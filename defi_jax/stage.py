@@ -1,0 +1,69 @@
+"""A training stage = a model + a loss + a data spec. The one trainer runs every stage.
+
+Stages register by name (``config.stage``); modules are imported lazily so that running one stage never
+imports another's dependencies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+from flax import nnx
+
+
+class DataIterator(Protocol):
+    """Host-local batches: dicts of numpy arrays with leading dim = global batch / process count.
+
+    ``get_state``/``set_state`` make the position checkpointable (grain iterators satisfy this).
+    """
+
+    def __next__(self) -> dict[str, np.ndarray]: ...
+    def get_state(self) -> Any: ...
+    def set_state(self, state: Any) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """What a stage gives the trainer.
+
+    build_model(config, rngs) -> nnx.Module
+        Constructs the model from ``config.model`` (its params carry logical axis names).
+    loss_fn(model, batch, rng, config) -> (scalar loss, dict of scalar metrics)
+        Training loss on one device-resident batch; ``rng`` is a fresh key per step.
+    make_data(config, process_index, process_count, split) -> DataIterator
+        ``split`` is "train" or "eval"; the iterator yields numeric host-local batches.
+    evaluate(model, config, workdir, step, eval_iter) -> dict of scalar metrics   (optional)
+        Runs at ``config.train.eval_every``; may write samples (videos, images) under ``workdir``.
+    validate(config) -> None   (optional)
+        Extra config checks; raise ValueError naming the key.
+    """
+
+    build_model: Callable[[Any, nnx.Rngs], nnx.Module]
+    loss_fn: Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array, Any], tuple[jax.Array, dict]]
+    make_data: Callable[[Any, int, int, str], DataIterator]
+    evaluate: Callable[..., dict] | None = None
+    validate: Callable[[Any], None] | None = None
+
+
+_REGISTRY: dict[str, str] = {
+    "toy": "defi_jax.toy:STAGE",
+    "gfdm": "defi_jax.gfdm.stage:STAGE",
+    "gidm": "defi_jax.gidm.stage:STAGE",
+    "policy": "defi_jax.policy.stage:STAGE",
+}
+
+
+def get(name: str) -> Stage:
+    if name not in _REGISTRY:
+        raise ValueError(f"config.stage={name!r} is not one of {sorted(_REGISTRY)}")
+    module, attr = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
