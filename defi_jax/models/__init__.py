@@ -1,0 +1,1 @@
+"""Network definitions (Flax NNX, channels-last) whose parameter names mirror the reference libraries."""
