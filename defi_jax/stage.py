@@ -41,6 +41,8 @@ class Stage:
         Runs at ``config.train.eval_every``; may write samples (videos, images) under ``workdir``.
     validate(config) -> None   (optional)
         Extra config checks; raise ValueError naming the key.
+    batch_spec(config) -> dict of jax.ShapeDtypeStruct   (optional)
+        Global batch shapes, so the train step can be compiled ahead of time without reading data.
     """
 
     build_model: Callable[[Any, nnx.Rngs], nnx.Module]
@@ -48,6 +50,7 @@ class Stage:
     make_data: Callable[[Any, int, int, str], DataIterator]
     evaluate: Callable[..., dict] | None = None
     validate: Callable[[Any], None] | None = None
+    batch_spec: Callable[[Any], Mapping[str, jax.ShapeDtypeStruct]] | None = None
 
 
 _REGISTRY: dict[str, str] = {

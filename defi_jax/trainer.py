@@ -1,0 +1,480 @@
+"""The one trainer every stage runs through.
+
+How a stage plugs in: ``config.stage`` names a :class:`defi_jax.stage.Stage` (``build_model``, ``loss_fn``,
+``make_data``, optional ``evaluate`` / ``validate``). The trainer validates the config, builds the mesh
+from ``config.mesh``, builds the model abstractly (``nnx.eval_shape``) and splits it into trainable
+params, frozen params (``config.train.frozen`` regexes over paths like ``encoder/conv_in/kernel``) and
+other variables; every leaf is sharded from its logical axis names through
+``config.sharding.logical_axis_rules``. The train step (one ``jax.jit`` with in/out shardings and the
+state donated) rebuilds the model with ``nnx.merge`` from params cast to ``compute_dtype``, calls the
+stage's ``loss_fn`` under the sharding rules (so ``sharding.constrain`` in model code applies), averages
+gradients over ``grad_accum_steps`` microbatches, clips, applies AdamW to the trainable params only
+(frozen ones get no gradient and no optimizer state), updates the EMA, and skips the update when the
+loss or the gradient norm is not finite (``config.train.max_nonfinite_steps`` in a row stop the run).
+
+What lands in ``WORKDIR``:
+  checkpoints/<step>/   Orbax: ``state`` (params, opt state, EMA, step, rng, skip counters), ``data``
+                        (each process's data-iterator state) and ``config`` (JSON); keep-N, async.
+  metrics.jsonl         one JSON object per logged step: step, loss, grad_norm, lr, skipped updates,
+                        the stage's metrics, steps/s, examples/s, MFU (where the peak is known).
+  tensorboard/          the same scalars as TensorBoard events.
+  config.json           the config the run started with.
+A run resumes from the latest checkpoint in its workdir by itself (on any mesh / device count); SIGTERM
+saves a checkpoint at the current step and returns with ``status="preempted"``.
+
+Public: :func:`train`, :class:`Trainer`, :func:`compile_train_step`, :func:`param_counts`,
+:func:`state_bytes_per_device`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from defi_jax import config_validation, distributed, metrics as metrics_lib, optim, sharding, stage as stage_lib
+from defi_jax.checkpoint import Checkpointer
+
+_log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient norm was NaN/Inf for ``config.train.max_nonfinite_steps`` steps in a row."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """Everything a step reads and writes; all leaves are (sharded) arrays, pure nested dicts for params."""
+
+    step: jax.Array        # int32, steps taken (skipped ones included)
+    params: Any            # trainable params, config.train.param_dtype
+    frozen: Any            # frozen params (no gradient, no optimizer state)
+    extra: Any             # non-parameter variables the model may update (counters, statistics)
+    opt_state: Any
+    ema: Any               # EMA of the trainable params ({} when config.train.ema_decay == 0)
+    rng: jax.Array         # uint32[2], split once per step
+    nonfinite: jax.Array   # int32, consecutive skipped (non-finite) steps
+    skipped: jax.Array     # int32, skipped steps in total
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "TrainState":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    step: int
+    status: str            # "done" | "preempted"
+    metrics: dict          # the last logged row
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _remat(fn, policy: str):
+    if policy in ("none", "", None):
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn)
+    return jax.checkpoint(fn, policy=getattr(jax.checkpoint_policies, policy))
+
+
+class Trainer:
+    """Builds the sharded state and the jitted step for ``config``; :meth:`fit` runs the loop.
+
+    ``mesh`` defaults to ``sharding.make_mesh(config.mesh)`` over all devices.
+    """
+
+    def __init__(self, config, *, mesh=None, validate: bool = True):
+        if validate:
+            config_validation.validate(config)
+        self.config = config
+        self.stage = stage_lib.get(config.stage)
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+        self.rules = dict(config.sharding.logical_axis_rules)
+        t = config.train
+        self.param_dtype = _DTYPES[t.param_dtype]
+        self.compute_dtype = _DTYPES[t.compute_dtype]
+        self.tx, self.schedule = optim.optimizer(t)
+
+        frozen_res = [re.compile(p) for p in t.frozen]
+
+        def trainable(path, x):
+            return isinstance(x, nnx.Param) and not any(r.search(_path_str(path)) for r in frozen_res)
+
+        self._filters = (trainable, nnx.Param, ...)
+        abstract = nnx.eval_shape(lambda: self.stage.build_model(config, nnx.Rngs(config.seed)))
+        self.graphdef, a_train, a_frozen, a_extra = nnx.split(abstract, *self._filters)
+        if not jax.tree.leaves(a_train):
+            raise config_validation.ConfigError(
+                f"config.train.frozen={tuple(t.frozen)!r}: every parameter is frozen, nothing to train")
+        self._logical = dict(params=a_train, frozen=a_frozen, extra=a_extra)
+        self.state_shardings = self._make_state_shardings()
+        self._step_fn = None
+        self._sigterm = False
+
+    # ------------------------------------------------------------------ state
+    def _shardings_of(self, abstract_state: nnx.State):
+        return nnx.to_pure_dict(sharding.state_shardings(abstract_state, self.mesh, self.rules))
+
+    def _make_state_shardings(self) -> TrainState:
+        rep = NamedSharding(self.mesh, P())
+        params_sh = self._shardings_of(self._logical["params"])
+        abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, self.param_dtype),
+                                       nnx.to_pure_dict(self._logical["params"]))
+        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+        # Optimizer moments shard like their parameters; counters and the like are replicated.
+        opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, params_sh,
+                                       transform_non_params=lambda _: rep)
+        return TrainState(
+            step=rep, params=params_sh, frozen=self._shardings_of(self._logical["frozen"]),
+            extra=self._shardings_of(self._logical["extra"]), opt_state=opt_sh,
+            ema=params_sh if self.config.train.ema_decay > 0 else {}, rng=rep, nonfinite=rep, skipped=rep)
+
+    def _init(self) -> TrainState:
+        c = self.config
+        model = self.stage.build_model(c, nnx.Rngs(c.seed))
+        _, params, frozen, extra = nnx.split(model, *self._filters)
+        params = _cast(nnx.to_pure_dict(params), self.param_dtype)
+        frozen = _cast(nnx.to_pure_dict(frozen), self.param_dtype)
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(
+            step=zero, params=params, frozen=frozen, extra=nnx.to_pure_dict(extra),
+            opt_state=self.tx.init(params), ema=params if c.train.ema_decay > 0 else {},
+            rng=jax.random.PRNGKey(c.seed + 1), nonfinite=zero, skipped=zero)
+
+    def init_state(self) -> TrainState:
+        """A freshly initialized train state, created directly in its sharded layout."""
+        with sharding.use_rules(self.mesh, self.rules):
+            return jax.jit(self._init, out_shardings=self.state_shardings)()
+
+    def abstract_state(self) -> TrainState:
+        """ShapeDtypeStructs with shardings: the restore target and the AOT-compile input."""
+        shapes = jax.eval_shape(self._init)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, self.state_shardings)
+
+    def model(self, state: TrainState, *, ema: bool = False) -> nnx.Module:
+        """The stage's model holding ``state``'s params (the EMA params with ``ema=True``)."""
+        params = state.ema if ema and state.ema else state.params
+        return nnx.merge(self.graphdef, params, state.frozen, state.extra)
+
+    # ------------------------------------------------------------------ step
+    def _loss_and_grads(self, state: TrainState, batch, rng):
+        c = self.config
+        stage, graphdef, cdt = self.stage, self.graphdef, self.compute_dtype
+        frozen = jax.lax.stop_gradient(_cast(state.frozen, cdt))
+
+        def loss_on(params, extra, micro, key):
+            model = nnx.merge(graphdef, _cast(params, cdt), frozen, extra)
+            loss, aux = stage.loss_fn(model, micro, key, c)
+            new_extra = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+            aux = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
+            return jnp.asarray(loss, jnp.float32), (aux, new_extra)
+
+        grad_fn = jax.value_and_grad(_remat(loss_on, c.train.remat_policy), has_aux=True)
+        accum = c.train.grad_accum_steps
+        if accum == 1:
+            (loss, (aux, extra)), grads = grad_fn(state.params, state.extra, batch, rng)
+            return loss, aux, extra, grads
+
+        def split(x):  # [B, ...] -> [A, B/A, ...]; each device keeps its own rows in every microbatch
+            x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+            return jax.lax.with_sharding_constraint(
+                x, NamedSharding(self.mesh, P(None, sharding.BATCH_AXES, *([None] * (x.ndim - 2)))))
+
+        micro = jax.tree.map(split, batch)
+        zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+        first = jax.tree.map(lambda x: x[0], micro)
+        (_, (aux0, _)), _ = jax.eval_shape(grad_fn, state.params, state.extra, first, rng)
+
+        def body(carry, xs):
+            g_sum, l_sum, a_sum, extra = carry
+            mb, i = xs
+            (l, (a, extra)), g = grad_fn(state.params, extra, mb, jax.random.fold_in(rng, i))
+            add = lambda u, v: jax.tree.map(lambda p, q: p + q.astype(jnp.float32), u, v)
+            return (add(g_sum, g), l_sum + l, add(a_sum, a), extra), None
+
+        init = (zeros(state.params), jnp.zeros((), jnp.float32), zeros(aux0), state.extra)
+        (g_sum, l_sum, a_sum, extra), _ = jax.lax.scan(body, init, (micro, jnp.arange(accum)))
+        grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), g_sum, state.params)
+        return l_sum / accum, jax.tree.map(lambda a: a / accum, a_sum), extra, grads
+
+    def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+        t = self.config.train
+        rng, step_rng = jax.random.split(state.rng)
+        loss, aux, extra, grads = self._loss_and_grads(state, batch, step_rng)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def apply(_):
+            updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            ema = state.ema
+            if t.ema_decay > 0:
+                d = t.ema_decay
+                ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state.ema, params)
+            return params, opt_state, ema, extra
+
+        def skip(_):
+            return state.params, state.opt_state, state.ema, state.extra
+
+        params, opt_state, ema, extra = jax.lax.cond(ok, apply, skip, None)
+        bad = (~ok).astype(jnp.int32)
+        new = TrainState(step=state.step + 1, params=params, frozen=state.frozen, extra=extra,
+                         opt_state=opt_state, ema=ema, rng=rng,
+                         nonfinite=jnp.where(ok, 0, state.nonfinite + 1), skipped=state.skipped + bad)
+        out = dict(aux) | {"loss": loss, "grad_norm": grad_norm, "lr": self.schedule(state.step),
+                           "nonfinite_steps": new.nonfinite, "skipped_steps": new.skipped}
+        return new, out
+
+    def batch_shardings(self, batch) -> dict:
+        return jax.tree.map(lambda x: sharding.batch_sharding(self.mesh, np.ndim(x)), batch)
+
+    def jit_step(self, batch_like):
+        """The jitted train step for batches shaped like ``batch_like`` (arrays or ShapeDtypeStructs)."""
+        rep = NamedSharding(self.mesh, P())
+        return jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_shardings(batch_like)),
+                       out_shardings=(self.state_shardings, rep), donate_argnums=0)
+
+    def step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+        """One optimizer step on a global (device-resident) batch; ``state`` is donated."""
+        if self._step_fn is None:
+            self._step_fn = self.jit_step(batch)
+        with sharding.use_rules(self.mesh, self.rules):
+            return self._step_fn(state, batch)
+
+    def global_batch(self, local: Mapping[str, np.ndarray]) -> dict:
+        """Host-local numpy batch -> global arrays split over (data, fsdp) across all processes."""
+        n = jax.process_count()
+
+        def one(x):
+            x = np.asarray(x)
+            return jax.make_array_from_process_local_data(
+                sharding.batch_sharding(self.mesh, x.ndim), x, (x.shape[0] * n, *x.shape[1:]))
+
+        return jax.tree.map(one, dict(local))
+
+    # ------------------------------------------------------------------ loop
+    def _on_sigterm(self, signum, frame):
+        _log.warning("SIGTERM received: saving a checkpoint at the next step boundary")
+        self._sigterm = True
+
+    def _preempted(self, ckpt: Checkpointer, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self._sigterm
+        # Multi-host: every process must stop at the same step; JAX's preemption sync point agrees on it.
+        return ckpt.manager.reached_preemption(step)
+
+    def _evaluate(self, state: TrainState, workdir: str, step: int) -> dict:
+        if self.stage.evaluate is None:
+            return {}
+        raw = self.stage.make_data(self.config, jax.process_index(), jax.process_count(), "eval")
+        batches = (self.global_batch(b) for b in raw)
+        with sharding.use_rules(self.mesh, self.rules):
+            model = self.model(state, ema=bool(self.config.train.get("eval_ema", True)))
+            return self.stage.evaluate(model, self.config, workdir, step, batches)
+
+    def restore_or_init(self, ckpt: Checkpointer | None, data_iter=None) -> TrainState:
+        latest = ckpt.latest_step() if ckpt is not None else None
+        if latest is None:
+            return self.init_state()
+        state, data_state = ckpt.restore(latest, self.abstract_state().as_dict(), data=data_iter is not None)
+        if data_iter is not None and data_state is not None:
+            data_iter.set_state(data_state)
+        _log.info("resumed from %s at step %d", ckpt.directory / str(latest), latest)
+        return TrainState.from_dict(state)
+
+    def fit(self, workdir: str) -> TrainResult:
+        """Trains to ``config.train.num_steps``, resuming from ``workdir`` when it holds a checkpoint."""
+        c, t = self.config, self.config.train
+        primary = distributed.is_primary()
+        config_json = c.to_json_best_effort(sort_keys=True)
+        if primary:
+            os.makedirs(workdir, exist_ok=True)
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(config_json)
+        ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.get("async_checkpointing", True))
+        data_iter = self.stage.make_data(c, jax.process_index(), jax.process_count(), "train")
+        state = self.restore_or_init(ckpt, data_iter)
+        step = int(jax.device_get(state.step))
+        writer = metrics_lib.MetricWriter(workdir, enabled=primary)
+        bar = metrics_lib.progress_bar(t.num_steps, step, enabled=primary and t.progress_bar)
+        old_handler = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._sigterm = False
+
+        throughput = None
+        last_row: dict = {}
+        pending = None  # previous step's non-finite counter, checked one step late to keep dispatch async
+        status = "done"
+        try:
+            while step < t.num_steps:
+                batch = self.global_batch(next(data_iter))
+                if throughput is None:
+                    throughput = metrics_lib.Throughput(t.batch_size, self._step_flops(state, batch))
+                    throughput.start(step)
+                state, out = self.step(state, batch)
+                step += 1
+                self._check_finite(pending, step - 1)
+                pending = out["nonfinite_steps"]
+                if bar is not None:
+                    bar.update(1)
+                if step % t.log_every == 0 or step == t.num_steps:
+                    row = {k: v.item() for k, v in jax.device_get(out).items()}
+                    row |= throughput.measure(step)
+                    if t.eval_every and step % t.eval_every == 0:
+                        row |= self._evaluate(state, workdir, step)
+                    writer.write(step, row)
+                    last_row = {"step": step} | row
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{row['loss']:.4g}")
+                    elif primary:
+                        _log.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
+                if step % t.save_every == 0 and step < t.num_steps:
+                    ckpt.save(step, state.as_dict(), data_iter.get_state(), config_json)
+                if step < t.num_steps and self._preempted(ckpt, step):
+                    ckpt.save(step, state.as_dict(), data_iter.get_state(), config_json)
+                    ckpt.wait()
+                    _log.warning("preempted: checkpoint saved at step %d in %s; exiting cleanly", step,
+                                 ckpt.directory)
+                    status = "preempted"
+                    break
+            self._check_finite(pending, step)
+            if status == "done":
+                if ckpt.latest_step() != step:
+                    ckpt.save(step, state.as_dict(), data_iter.get_state(), config_json)
+                if self.stage.evaluate is not None and not (t.eval_every and step % t.eval_every == 0):
+                    row = self._evaluate(state, workdir, step)
+                    if row:
+                        writer.write(step, row)
+                        last_row |= row
+        finally:
+            ckpt.close()
+            writer.close()
+            if bar is not None:
+                bar.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGTERM, old_handler)
+        return TrainResult(state=state, step=step, status=status, metrics=last_row)
+
+    def _check_finite(self, counter, step: int) -> None:
+        if counter is None:
+            return
+        n = int(jax.device_get(counter))
+        if n >= self.config.train.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"step {step}: loss or gradient norm was NaN/Inf for {n} steps in a row "
+                f"(config.train.max_nonfinite_steps={self.config.train.max_nonfinite_steps}); those updates "
+                f"were skipped and the run stops. Lower config.train.lr, check the data, or resume from the "
+                f"last checkpoint.")
+
+    def _step_flops(self, state, batch) -> float | None:
+        if metrics_lib.peak_flops() is None:
+            return None  # MFU is omitted where the device peak is unknown (CPU); skip the extra compile
+        try:
+            with sharding.use_rules(self.mesh, self.rules):
+                compiled = self.jit_step(batch).lower(state, batch).compile()
+            return metrics_lib.compiled_flops(compiled)
+        except Exception as e:  # cost analysis is best effort
+            _log.info("no FLOP count for MFU: %s", e)
+            return None
+
+    # ------------------------------------------------------------------ AOT
+    def abstract_batch(self) -> dict:
+        """Global batch shapes: from the stage's ``batch_spec`` when it has one, else one real batch."""
+        spec = getattr(self.stage, "batch_spec", None)
+        if spec is not None:
+            shapes = spec(self.config)
+        else:
+            local = next(self.stage.make_data(self.config, 0, 1, "train"))
+            shapes = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in local.items()}
+        return {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding.batch_sharding(self.mesh, len(s.shape)))
+                for k, s in shapes.items()}
+
+    def compile(self):
+        """Compiles (does not run) the train step on abstract inputs: returns (compiled, memory stats)."""
+        batch = self.abstract_batch()
+        with sharding.use_rules(self.mesh, self.rules):
+            compiled = self.jit_step(batch).lower(self.abstract_state(), batch).compile()
+        return compiled, memory_stats(compiled)
+
+
+def memory_stats(compiled) -> dict[str, int]:
+    """Per-device bytes of a compiled executable (arguments, outputs, temporaries, code)."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+            "generated_code_size_in_bytes")
+    out = {k.removesuffix("_size_in_bytes"): int(getattr(m, k, 0) or 0) for k in keys}
+    # Donated state aliases its outputs: live bytes = arguments + outputs - aliased + temporaries.
+    out["peak_estimate"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
+def train(config, workdir: str) -> TrainResult:
+    """Validates ``config``, then trains (or resumes) in ``workdir``."""
+    return Trainer(config).fit(workdir)
+
+
+def compile_train_step(config, mesh=None):
+    """AOT: ``(compiled, memory_stats)`` of the full train step for the configured mesh, nothing run.
+
+    For a bigger topology on a small machine, start Python with fake CPU devices
+    (``XLA_FLAGS=--xla_force_host_platform_device_count=8``; ``launch.describe --num_devices=8``).
+    """
+    return Trainer(config, mesh=mesh).compile()
+
+
+def param_counts(config) -> dict[str, int]:
+    """Parameter count of each top-level sub-module (abstract, nothing allocated) and ``total``."""
+    stage = stage_lib.get(config.stage)
+    abstract = nnx.eval_shape(lambda: stage.build_model(config, nnx.Rngs(config.seed)))
+    params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    counts = {k: sum(math.prod(x.shape) for x in jax.tree.leaves(v)) for k, v in params.items()}
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def state_bytes_per_device(config, mesh=None) -> dict[str, int]:
+    """Bytes one device holds of each part of the sharded train state (largest shard per leaf)."""
+    trainer = Trainer(config, mesh=mesh)
+    abstract = trainer.abstract_state()
+
+    def nbytes(tree):
+        return sum(math.prod(s.sharding.shard_shape(s.shape)) * np.dtype(s.dtype).itemsize
+                   for s in jax.tree.leaves(tree))
+
+    out = {k: nbytes(getattr(abstract, k)) for k in ("params", "frozen", "opt_state", "ema")}
+    out["total"] = nbytes(abstract)
+    return out
