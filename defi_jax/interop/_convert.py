@@ -1,0 +1,196 @@
+"""PyTorch state dicts <-> Flax NNX parameters, by one table of name / transpose rules run both ways.
+
+Shared by every interop module (diffusers SVD, transformers CLIP / DINOv2 / T5). API:
+
+``Rule(pattern, replacement, ndim=None, perm=None)``
+    A regex substitution from a dotted NNX parameter path (``down_blocks.0.resnets.0.conv1.kernel``) to
+    a torch key. The rule applies when ``pattern`` matches (``re.search``) and, if given, the parameter has
+    ``ndim`` dims. All matching rules apply in order (module renames, then a leaf rule); at most one may
+    carry ``perm``, meaning ``nnx_value = torch_value.transpose(perm)``; the inverse is used on export.
+``DEFAULT_RULES``
+    What ``defi_jax.nn`` layers need: ``kernel`` -> ``weight`` with Linear ([in, out] vs [out, in]) and
+    Conv 1d/2d/3d (channels-last vs channels-first) transposes, and norm ``scale`` -> ``weight``. Models
+    whose attribute names mirror the torch module need nothing else; put model-specific renames first.
+``torch_key(path, ndim, rules) -> (key, perm | None)``
+``to_torch(module, rules) -> dict[str, np.ndarray]``
+    Every ``nnx.Param`` as a torch-layout numpy array under its torch key (export).
+``from_torch(module, tensors, rules, what="model", dtype=None) -> module``
+    Fills every ``nnx.Param`` of ``module`` (a concrete module or an ``nnx.eval_shape`` one, so nothing
+    random is ever allocated) from ``tensors``; returns the filled module. Raises ``ValueError`` listing
+    missing keys, unexpected keys and mis-shaped tensors (all of them, not just the first).
+    ``ignore`` (regexes) drops torch keys that carry no parameters of ours (buffers such as position ids).
+``read_safetensors(folder, weights_name) -> dict[str, np.ndarray]``
+    ``<weights_name>.safetensors`` or a sharded ``<weights_name>.safetensors.index.json``; never pickle.
+``write_safetensors(tensors, folder, weights_name, max_shard_bytes=10 GB)``
+    One file, or shards plus the index JSON that ``from_pretrained`` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    pattern: str
+    replacement: str
+    ndim: int | None = None
+    perm: tuple[int, ...] | None = None
+
+
+DEFAULT_RULES: tuple[Rule, ...] = (
+    Rule(r"\.kernel$", ".weight", ndim=2, perm=(1, 0)),             # Linear [out, in] -> [in, out]
+    Rule(r"\.kernel$", ".weight", ndim=3, perm=(2, 1, 0)),          # Conv1d [o, i, k] -> [k, i, o]
+    Rule(r"\.kernel$", ".weight", ndim=4, perm=(2, 3, 1, 0)),       # Conv2d [o, i, kh, kw] -> [kh, kw, i, o]
+    Rule(r"\.kernel$", ".weight", ndim=5, perm=(2, 3, 4, 1, 0)),    # Conv3d [o, i, kt, kh, kw] -> [kt, kh, kw, i, o]
+    Rule(r"\.scale$", ".weight"),                                   # GroupNorm / LayerNorm gamma
+)
+
+_SAFETENSORS = ".safetensors"
+_INDEX = ".safetensors.index.json"
+
+
+def _dotted(path: Sequence) -> str:
+    return ".".join(str(getattr(p, "key", p)) for p in path)
+
+
+def torch_key(path: str, ndim: int, rules: Iterable[Rule]) -> tuple[str, tuple[int, ...] | None]:
+    """Torch key and transpose for one NNX parameter path (dotted) of ``ndim`` dims."""
+    key, perm = path, None
+    for rule in rules:
+        if rule.ndim is not None and rule.ndim != ndim:
+            continue
+        if not re.search(rule.pattern, key):
+            continue
+        if rule.perm is not None:
+            if perm is not None:
+                raise ValueError(f"two transpose rules match parameter {path!r}")
+            perm = rule.perm
+        key = re.sub(rule.pattern, rule.replacement, key)
+    return key, perm
+
+
+def _params(module: nnx.Module) -> list[tuple[str, nnx.Variable]]:
+    state = nnx.state(module, nnx.Param)
+    return [(_dotted(path), var) for path, var in nnx.to_flat_state(state)]
+
+
+def to_torch(module: nnx.Module, rules: Iterable[Rule] = DEFAULT_RULES) -> dict[str, np.ndarray]:
+    """Every parameter in torch layout under its torch key (numpy, the parameter's dtype)."""
+    rules = tuple(rules)
+    out: dict[str, np.ndarray] = {}
+    for path, var in _params(module):
+        value = np.asarray(jax.device_get(var.get_value()))
+        key, perm = torch_key(path, value.ndim, rules)
+        if key in out:
+            raise ValueError(f"two parameters map to torch key {key!r} (second: {path!r})")
+        out[key] = np.ascontiguousarray(value.transpose(np.argsort(perm)) if perm else value)
+    return out
+
+
+def from_torch(module: nnx.Module, tensors: Mapping[str, np.ndarray], rules: Iterable[Rule] = DEFAULT_RULES, *,
+               what: str = "model", ignore: Iterable[str] = (), dtype=None) -> nnx.Module:
+    """``module`` with every parameter taken from ``tensors`` (torch names and layouts); see the module doc.
+
+    ``dtype``: cast to this dtype instead of each parameter's own (``param_dtype``).
+    """
+    rules = tuple(rules)
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    flat = nnx.to_flat_state(params)
+    used, missing, bad = set(), [], []
+    for path, var in flat:
+        dotted = _dotted(path)
+        shape = tuple(var.get_value().shape)
+        key, perm = torch_key(dotted, len(shape), rules)
+        if key not in tensors:
+            missing.append(f"{key} (ours: {dotted}, shape {shape})")
+            continue
+        used.add(key)
+        src = tensors[key]
+        want = tuple(shape[i] for i in np.argsort(perm)) if perm else shape
+        if tuple(src.shape) != want:
+            bad.append(f"{key}: file {tuple(src.shape)}, expected {want} (ours: {dotted} {shape})")
+            continue
+        arr = jnp.asarray(src)
+        if perm:
+            arr = jnp.transpose(arr, perm)
+        var.set_value(arr.astype(dtype or var.get_value().dtype))
+    ignored = [re.compile(p) for p in ignore]
+    unexpected = sorted(k for k in tensors if k not in used and not any(p.search(k) for p in ignored))
+    if missing or unexpected or bad:
+        lines = [f"cannot load {what}:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", bad)):
+            if items:
+                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                lines.append(f"  {len(items)} {title} tensor(s): " + "; ".join(shown))
+        raise ValueError("\n".join(lines))
+    for _, var in nnx.to_flat_state(rest):
+        if isinstance(var.get_value(), jax.ShapeDtypeStruct):
+            raise ValueError(f"{what}: non-parameter state is abstract; build the module concretely")
+    return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+
+
+def read_safetensors(folder: str, weights_name: str) -> dict[str, np.ndarray]:
+    """Tensors of ``folder/<weights_name>.safetensors``, or of every shard listed in its index JSON."""
+    from safetensors.numpy import load_file
+
+    single = os.path.join(folder, weights_name + _SAFETENSORS)
+    index = os.path.join(folder, weights_name + _INDEX)
+    if os.path.exists(single):
+        return load_file(single)
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        out: dict[str, np.ndarray] = {}
+        for shard in sorted(set(weight_map.values())):
+            out.update(load_file(os.path.join(folder, shard)))
+        missing = sorted(set(weight_map) - set(out))
+        if missing:
+            raise ValueError(f"{index}: tensors listed but absent from the shards: {missing[:10]}")
+        return out
+    present = sorted(os.listdir(folder)) if os.path.isdir(folder) else "folder does not exist"
+    raise FileNotFoundError(f"no {weights_name}{_SAFETENSORS} or {weights_name}{_INDEX} in {folder} "
+                            f"(found: {present}); only safetensors are read, never pickle")
+
+
+def write_safetensors(tensors: Mapping[str, np.ndarray], folder: str, weights_name: str,
+                      max_shard_bytes: int = 10 * 1024**3) -> list[str]:
+    """Writes one file or size-bounded shards plus the index JSON; returns the file names written."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[key])
+        if shards[-1] and size + arr.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = arr
+        size += arr.nbytes
+    for stale in (weights_name + _SAFETENSORS, weights_name + _INDEX):
+        if os.path.exists(os.path.join(folder, stale)):
+            os.remove(os.path.join(folder, stale))
+    if len(shards) == 1:
+        name = weights_name + _SAFETENSORS
+        save_file(shards[0], os.path.join(folder, name), metadata={"format": "pt"})
+        return [name]
+    names, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        name = f"{weights_name}-{i + 1:05d}-of-{len(shards):05d}{_SAFETENSORS}"
+        save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
+        names.append(name)
+        weight_map.update({k: name for k in shard})
+    total = sum(a.nbytes for a in tensors.values())
+    with open(os.path.join(folder, weights_name + _INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": int(total)}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+    return names + [weights_name + _INDEX]
