@@ -1,0 +1,121 @@
+"""GIDM pretraining (DeFI stage 2): the latent action model on frame pairs, no actions used.
+
+    python -m launch.train --config=configs/gidm.py:tiny --workdir=/tmp/gidm
+    python -m launch.train --config=configs/gidm.py:defi --workdir=gs://bucket/gidm --config.data.data_dir=...
+    python -m launch.describe --config=configs/gidm.py:defi
+
+Variants:
+  defi   the released recipe: frozen DINOv2-B/14-reg (224 px -> 256 patch tokens) and T5-base, 768 wide,
+         12 encoder + 12 decoder blocks, 12 heads, latent 128, codebook 16 (``model.num_latents=128`` is
+         the paper's table), AdamW lr 1e-4, weight decay 1e-2, grad clip 0.1, constant lr, batch 64 x 8.
+  tiny   minutes on a CPU: a patch encoder trained from scratch, byte-level instruction embeddings,
+         predicts normalized pixel patches of the future frame; with no data flags it trains on the
+         embedded demo data (written on first use).
+
+model keys:
+  visual_encoder  "dinov2" (frozen, predicts its features) | "patch" (trained from scratch)
+  text_encoder    "t5" (frozen T5-base encoder) | "bytes" (trainable byte embedding, tiny)
+  target          "features" (future frame's encoder features) | "pixels" (normalized pixel patches)
+  feature_dim / text_dim / model_dim / latent_dim / num_latents / enc_blocks / dec_blocks / num_heads
+  patch_size, max_text_len (instructions are padded / cut to this many tokens)
+  vq_beta (commitment weight), vq_restart_every (steps between dead-code restarts; the reference does it
+  once per epoch), vq_restart_from ("codebook" = the reference, "encoder" = random encoder outputs)
+  reference_mask_order: reproduce the reference's encoder language-mask ordering quirk (see model.py)
+"""
+
+import ml_collections
+
+from configs.base import get_base_config
+
+
+def model_config(variant: str = "defi") -> ml_collections.ConfigDict:
+    """``config.model`` of a variant (no data / trainer keys; what ``load_gidm`` and tests build from)."""
+    m = ml_collections.ConfigDict()
+    m.visual_encoder = "dinov2"
+    m.text_encoder = "t5"
+    m.target = "features"
+    m.dino = ml_collections.ConfigDict()   # kwargs of defi_jax.models.dinov2.Dinov2Config (defaults: ViT-B/14-reg)
+    m.t5 = ml_collections.ConfigDict()     # kwargs of defi_jax.models.t5.T5Config (defaults: t5-base)
+    m.tokenizer_path = ""                  # T5 SentencePiece folder / spiece.model (required for training)
+    m.feature_dim = 768
+    m.text_dim = 768
+    m.model_dim = 768
+    m.latent_dim = 128
+    m.num_latents = 16                     # released code; the paper's table says 128
+    m.enc_blocks = 12
+    m.dec_blocks = 12
+    m.num_heads = 12
+    m.patch_size = 14
+    m.image_size = 224
+    m.max_text_len = 32
+    m.vq_beta = 0.25
+    m.vq_restart_every = 5000
+    m.vq_restart_from = "codebook"
+    m.reference_mask_order = False
+    m.dtype = "float32"                    # compute dtype of the latent action model's layers
+    m.remat = False
+    m.attention_impl = ""                  # "" = XLA's choice, "cudnn" = flash attention on GPU
+    if variant == "tiny":
+        m.visual_encoder = "patch"
+        m.text_encoder = "bytes"
+        m.target = "pixels"
+        m.feature_dim = 64
+        m.text_dim = 64
+        m.model_dim = 64
+        m.latent_dim = 16
+        m.num_latents = 16
+        m.enc_blocks = 2
+        m.dec_blocks = 2
+        m.num_heads = 4
+        m.patch_size = 8
+        m.image_size = 64
+        m.max_text_len = 32
+        m.vq_restart_every = 25
+        m.vq_restart_from = "encoder"
+    elif variant != "defi":
+        raise ValueError(f"configs/gidm.py: unknown variant {variant!r} (defi | tiny)")
+    return m
+
+
+def get_config(arg: str | None = None):
+    variant = arg or "defi"
+    c = get_base_config()
+    c.stage = "gidm"
+    c.model = model_config(variant)
+
+    import data_pipelines
+    c.data = data_pipelines.default_data_config()
+    c.data.mixture = "gidm_paper"
+    c.data.eval_batches = 8                # held-out batches for eval losses and the action probe
+    c.data.probe_ridge = 1e-3              # ridge strength of the closed-form linear probe (probe_r2)
+
+    t = c.train
+    t.batch_size = 512                     # 64 per GPU x 8 GPUs
+    t.num_steps = 200_000
+    t.lr = 1e-4
+    t.schedule = "constant"                # the reference passes no scheduler to AdamW
+    t.warmup_steps = 0
+    t.weight_decay = 1e-2
+    t.grad_clip = 0.1
+    t.compute_dtype = "bfloat16"
+    t.frozen = (r"^dino_encoder/", r"^text_encoder/")
+    t.log_every = 100
+    t.eval_every = 5000
+    t.save_every = 5000
+
+    if variant == "tiny":
+        c.data.mixture = "demo"
+        c.data.eval_batches = 4
+        t.batch_size = 16
+        t.num_steps = 300
+        t.lr = 1e-3
+        t.schedule = "warmup_cosine"
+        t.warmup_steps = 20
+        t.grad_clip = 1.0
+        t.compute_dtype = "float32"
+        t.frozen = ()
+        t.log_every = 25
+        t.eval_every = 0
+        t.save_every = 300
+    c.data.resolution = c.model.image_size
+    return c

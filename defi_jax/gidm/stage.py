@@ -1,0 +1,208 @@
+"""GIDM pretraining stage: frame pairs (o_t, o_{t+n}) + instructions -> latent actions, no action labels.
+
+Loss (the reference's ``DINO_LAM.shared_step``): ``recon_loss + codebook_loss + vq_beta * commitment_loss``.
+
+Training metrics (``metrics.jsonl``): ``loss``, ``recon_loss``, ``codebook_loss``, ``commitment_loss``,
+``codebook_perplexity`` (exp entropy of this batch's code histogram), ``codes_used`` (fraction of the
+codebook hit by the batch), ``action_info_gap`` (decoder loss with the latent actions moved to another
+sample of the batch minus the loss with the true ones: positive when the tokens carry the motion).
+Evaluation adds the same on held-out batches (``eval_*``) and ``probe_r2``: a closed-form ridge regression
+from the quantized tokens of held-out robot pairs to their true actions, fitted on the first half of the
+eval batches and scored (R^2, variance-weighted over action dims) on the second half;
+``probe_r2_continuous`` does the same from the pre-quantization latents.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from defi_jax.gidm.model import LatentActionModel, byte_tokenize
+from defi_jax.stage import Stage
+
+_TRAIN_KEYS = ("frames", "input_ids", "attention_mask")
+_EVAL_KEYS = _TRAIN_KEYS + ("actions", "has_actions")
+
+
+def build_model(config, rngs: nnx.Rngs) -> LatentActionModel:
+    return LatentActionModel(config.model, rngs=rngs)
+
+
+def _metrics(model, batch, rng, config, *, train: bool):
+    vq_rng, shuffle_rng = jax.random.split(rng)
+    out = model(batch["frames"], batch["input_ids"], batch["attention_mask"], train=train, rng=vq_rng,
+                shuffle_rng=shuffle_rng)
+    target = out["target"].astype(jnp.float32)
+    recon_loss = jnp.mean((target - out["recon"].astype(jnp.float32)) ** 2)
+    shuffled_loss = jnp.mean((target - out["recon_shuffled"].astype(jnp.float32)) ** 2)
+    loss = recon_loss + out["codebook_loss"] + config.model.vq_beta * out["commitment_loss"]
+    metrics = {
+        "recon_loss": recon_loss,
+        "codebook_loss": out["codebook_loss"],
+        "commitment_loss": out["commitment_loss"],
+        "codebook_perplexity": out["perplexity"],
+        "codes_used": out["codes_used"],
+        "action_info_gap": shuffled_loss - recon_loss,
+    }
+    return loss, metrics, out
+
+
+def loss_fn(model: LatentActionModel, batch, rng, config):
+    loss, metrics, _ = _metrics(model, batch, rng, config, train=True)
+    return loss, metrics
+
+
+# ------------------------------------------------------------------------------------------ data
+
+def _tokenizer(config):
+    """Per-sample instruction -> (input_ids, attention_mask) of length ``model.max_text_len``."""
+    m = config.model
+    if m.text_encoder == "bytes":
+        return functools.partial(byte_tokenize, max_len=m.max_text_len)
+    from defi_jax.models import t5 as t5_lib
+    if not m.tokenizer_path:
+        raise ValueError("config.model.tokenizer_path is empty: the T5 SentencePiece model (folder or "
+                         "spiece.model) is needed to tokenize instructions")
+    tok = t5_lib.T5Tokenizer(m.tokenizer_path)
+
+    def encode(text: str):
+        ids, mask = tok.encode_padded(text, m.max_text_len)
+        return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+
+    return encode
+
+
+class _Transform:
+    """Picklable per-sample transform (grain workers): tokenizes ``instruction`` in place."""
+
+    def __init__(self, config):
+        self.config = config
+        self._encode = None
+
+    def __call__(self, sample: dict) -> dict:
+        if self._encode is None:
+            self._encode = _tokenizer(self.config)
+        sample = dict(sample)
+        text = sample.pop("instruction")
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        sample["input_ids"], sample["attention_mask"] = self._encode(str(text))
+        return sample
+
+    def __getstate__(self):
+        return {"config": self.config, "_encode": None}
+
+
+class _Numeric:
+    """Keeps the numeric keys the step uses; delegates the checkpointable position to the loader."""
+
+    def __init__(self, it, keys):
+        self._it, self._keys = it, keys
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self._it)
+        return {k: np.asarray(batch[k]) for k in self._keys if k in batch}
+
+    def get_state(self):
+        return self._it.get_state()
+
+    def set_state(self, state):
+        self._it.set_state(state)
+
+
+def make_data(config, process_index: int, process_count: int, split: str):
+    import data_pipelines
+
+    d = config.data
+    if d.mixture == "demo" and not d.data_dir:
+        from data_pipelines import demo
+        demo.ensure_demo_data()
+    loader = data_pipelines.make_loader(
+        "gidm_pair", d, global_batch_size=config.train.batch_size, process_index=process_index,
+        process_count=process_count, seed=config.seed, split=split, transform=_Transform(config))
+    return _Numeric(iter(loader), _TRAIN_KEYS if split == "train" else _EVAL_KEYS)
+
+
+def batch_spec(config) -> dict:
+    m, b = config.model, config.train.batch_size
+    s = m.image_size
+    return {"frames": jax.ShapeDtypeStruct((b, 2, s, s, 3), jnp.uint8),
+            "input_ids": jax.ShapeDtypeStruct((b, m.max_text_len), jnp.int32),
+            "attention_mask": jax.ShapeDtypeStruct((b, m.max_text_len), jnp.int32)}
+
+
+# ------------------------------------------------------------------------------------------ eval
+
+def ridge_probe_r2(x_train, y_train, x_test, y_test, ridge: float) -> float:
+    """Closed-form ridge regression (with bias) fitted on train, R^2 on test (variance-weighted)."""
+    x_mean, y_mean = x_train.mean(0), y_train.mean(0)
+    xc, yc = x_train - x_mean, y_train - y_mean
+    gram = xc.T @ xc + ridge * len(xc) * np.eye(xc.shape[1])
+    w = np.linalg.solve(gram, xc.T @ yc)
+    pred = (x_test - x_mean) @ w + y_mean
+    sse = np.sum((y_test - pred) ** 2)
+    sst = np.sum((y_test - y_test.mean(0)) ** 2)
+    return float(1.0 - sse / max(sst, 1e-12))
+
+
+def evaluate(model, config, workdir, step, eval_iter) -> dict:
+    """Held-out losses and the linear action probe over ``config.data.eval_batches`` batches."""
+    del workdir
+
+    @nnx.jit
+    def one(model, batch, rng):
+        loss, metrics, out = _metrics(model, batch, rng, config, train=False)
+        return loss, metrics, out["z_q"], out["z_e"]
+
+    rng = jax.random.PRNGKey(config.seed + int(step))
+    sums: dict[str, float] = {}
+    tokens, latents, actions = [], [], []
+    n = 0
+    for i, batch in zip(range(int(config.data.eval_batches)), eval_iter):
+        loss, metrics, z_q, z_e = one(model, {k: batch[k] for k in _TRAIN_KEYS}, jax.random.fold_in(rng, i))
+        for k, v in (metrics | {"loss": loss}).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        n += 1
+        if "actions" in batch:
+            keep = np.asarray(batch["has_actions"]).astype(bool)
+            B = keep.shape[0]
+            tokens.append(np.asarray(z_q, np.float64).reshape(B, -1)[keep])
+            latents.append(np.asarray(z_e, np.float64).reshape(B, -1)[keep])
+            actions.append(np.asarray(batch["actions"], np.float64).reshape(B, -1)[keep])
+    out = {f"eval_{k}": v / max(n, 1) for k, v in sums.items()}
+    half = len(tokens) // 2
+    if half and sum(len(a) for a in actions[:half]) > 1 and sum(len(a) for a in actions[half:]) > 1:
+        ridge = float(config.data.get("probe_ridge", 1e-3))
+        y_tr, y_te = np.concatenate(actions[:half]), np.concatenate(actions[half:])
+        for name, feats in (("probe_r2", tokens), ("probe_r2_continuous", latents)):
+            out[name] = ridge_probe_r2(np.concatenate(feats[:half]), y_tr, np.concatenate(feats[half:]), y_te,
+                                       ridge)
+    return out
+
+
+def validate(config) -> None:
+    m = config.model
+    if m.image_size % m.patch_size:
+        raise ValueError(f"config.model.image_size={m.image_size} is not a multiple of model.patch_size={m.patch_size}")
+    if m.model_dim % m.num_heads:
+        raise ValueError(f"config.model.model_dim={m.model_dim} is not divisible by model.num_heads={m.num_heads}")
+    if m.visual_encoder == "patch" and m.target == "features":
+        raise ValueError("config.model.target='features' with model.visual_encoder='patch': a from-scratch "
+                         "encoder predicting its own features collapses; use target='pixels'")
+    if m.num_latents < 2:
+        raise ValueError(f"config.model.num_latents={m.num_latents} must be >= 2")
+    if config.train.batch_size < 2:
+        raise ValueError(f"config.train.batch_size={config.train.batch_size}: action_info_gap needs >= 2 samples")
+    if config.data.get("resolution", m.image_size) != m.image_size:
+        raise ValueError(f"config.data.resolution={config.data.resolution} != config.model.image_size={m.image_size}")
+
+
+STAGE = Stage(build_model=build_model, loss_fn=loss_fn, make_data=make_data, evaluate=evaluate,
+              validate=validate, batch_spec=batch_spec)
