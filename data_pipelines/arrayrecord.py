@@ -1,0 +1,156 @@
+"""The converted, TensorFlow-free layout training reads: ArrayRecord steps + a JSON episode index.
+
+``<dataset dir>/arrayrecord/`` holds, per split:
+  ``<split>-NNNNN-of-MMMMM.array_record``  one record per step: msgpack {view name: encoded image bytes}
+  ``<split>_index.json``                 {"episodes": [{"start", "length", "instruction", "source"}],
+                                          "views": [...], "control_hz": ..., "dataset": ...}
+  ``<split>_actions.npy``                float32[total steps, 7] (standardized; memory-mapped when read)
+and ``action_stats.json`` (mean, std, q01, q99, min, max per action dim over the train split).
+
+Steps are records so that a sampler reads exactly the frames it needs (random access, global shuffle).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import msgpack
+import numpy as np
+
+SUBDIR = "arrayrecord"
+STEPS_PER_SHARD = 20_000
+
+
+def layout_dir(dataset_dir: str) -> str:
+    return os.path.join(dataset_dir, SUBDIR)
+
+
+def has_split(dataset_dir: str, split: str) -> bool:
+    return os.path.exists(os.path.join(layout_dir(dataset_dir), f"{split}_index.json"))
+
+
+def action_stats(actions_N7: np.ndarray) -> dict:
+    a = np.asarray(actions_N7, np.float64)
+    return {"mean": a.mean(0).tolist(), "std": a.std(0).tolist(), "q01": np.quantile(a, 0.01, axis=0).tolist(),
+            "q99": np.quantile(a, 0.99, axis=0).tolist(), "min": a.min(0).tolist(), "max": a.max(0).tolist(),
+            "num_steps": int(a.shape[0])}
+
+
+class SplitWriter:
+    """Streams standardized episodes of one split into ArrayRecord shards + index + actions."""
+
+    def __init__(self, dataset_dir: str, split: str, dataset: str, control_hz: float):
+        from array_record.python import array_record_module
+
+        self._ar = array_record_module
+        self.dir = layout_dir(dataset_dir)
+        os.makedirs(self.dir, exist_ok=True)
+        self.split, self.dataset, self.control_hz = split, dataset, control_hz
+        self.episodes: list[dict] = []
+        self.actions: list[np.ndarray] = []
+        self.views: list[str] | None = None
+        self.shard_paths: list[str] = []
+        self._writer = None
+        self._in_shard = 0
+        self.num_steps = 0
+
+    def _open_shard(self):
+        if self._writer is not None:
+            self._writer.close()
+        path = os.path.join(self.dir, f"{self.split}-{len(self.shard_paths):05d}.array_record.tmp")
+        self.shard_paths.append(path)
+        # group_size:1 keeps every record independently readable (random access to one step).
+        self._writer = self._ar.ArrayRecordWriter(path, "group_size:1")
+        self._in_shard = 0
+
+    def add(self, episode: dict, source: str = "") -> None:
+        views = sorted(episode["views"])
+        if self.views is None:
+            self.views = views
+        elif views != self.views:
+            raise ValueError(f"{source}: views {views} differ from the split's {self.views}")
+        T = len(episode["views"][views[0]])
+        if any(len(v) != T for v in episode["views"].values()):
+            raise ValueError(f"{source}: views have different lengths (truncated episode)")
+        actions = episode.get("actions")
+        if actions is None:
+            actions = np.zeros((T, 7), np.float32)
+        if actions.shape != (T, 7):
+            raise ValueError(f"{source}: actions {actions.shape} != ({T}, 7)")
+        for t in range(T):
+            if self._writer is None or self._in_shard >= STEPS_PER_SHARD:
+                self._open_shard()
+            self._writer.write(msgpack.packb({v: episode["views"][v][t] for v in views}))
+            self._in_shard += 1
+        self.episodes.append({"start": self.num_steps, "length": T, "instruction": episode["instruction"],
+                              "source": source})
+        self.actions.append(np.asarray(actions, np.float32))
+        self.num_steps += T
+
+    def close(self) -> dict:
+        if self._writer is not None:
+            self._writer.close()
+        n = len(self.shard_paths)
+        final = []
+        for i, tmp in enumerate(self.shard_paths):
+            path = os.path.join(self.dir, f"{self.split}-{i:05d}-of-{n:05d}.array_record")
+            os.replace(tmp, path)
+            final.append(os.path.basename(path))
+        actions = np.concatenate(self.actions) if self.actions else np.zeros((0, 7), np.float32)
+        np.save(os.path.join(self.dir, f"{self.split}_actions.npy"), actions)
+        index = {"dataset": self.dataset, "control_hz": self.control_hz, "views": self.views or [],
+                 "shards": final, "num_steps": self.num_steps, "episodes": self.episodes}
+        # The index is written last: its presence marks a complete split.
+        with open(os.path.join(self.dir, f"{self.split}_index.json"), "w") as f:
+            json.dump(index, f)
+        logging.info("wrote %s split %s: %d episodes, %d steps, %d shards", self.dataset, self.split,
+                     len(self.episodes), self.num_steps, n)
+        return index
+
+
+class StepReader:
+    """Random access to one split: ``frames(step indices, view)`` -> list of encoded images.
+
+    Opened lazily so that it can be pickled into grain worker processes.
+    """
+
+    def __init__(self, dataset_dir: str, split: str):
+        self.dir = layout_dir(dataset_dir)
+        self.split = split
+        with open(os.path.join(self.dir, f"{split}_index.json")) as f:
+            self.index = json.load(f)
+        self._source = None
+        self._actions = None
+
+    def __getstate__(self):
+        return {"dir": self.dir, "split": self.split, "index": self.index, "_source": None, "_actions": None}
+
+    @property
+    def source(self):
+        if self._source is None:
+            import grain
+
+            self._source = grain.sources.ArrayRecordDataSource(
+                [os.path.join(self.dir, s) for s in self.index["shards"]])
+        return self._source
+
+    @property
+    def actions(self) -> np.ndarray:
+        if self._actions is None:
+            self._actions = np.load(os.path.join(self.dir, f"{self.split}_actions.npy"), mmap_mode="r")
+        return self._actions
+
+    def records(self, steps: list[int]) -> list[dict]:
+        raw = self.source.__getitems__(list(steps)) if hasattr(self.source, "__getitems__") else [
+            self.source[s] for s in steps]
+        return [msgpack.unpackb(r) for r in raw]
+
+
+def read_stats(dataset_dir: str) -> dict:
+    path = os.path.join(layout_dir(dataset_dir), "action_stats.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no action statistics at {path}; run python -m launch.convert_rlds")
+    with open(path) as f:
+        return json.load(f)

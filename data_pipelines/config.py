@@ -1,0 +1,26 @@
+"""Data config defaults; stage configs call ``default_data_config()`` and override."""
+
+import ml_collections
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.mixture = "demo"                 # preset name (data_pipelines.mixtures.PRESETS) or {dataset: weight}
+    c.data_dir = ""                    # root: <data_dir>/<dataset>/...; "" = the embedded demo data
+    c.paths = ml_collections.ConfigDict()   # dataset -> folder, overrides <data_dir>/<dataset>
+    c.human_video_fraction = ml_collections.config_dict.placeholder(float)  # None = the table's own share
+    c.data_fraction = 1.0              # keep the first X of each dataset's train episodes / videos
+    c.eval_fraction = 0.05             # held-out tail of episodes where a dataset has no eval split
+    c.resolution = 256                 # frames are resized (short side) + centre-cropped to this
+    c.num_frames = 16                  # gfdm_clip: K future frames after the current one
+    c.frame_stride = 1                 # gfdm_clip: steps between frames (at the control rate / video fps)
+    c.views = ("primary", "wrist")     # gfdm_clip: one of these per sample; policy_window: all of them
+    c.pair_seconds = 1.0               # gidm_pair: n = round(pair_seconds * control rate)
+    c.obs_frames = 1                   # policy_window: observation frames per view (ending at t)
+    c.action_horizon = 10              # policy_window: action chunk length
+    c.num_workers = 0                  # grain worker processes per host (0 = in-process)
+    c.prefetch = 2                     # batches buffered per worker
+    c.read_threads = 4                 # threads reading/decoding samples per process
+    c.max_failure_fraction = 0.1       # stop (naming the files) when more samples than this are unusable
+    c.min_failures_checked = 20        # ...once at least this many samples were attempted in a process
+    return c

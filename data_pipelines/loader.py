@@ -1,0 +1,368 @@
+"""Sources -> samplers -> grain mixture: what ``make_loader`` builds.
+
+Pipeline per process (all deterministic for a seed, state checkpointable):
+  per source: item indices of this split, first ``data_fraction`` of the episodes, this process's
+              disjoint shard [process_index::process_count] -> global shuffle -> repeat -> sample (random_map)
+  mix the sources with their weights (grain MapDataset.mix) -> optional per-sample ``transform``
+  -> read threads -> batch -> worker processes + prefetch.
+A sample that cannot be built (undecodable video, truncated episode, missing key, empty instruction)
+is skipped (grain drops ``None``) and counted per source; above ``max_failure_fraction`` the run stops with an
+error naming the files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from data_pipelines import actions as action_norm
+from data_pipelines import arrayrecord, mixtures, oxe_table, video
+
+SPECS = ("gfdm_clip", "gidm_pair", "policy_window")
+
+
+# ------------------------------------------------------------------------------------------------ sources
+@dataclasses.dataclass
+class RobotSource:
+    """A converted RLDS dataset: items are steps (episode, t) of the kept episodes."""
+
+    name: str
+    path: str
+    reader: arrayrecord.StepReader
+    episodes: np.ndarray          # int32[E] indices into reader.index["episodes"] kept for this split
+    item_ep: np.ndarray           # int32[N] episode (index into reader.index["episodes"]) of each item
+    item_t: np.ndarray            # int32[N] step within that episode
+    control_hz: float
+    stats: dict | None
+
+    kind = "robot"
+
+    def __len__(self):
+        return len(self.item_ep)
+
+    def describe(self, i: int) -> str:
+        ep = self.reader.index["episodes"][int(self.item_ep[i])]
+        return f"{self.path} episode {ep.get('source') or int(self.item_ep[i])} step {int(self.item_t[i])}"
+
+
+@dataclasses.dataclass
+class VideoSource:
+    """Human video (SSv2 / Ego4D layout): items are videos (SSv2) or narrations (Ego4D)."""
+
+    name: str
+    path: str
+    layout: str
+    items: list[dict]
+    fps: float
+    window_seconds: float
+
+    kind = "video"
+
+    def __len__(self):
+        return len(self.items)
+
+    def describe(self, i: int) -> str:
+        return self.items[i]["path"]
+
+
+def dataset_dir(name: str, data_cfg) -> str:
+    paths = dict(data_cfg.get("paths") or {})
+    if name in paths and paths[name]:
+        return str(paths[name])
+    root = data_cfg.get("data_dir") or ""
+    if not root:
+        from data_pipelines import demo
+
+        root = demo.ensure_demo_data()
+    return os.path.join(root, name)
+
+
+def _holdout(n: int, split: str, eval_fraction: float, data_fraction: float) -> np.ndarray:
+    """Episode indices of a split made from one list: the tail is eval, a fixed first X% of the rest is train."""
+    n_eval = max(1, int(round(n * eval_fraction))) if n > 1 else 0
+    if split == "eval":
+        return np.arange(n - n_eval, n)
+    n_train = n - n_eval
+    keep = max(1, int(np.ceil(n_train * data_fraction))) if n_train else 0
+    return np.arange(0, keep)
+
+
+def open_source(name: str, data_cfg, split: str, process_index: int = 0, process_count: int = 1):
+    """Build one source for this process (its disjoint shard of the split)."""
+    name = oxe_table.resolve(name)
+    path = dataset_dir(name, data_cfg)
+    frac = float(data_cfg.get("data_fraction", 1.0))
+    if not 0 < frac <= 1:
+        raise ValueError(f"data.data_fraction={frac!r} must be in (0, 1]")
+    eval_fraction = float(data_cfg.get("eval_fraction", 0.05))
+    if name in oxe_table.ROBOT_DATASETS:
+        row = oxe_table.ROBOT_DATASETS[name]
+        if not arrayrecord.has_split(path, "train"):
+            raise FileNotFoundError(
+                f"data: {name} has no converted data at {arrayrecord.layout_dir(path)}; convert the RLDS "
+                f"dataset once with: python -m launch.convert_rlds --dataset {name} --src {path}")
+        if split == "eval" and arrayrecord.has_split(path, "eval"):
+            reader = arrayrecord.StepReader(path, "eval")
+            episodes = np.arange(len(reader.index["episodes"]))
+        else:
+            reader = arrayrecord.StepReader(path, "train")
+            episodes = _holdout(len(reader.index["episodes"]), split, eval_fraction,
+                                frac if split == "train" else 1.0)
+        lengths = np.array([reader.index["episodes"][e]["length"] for e in episodes], np.int64)
+        item_ep = np.repeat(episodes, lengths).astype(np.int32)
+        item_t = (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)).astype(np.int32)
+        item_ep, item_t = item_ep[process_index::process_count], item_t[process_index::process_count]
+        try:
+            stats = arrayrecord.read_stats(path)
+        except FileNotFoundError:
+            stats = None
+        return RobotSource(name, path, reader, episodes, item_ep, item_t, row.control_hz, stats)
+    if name in oxe_table.VIDEO_DATASETS:
+        row = oxe_table.VIDEO_DATASETS[name]
+        if row.layout == "ssv2":
+            items = video.ssv2_items(path, "train")
+            if split == "eval":
+                try:
+                    items = video.ssv2_items(path, "eval")
+                except FileNotFoundError:
+                    items = [items[i] for i in _holdout(len(items), "eval", eval_fraction, 1.0)]
+            elif frac < 1 or not os.path.exists(os.path.join(path, "labels", "validation.json")):
+                has_val = os.path.exists(os.path.join(path, "labels", "validation.json"))
+                keep = (np.arange(max(1, int(np.ceil(len(items) * frac)))) if has_val
+                        else _holdout(len(items), "train", eval_fraction, frac))
+                items = [items[i] for i in keep]
+        else:
+            items = video.ego4d_items(path, split, eval_fraction)
+            if split == "train" and frac < 1:
+                items = items[:max(1, int(np.ceil(len(items) * frac)))]
+        items = items[process_index::process_count]
+        return VideoSource(name, path, row.layout, items, row.fps, row.window_seconds)
+    raise ValueError(f"data.mixture: unknown dataset {name!r}; known: {oxe_table.known_datasets()}")
+
+
+# ------------------------------------------------------------------------------------------------ samplers
+def _pair_steps(name: str, data_cfg) -> int:
+    return max(1, int(round(float(data_cfg.get("pair_seconds", 1.0)) * oxe_table.control_hz(name))))
+
+
+class Sampler:
+    """Builds one sample of ``spec`` from item ``i`` of ``source``; picklable (runs in grain workers).
+
+    Returns None (the sample is skipped) when the input is unusable, counting it per source.
+    """
+
+    def __init__(self, spec: str, source, data_cfg, *, max_pair_actions: int, dataset_id: int,
+                 transform: Callable | None = None):
+        self.spec, self.source, self.transform = spec, source, transform
+        self.size = int(data_cfg.resolution)
+        self.num_frames = int(data_cfg.num_frames)
+        self.stride = int(data_cfg.frame_stride)
+        self.views = tuple(data_cfg.views)
+        self.pair_n = _pair_steps(source.name, data_cfg)
+        self.pair_seconds = float(data_cfg.pair_seconds)
+        self.max_pair_actions = max_pair_actions
+        self.obs_frames = int(data_cfg.obs_frames)
+        self.horizon = int(data_cfg.action_horizon)
+        self.dataset_id = dataset_id
+        self.max_failure_fraction = float(data_cfg.max_failure_fraction)
+        self.min_checked = int(data_cfg.min_failures_checked)
+        self.attempts = 0
+        self.failures: list[str] = []
+        self._durations: dict[str, float] = {}
+        if spec == "policy_window" and source.kind == "video":
+            raise ValueError(f"data.mixture: {source.name} is action-free video; policy_window needs actions")
+        if spec == "policy_window" and source.stats is None:
+            raise FileNotFoundError(f"{source.name}: no action_stats.json under {source.path}; re-run the converter")
+
+    def __call__(self, i, rng: np.random.Generator):
+        i = int(i)
+        self.attempts += 1
+        try:
+            sample = self._robot(i, rng) if self.source.kind == "robot" else self._video(i, rng)
+            if not sample["instruction"].strip():
+                raise ValueError("empty instruction")
+            sample["dataset"] = self.source.name
+            sample["dataset_id"] = np.int32(self.dataset_id)
+            sample["item_id"] = np.int32(i)
+            return self.transform(sample) if self.transform is not None else sample
+        except Exception as e:  # noqa: BLE001 - any bad input is skipped; the fraction check stops runaway loss
+            if "interpreter shutdown" in str(e):  # prefetch threads racing the exit: not a data problem
+                return None
+            what = self.source.describe(i)
+            self.failures.append(f"{what}: {type(e).__name__}: {e}")
+            logging.warning("data: skipping %s sample %s (%d/%d failed in this process): %s", self.source.name,
+                            what, len(self.failures), self.attempts, e)
+            if (self.attempts >= self.min_checked
+                    and len(self.failures) / self.attempts > self.max_failure_fraction):
+                raise RuntimeError(
+                    f"data: {len(self.failures)} of {self.attempts} samples of {self.source.name} failed "
+                    f"(> max_failure_fraction={self.max_failure_fraction}); files:\n"
+                    + "\n".join(sorted(set(self.failures))[:50])) from e
+            return None
+
+    # --- robot (converted RLDS)
+    def _robot_frames(self, ep: dict, ts: list[int], view: str) -> np.ndarray:
+        reader = self.source.reader
+        uniq = sorted(set(ts))
+        recs = reader.records([ep["start"] + t for t in uniq])
+        decoded = {}
+        for t, r in zip(uniq, recs):
+            if view not in r:
+                raise KeyError(f"view {view!r} missing (has {sorted(r)})")
+            decoded[t] = video.decode_image(r[view], self.size)
+        return np.stack([decoded[t] for t in ts])
+
+    def _robot(self, i: int, rng) -> dict:
+        src = self.source
+        e = int(src.item_ep[i])
+        ep = src.reader.index["episodes"][e]
+        t, L = int(src.item_t[i]), int(ep["length"])
+        if t >= L:
+            raise ValueError(f"step {t} beyond episode length {L}")
+        have = [v for v in src.reader.index["views"]]
+        instruction = ep["instruction"]
+        if self.spec == "gfdm_clip":
+            options = [v for v in self.views if v in have] or have[:1]
+            view = options[int(rng.integers(len(options)))]
+            ts = [min(t + k * self.stride, L - 1) for k in range(self.num_frames + 1)]
+            return {"frames": self._robot_frames(ep, ts, view), "instruction": instruction}
+        if self.spec == "gidm_pair":
+            view = "primary" if "primary" in have else have[0]
+            t2 = min(t + self.pair_n, L - 1)
+            acts = np.zeros((self.max_pair_actions, 7), np.float32)
+            seg = np.asarray(src.reader.actions[ep["start"] + t: ep["start"] + t2], np.float32)
+            acts[:len(seg)] = seg
+            return {"frames": self._robot_frames(ep, [t, t2], view), "instruction": instruction,
+                    "actions": acts, "has_actions": np.bool_(True), "num_actions": np.int32(len(seg))}
+        # policy_window
+        ts = [max(0, t - k) for k in range(self.obs_frames - 1, -1, -1)]
+        frames = []
+        for v in self.views:
+            if v in have:
+                frames.append(self._robot_frames(ep, ts, v))
+            else:  # a dataset without this camera: black frames (see "view_mask")
+                frames.append(np.zeros((len(ts), self.size, self.size, 3), np.uint8))
+        steps = np.minimum(np.arange(t, t + self.horizon), L - 1)
+        acts = np.asarray(src.reader.actions[ep["start"] + steps], np.float32)
+        return {"frames": np.stack(frames), "instruction": instruction,
+                "actions": action_norm.normalize(acts, src.stats),
+                "action_mask": np.arange(t, t + self.horizon) < L,
+                "view_mask": np.array([v in have for v in self.views])}
+
+    # --- human video
+    def _duration(self, path: str) -> float:
+        if path not in self._durations:
+            if len(self._durations) > 10_000:
+                self._durations.clear()
+            self._durations[path] = video.probe_duration(path)
+        return self._durations[path]
+
+    def _video(self, i: int, rng) -> dict:
+        src = self.source
+        item = src.items[i]
+        path = item["path"]
+        if self.spec == "gfdm_clip":
+            span = self.num_frames * self.stride / src.fps
+        else:
+            span = self.pair_n / src.fps
+        if src.layout == "ego4d":
+            lo = max(0.0, item["center_s"] - src.window_seconds / 2)
+            hi = max(lo, item["center_s"] + src.window_seconds / 2 - span)
+        else:
+            lo, hi = 0.0, max(0.0, self._duration(path) - span - 1e-3)
+        start = float(rng.uniform(lo, hi)) if hi > lo else lo
+        if self.spec == "gfdm_clip":
+            times = [start + k * self.stride / src.fps for k in range(self.num_frames + 1)]
+            return {"frames": video.decode_at(path, times, self.size), "instruction": item["instruction"]}
+        frames = video.decode_at(path, [start, start + span], self.size)
+        return {"frames": frames, "instruction": item["instruction"],
+                "actions": np.zeros((self.max_pair_actions, 7), np.float32), "has_actions": np.bool_(False),
+                "num_actions": np.int32(0)}
+
+
+# ------------------------------------------------------------------------------------------------ batching
+def collate(samples: list[dict]) -> dict:
+    """Stack numeric leaves; strings become numpy object arrays."""
+    out = {}
+    for k in samples[0]:
+        vals = [s[k] for s in samples]
+        if isinstance(vals[0], (str, bytes)):
+            out[k] = np.array(vals, dtype=object)
+        else:
+            out[k] = np.stack([np.asarray(v) for v in vals])
+    return out
+
+
+class Loader:
+    """Host-local batch iterator with exact checkpointable state (wraps a grain DatasetIterator)."""
+
+    def __init__(self, dataset, sources, weights: dict[str, float], batch_size: int):
+        self._dataset = dataset
+        self._it = iter(dataset)
+        self.sources = sources
+        self.weights = weights
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._it)
+
+    def get_state(self) -> Any:
+        return self._it.get_state()
+
+    def set_state(self, state: Any) -> None:
+        self._it.set_state(state)
+
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+
+def make_loader(spec: str, data_cfg, *, global_batch_size: int, process_index: int = 0, process_count: int = 1,
+                seed: int = 0, split: str = "train", transform: Callable | None = None) -> Loader:
+    """See ``data_pipelines.__init__`` for the contract."""
+    import grain
+
+    if spec not in SPECS:
+        raise ValueError(f"unknown data spec {spec!r}; one of {SPECS}")
+    if split not in ("train", "eval"):
+        raise ValueError(f"split={split!r} must be 'train' or 'eval'")
+    if global_batch_size % process_count:
+        raise ValueError(f"global batch size {global_batch_size} is not divisible by {process_count} processes")
+    weights = mixtures.apply_human_video_fraction(mixtures.resolve(data_cfg.mixture),
+                                                  data_cfg.get("human_video_fraction"))
+    names = sorted(weights)
+    known = oxe_table.known_datasets()
+    max_pair = max(_pair_steps(n, data_cfg) for n in names)
+    datasets, probs, sources = [], [], {}
+    for k, name in enumerate(names):
+        src = open_source(name, data_cfg, split, process_index, process_count)
+        if len(src) == 0:
+            raise ValueError(f"data: {name} has no {split} samples for process {process_index} at {src.path}")
+        sources[name] = src
+        sampler = Sampler(spec, src, data_cfg, max_pair_actions=max_pair, dataset_id=known.index(name),
+                          transform=transform)
+        ds = (grain.MapDataset.range(len(src))
+              .shuffle(seed=seed * 1_000_003 + k)
+              .repeat()
+              .random_map(sampler, seed=seed * 1_000_003 + 7919 + k))
+        datasets.append(ds)
+        probs.append(weights[name])
+    mixed = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, probs)
+    local_bs = global_batch_size // process_count
+    ds = mixed.to_iter_dataset(grain.ReadOptions(num_threads=int(data_cfg.get("read_threads", 4)),
+                                                 prefetch_buffer_size=max(local_bs, 8)))
+    ds = ds.batch(local_bs, drop_remainder=True, batch_fn=collate)
+    workers = int(data_cfg.get("num_workers", 0))
+    if workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                         per_worker_buffer_size=int(data_cfg.get("prefetch", 2))))
+    return Loader(ds, sources, weights, local_bs)
