@@ -71,6 +71,21 @@ def test_load_reads_full_t5_folder(tmp_path):
     assert _rel(enc(jnp.asarray(ids), jnp.asarray(mask)), want.numpy()) <= 1e-4
 
 
+def test_state_dict_round_trip_and_errors():
+    enc = t5.T5Encoder(t5.T5Config(**CONFIGS[1]), rngs=nnx.Rngs(0))
+    sd = hf_t5.to_state_dict(enc)
+    torch.manual_seed(0)
+    ref = transformers.T5EncoderModel(transformers.T5Config(**CONFIGS[1]))
+    assert set(sd) == set(ref.state_dict())
+    ref.load_state_dict({k: torch.tensor(v) for k, v in sd.items()})
+    other = t5.T5Encoder(t5.T5Config(**CONFIGS[1]), rngs=nnx.Rngs(1))
+    hf_t5.load_state_dict(other, sd)
+    np.testing.assert_array_equal(other.blocks[1].ffn.wi_1.kernel[...], enc.blocks[1].ffn.wi_1.kernel[...])
+    del sd["encoder.block.1.layer.1.DenseReluDense.wo.weight"]
+    with pytest.raises(ValueError, match="missing.*block.1.layer.1.DenseReluDense.wo.weight"):
+        hf_t5.load_state_dict(other, sd)
+
+
 def test_relative_position_buckets_match_transformers():
     from transformers.models.t5.modeling_t5 import T5Attention
 
@@ -135,10 +150,7 @@ def test_instruction_embedder_caches_and_matches_reference(spiece_folder):
     torch.manual_seed(9)
     ref = transformers.T5EncoderModel(transformers.T5Config(**kw)).eval()
     enc = t5.T5Encoder(t5.T5Config(**kw), rngs=nnx.Rngs(0))
-    flat = hf_t5._TABLE.from_torch({k: v.numpy() for k, v in ref.state_dict().items()},
-                                   {k: v.shape for k, v in _flat(enc).items()})
-    for path, var in nnx.to_flat_state(nnx.state(enc, nnx.Param)):
-        var.set_value(jnp.asarray(flat[".".join(map(str, path))]))
+    hf_t5.load_state_dict(enc, {k: v.numpy() for k, v in ref.state_dict().items()})
 
     embed = t5.InstructionEmbedder(enc, T5Tokenizer.from_folder(str(spiece_folder)), max_length=24, batch_size=4)
     texts = ["open the drawer", "push the blue block to the left", "open the drawer", "stack the blocks"]
@@ -159,7 +171,3 @@ def test_instruction_embedder_caches_and_matches_reference(spiece_folder):
     emb2, _ = embed(["stack the blocks", "open the drawer"])
     assert not calls
     np.testing.assert_array_equal(emb2, emb[[3, 0]])
-
-
-def _flat(model):
-    return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}

@@ -30,58 +30,30 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from defi_jax.interop import _hf_tables as ht
+from defi_jax.interop import _convert, _hf_folders
+from defi_jax.interop._convert import Rule
 from defi_jax.models.dinov2 import Dinov2, Dinov2Config
 
-_L = "encoder.layer.{i}"
-_TABLE = ht.Table([
-    ("cls_token", "embeddings.cls_token", "same"),
-    ("mask_token", "embeddings.mask_token", "same"),
-    ("register_tokens", "embeddings.register_tokens", "same"),
-    ("position_embeddings", "embeddings.position_embeddings", "same"),
-    ("patch_embeddings.kernel", "embeddings.patch_embeddings.projection.weight", "conv2d"),
-    ("patch_embeddings.bias", "embeddings.patch_embeddings.projection.bias", "same"),
-    *[(f"layers.{{i}}.attention.{ours}.{a}", f"{_L}.attention.{theirs}.{b}", lay)
-      for ours, theirs in (("q_proj", "attention.query"), ("k_proj", "attention.key"),
-                           ("v_proj", "attention.value"), ("o_proj", "output.dense"))
-      for a, b, lay in (("kernel", "weight", "linear"), ("bias", "bias", "same"))],
-    *[(f"layers.{{i}}.mlp.{p}.{a}", f"{_L}.mlp.{p}.{b}", lay)
-      for p in ("fc1", "fc2") for a, b, lay in (("kernel", "weight", "linear"), ("bias", "bias", "same"))],
-    ("layers.{i}.layer_scale1", f"{_L}.layer_scale1.lambda1", "same"),
-    ("layers.{i}.layer_scale2", f"{_L}.layer_scale2.lambda1", "same"),
-    *[(f"{ours}.{a}", f"{theirs}.{b}", "same")
-      for ours, theirs in (("layers.{i}.norm1", f"{_L}.norm1"), ("layers.{i}.norm2", f"{_L}.norm2"),
-                           ("layernorm", "layernorm"))
-      for a, b in (("scale", "weight"), ("bias", "bias"))],
-])
+# nnx path -> transformers 4 key (what the published folders and transformers 5's save_pretrained use)
+RULES = (
+    Rule(r"^(cls_token|mask_token|register_tokens|position_embeddings)$", r"embeddings.\1"),
+    Rule(r"^patch_embeddings\.", "embeddings.patch_embeddings.projection."),
+    Rule(r"^layers\.(\d+)\.attention\.q_proj\.", r"encoder.layer.\1.attention.attention.query."),
+    Rule(r"^layers\.(\d+)\.attention\.k_proj\.", r"encoder.layer.\1.attention.attention.key."),
+    Rule(r"^layers\.(\d+)\.attention\.v_proj\.", r"encoder.layer.\1.attention.attention.value."),
+    Rule(r"^layers\.(\d+)\.attention\.o_proj\.", r"encoder.layer.\1.attention.output.dense."),
+    Rule(r"^layers\.(\d+)\.layer_scale([12])$", r"encoder.layer.\1.layer_scale\2.lambda1"),
+    Rule(r"^layers\.", "encoder.layer."),
+    *_convert.DEFAULT_RULES,
+)
 
-# transformers 5 native names -> the transformers 4 names the table speaks.
+# transformers 5 native names -> the transformers 4 names the rules speak.
 _V5_TO_V4 = [(re.compile(p), r) for p, r in (
     (r"\.attention\.q_proj\.", ".attention.attention.query."),
     (r"\.attention\.k_proj\.", ".attention.attention.key."),
     (r"\.attention\.v_proj\.", ".attention.attention.value."),
     (r"\.attention\.o_proj\.", ".attention.output.dense."),
 )]
-
-# torch-hub (facebookresearch/dinov2) names <-> transformers 4 names. The fused qkv is handled apart.
-_HUB = ht.Table([
-    ("embeddings.cls_token", "cls_token", "same"),
-    ("embeddings.mask_token", "mask_token", "same"),
-    ("embeddings.register_tokens", "register_tokens", "same"),
-    ("embeddings.position_embeddings", "pos_embed", "same"),
-    ("embeddings.patch_embeddings.projection.weight", "patch_embed.proj.weight", "same"),
-    ("embeddings.patch_embeddings.projection.bias", "patch_embed.proj.bias", "same"),
-    *[(f"{_L}.{hf}.{w}", f"blocks.{{i}}.{hub}.{w}", "same")
-      for hf, hub in (("norm1", "norm1"), ("norm2", "norm2"), ("attention.output.dense", "attn.proj"),
-                      ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"))
-      for w in ("weight", "bias")],
-    (f"{_L}.layer_scale1.lambda1", "blocks.{i}.ls1.gamma", "same"),
-    (f"{_L}.layer_scale2.lambda1", "blocks.{i}.ls2.gamma", "same"),
-    ("layernorm.weight", "norm.weight", "same"),
-    ("layernorm.bias", "norm.bias", "same"),
-])
-_QKV = re.compile(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$")
-_CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+\..*)$")  # block_chunks > 0 layouts: blocks.<chunk>.<i>.
 
 
 def config_from_hf(d: dict, source: str = "config.json") -> Dinov2Config:
@@ -91,7 +63,7 @@ def config_from_hf(d: dict, source: str = "config.json") -> Dinov2Config:
             if d[key][0] != d[key][1]:
                 raise ValueError(f"{source}: non-square {key}={d[key]} is not supported")
             d[key] = d[key][0]
-    return ht.config_from_dict(Dinov2Config, d, source)
+    return _hf_folders.config_from_dict(Dinov2Config, d, source)
 
 
 def _config_to_hf(cfg: Dinov2Config) -> dict:
@@ -101,29 +73,78 @@ def _config_to_hf(cfg: Dinov2Config) -> dict:
         "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02}
 
 
-def _from_hf_tensors(tensors: Mapping[str, np.ndarray], cfg: Dinov2Config, source: str, dtype, param_dtype):
+def from_state_dict(model: Dinov2, tensors: Mapping[str, np.ndarray], *, what: str = "DINOv2") -> Dinov2:
+    """``model`` (concrete or ``nnx.eval_shape``) filled from transformers-named tensors (v4 or v5 names)."""
     renamed = {}
     for k, v in tensors.items():
         k = k.removeprefix("dinov2_with_registers.")
         for pat, rep in _V5_TO_V4:
             k = pat.sub(rep, k)
-        renamed[k] = v
-    return ht.build_from_flat(lambda: Dinov2(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype),
-                              lambda shapes: _TABLE.from_torch(renamed, shapes, source=source))
+        renamed[k] = np.asarray(v)
+    return _convert.from_torch(model, renamed, RULES, what=what)
+
+
+def to_state_dict(model: Dinov2) -> dict[str, np.ndarray]:
+    """transformers ``Dinov2WithRegistersModel`` state dict (transformers 4 names)."""
+    return _convert.to_torch(model, RULES)
+
+
+def _abstract(cfg: Dinov2Config, dtype, param_dtype) -> Dinov2:
+    return nnx.eval_shape(lambda: Dinov2(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
 
 
 def load(path: str, *, dtype=None, param_dtype=jnp.float32) -> Dinov2:
     """A :class:`Dinov2` from a transformers ``Dinov2WithRegistersModel`` folder."""
-    cfg = config_from_hf(ht.read_config(path), f"{path}/config.json")
-    return _from_hf_tensors(ht.read_safetensors(path), cfg, path, dtype, param_dtype)
+    cfg = config_from_hf(_hf_folders.read_config(path), f"{path}/config.json")
+    return from_state_dict(_abstract(cfg, dtype, param_dtype), _hf_folders.read_tensors(path), what=path)
 
 
 def save(model: Dinov2, path: str) -> None:
     """Writes a ``Dinov2WithRegistersModel`` folder (float32 safetensors)."""
-    ht.write_folder(path, _TABLE.to_torch(ht.flat_params(model)), _config_to_hf(model.config))
+    _hf_folders.write_folder(path, to_state_dict(model), _config_to_hf(model.config))
 
 
 # -------------------------------------------------------------------------------------------- torch hub
+
+# (transformers 4 name, torch-hub name) pairs, {i} = block index; applied in both directions. The fused
+# ``attn.qkv`` (query; key; value stacked on the output dim) is split / concatenated apart.
+_HUB_PAIRS = (
+    ("embeddings.cls_token", "cls_token"),
+    ("embeddings.mask_token", "mask_token"),
+    ("embeddings.register_tokens", "register_tokens"),
+    ("embeddings.position_embeddings", "pos_embed"),
+    ("embeddings.patch_embeddings.projection.{w}", "patch_embed.proj.{w}"),
+    ("encoder.layer.{i}.norm1.{w}", "blocks.{i}.norm1.{w}"),
+    ("encoder.layer.{i}.attention.output.dense.{w}", "blocks.{i}.attn.proj.{w}"),
+    ("encoder.layer.{i}.layer_scale1.lambda1", "blocks.{i}.ls1.gamma"),
+    ("encoder.layer.{i}.norm2.{w}", "blocks.{i}.norm2.{w}"),
+    ("encoder.layer.{i}.mlp.fc1.{w}", "blocks.{i}.mlp.fc1.{w}"),
+    ("encoder.layer.{i}.mlp.fc2.{w}", "blocks.{i}.mlp.fc2.{w}"),
+    ("encoder.layer.{i}.layer_scale2.lambda1", "blocks.{i}.ls2.gamma"),
+    ("layernorm.{w}", "norm.{w}"),
+)
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)")
+                      .replace(r"\{w\}", r"(?P<w>weight|bias)") + "$")
+
+
+_HUB_RULES = [(_pattern(hf), _pattern(hub), hf, hub) for hf, hub in _HUB_PAIRS]
+_QKV = re.compile(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$")
+_CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+\..*)$")  # block_chunks > 0 layouts: blocks.<chunk>.<i>.
+
+
+def _rename(name: str, to_hub: bool) -> str | None:
+    for hf_re, hub_re, hf, hub in _HUB_RULES:
+        m = (hf_re if to_hub else hub_re).match(name)
+        if m:
+            out = hub if to_hub else hf
+            for key, val in m.groupdict().items():
+                out = out.replace("{" + key + "}", val)
+            return out
+    return None
+
 
 def hub_to_hf_names(hub: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """torch-hub state dict -> transformers 4 names (qkv split into query / key / value)."""
@@ -137,10 +158,10 @@ def hub_to_hf_names(hub: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             for part, chunk in zip(("query", "key", "value"), np.split(value, 3, axis=0)):
                 out[f"encoder.layer.{m.group(1)}.attention.attention.{part}.{m.group(2)}"] = chunk
             continue
-        hf = _HUB._match(name, 1)
+        hf = _rename(name, to_hub=False)
         if hf is None:
             raise KeyError(f"torch-hub tensor {name!r} has no DINOv2 conversion rule")
-        out[hf[0]] = value
+        out[hf] = value
     return out
 
 
@@ -152,10 +173,10 @@ def hf_to_hub_names(hf: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if m:
             qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = np.asarray(value)
             continue
-        hub = _HUB._match(name, 0)
+        hub = _rename(name, to_hub=True)
         if hub is None:
             raise KeyError(f"tensor {name!r} has no torch-hub DINOv2 name")
-        out[hub[0]] = np.asarray(value)
+        out[hub] = np.asarray(value)
     for (i, kind), parts in qkv.items():
         out[f"blocks.{i}.attn.qkv.{kind}"] = np.concatenate([parts["query"], parts["key"], parts["value"]], 0)
     return out
@@ -182,12 +203,21 @@ def load_torch_hub_state_dict(state_dict, config: Dinov2Config | None = None, *,
     source = "torch-hub state dict"
     if isinstance(state_dict, str):
         source = state_dict
-        state_dict = ht.read_safetensors(state_dict)
-    hf = hub_to_hf_names({k: np.asarray(v) for k, v in state_dict.items()})
+        state_dict = _hf_folders.read_tensors(state_dict)
+    hf = hub_to_hf_names(state_dict)
     cfg = config or _infer_hub_config(hf)
-    return _from_hf_tensors(hf, cfg, source, dtype, param_dtype)
+    return from_state_dict(_abstract(cfg, dtype, param_dtype), hf, what=source)
+
+
+def load_torchhub_state_dict(model: Dinov2, state_dict: Mapping[str, np.ndarray]) -> None:
+    """Writes a torch-hub state dict into an existing ``model`` in place (the GIDM checkpoint importer)."""
+    nnx.update(model, nnx.state(from_state_dict(model, hub_to_hf_names(state_dict), what="torch-hub DINOv2"),
+                                nnx.Param))
 
 
 def to_torch_hub_state_dict(model: Dinov2) -> dict[str, np.ndarray]:
-    """The torch-hub (facebookresearch/dinov2) state dict of ``model``, as float32 numpy arrays."""
-    return hf_to_hub_names(_TABLE.to_torch(ht.flat_params(model)))
+    """The torch-hub (facebookresearch/dinov2) state dict of ``model``, as numpy arrays."""
+    return hf_to_hub_names(to_state_dict(model))
+
+
+to_torchhub_state_dict = to_torch_hub_state_dict

@@ -8,46 +8,68 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from defi_jax.interop import _hf_tables as ht
+from defi_jax.interop import _convert, _hf_folders
+from defi_jax.interop._convert import Rule
 from defi_jax.models.t5 import T5Config, T5Encoder
 
-_B = "encoder.block.{i}.layer"
-_TABLE = ht.Table([
-    ("shared", "shared.weight", "same"),
-    *[(f"blocks.{{i}}.attn.{p}.kernel", f"{_B}.0.SelfAttention.{p}.weight", "linear") for p in "qkvo"],
-    ("blocks.{i}.attn.relative_attention_bias", f"{_B}.0.SelfAttention.relative_attention_bias.weight", "same"),
-    ("blocks.{i}.attn_norm.weight", f"{_B}.0.layer_norm.weight", "same"),
-    *[(f"blocks.{{i}}.ffn.{p}.kernel", f"{_B}.1.DenseReluDense.{p}.weight", "linear") for p in ("wi", "wi_0", "wi_1", "wo")],
-    ("blocks.{i}.ffn_norm.weight", f"{_B}.1.layer_norm.weight", "same"),
-    ("final_layer_norm.weight", "encoder.final_layer_norm.weight", "same"),
-])
+# nnx path -> transformers key
+RULES = (
+    Rule(r"^shared$", "shared.weight"),
+    Rule(r"^blocks\.(\d+)\.attn\.relative_attention_bias$",
+         r"encoder.block.\1.layer.0.SelfAttention.relative_attention_bias.weight"),
+    Rule(r"^blocks\.(\d+)\.attn\.", r"encoder.block.\1.layer.0.SelfAttention."),
+    Rule(r"^blocks\.(\d+)\.attn_norm\.", r"encoder.block.\1.layer.0.layer_norm."),
+    Rule(r"^blocks\.(\d+)\.ffn\.", r"encoder.block.\1.layer.1.DenseReluDense."),
+    Rule(r"^blocks\.(\d+)\.ffn_norm\.", r"encoder.block.\1.layer.1.layer_norm."),
+    Rule(r"^final_layer_norm\.", "encoder.final_layer_norm."),
+    *_convert.DEFAULT_RULES,
+)
+# tied copy of ``shared`` and the rest of a full encoder-decoder checkpoint
+_IGNORE = (r"^encoder\.embed_tokens\.weight$", r"^decoder\.", r"^lm_head\.")
 
 
 def config_from_hf(d: dict, source: str = "config.json") -> T5Config:
-    return ht.config_from_dict(T5Config, d, source)
+    return _hf_folders.config_from_dict(T5Config, d, source)
+
+
+def from_state_dict(model: T5Encoder, tensors: Mapping[str, np.ndarray], *, what: str = "T5 encoder") -> T5Encoder:
+    """``model`` (concrete or ``nnx.eval_shape``) filled from ``T5EncoderModel``-named tensors."""
+    tensors = {k: np.asarray(v) for k, v in tensors.items()}
+    if "shared.weight" not in tensors and "encoder.embed_tokens.weight" in tensors:
+        tensors["shared.weight"] = tensors.pop("encoder.embed_tokens.weight")  # untied / re-keyed exports
+    return _convert.from_torch(model, tensors, RULES, what=what, ignore=_IGNORE)
+
+
+def to_state_dict(model: T5Encoder) -> dict[str, np.ndarray]:
+    """``T5EncoderModel.state_dict()`` names (``shared`` also as the tied ``encoder.embed_tokens``)."""
+    out = _convert.to_torch(model, RULES)
+    out["encoder.embed_tokens.weight"] = out["shared.weight"].copy()
+    return out
+
+
+def load_state_dict(model: T5Encoder, tensors: Mapping[str, np.ndarray]) -> None:
+    """Writes ``T5EncoderModel``-named tensors into an existing ``model`` in place."""
+    nnx.update(model, nnx.state(from_state_dict(model, tensors), nnx.Param))
 
 
 def load_encoder(path: str, *, dtype=None, param_dtype=jnp.float32) -> T5Encoder:
     """A :class:`T5Encoder` from a transformers T5 folder (safetensors)."""
-    cfg = config_from_hf(ht.read_config(path), f"{path}/config.json")
-    tensors = ht.read_safetensors(path)
-    if "shared.weight" not in tensors and "encoder.embed_tokens.weight" in tensors:
-        tensors["shared.weight"] = tensors["encoder.embed_tokens.weight"]  # untied / re-keyed exports
-    return ht.build_from_flat(lambda: T5Encoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype),
-                              lambda shapes: _TABLE.from_torch(tensors, shapes, source=path))
+    cfg = config_from_hf(_hf_folders.read_config(path), f"{path}/config.json")
+    model = nnx.eval_shape(lambda: T5Encoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+    return from_state_dict(model, _hf_folders.read_tensors(path), what=path)
 
 
 def save_encoder(model: T5Encoder, path: str) -> None:
-    """Writes a ``T5EncoderModel`` folder (float32 safetensors; ``shared`` also as ``encoder.embed_tokens``)."""
+    """Writes a ``T5EncoderModel`` folder (float32 safetensors)."""
     cfg = model.config
     config = dataclasses.asdict(cfg) | {
         "architectures": ["T5EncoderModel"], "model_type": "t5", "is_encoder_decoder": False,
         "use_cache": False, "tie_word_embeddings": True, "dense_act_fn": cfg.dense_act_fn,
         "is_gated_act": cfg.is_gated_act, "num_decoder_layers": cfg.num_layers, "dropout_rate": 0.1}
-    tensors = _TABLE.to_torch(ht.flat_params(model))
-    tensors["encoder.embed_tokens.weight"] = tensors["shared.weight"].copy()
-    ht.write_folder(path, tensors, config)
+    _hf_folders.write_folder(path, to_state_dict(model), config)
