@@ -21,7 +21,8 @@ transform=None) -> Loader``
                        dataset's cached statistics (``data_pipelines.actions``), action_mask bool[H] (False
                        past the episode end, where the last action is repeated).
     Every sample also has instruction (str), dataset (str), dataset_id int32 (index into known_datasets())
-    and item_id int32 (the item's index within its source shard).
+    and item_id int32 (the item's index within its dataset's split: a step of a robot episode, a video, or an
+    Ego4D narration).
 
 ``default_data_config()``    the data ConfigDict every stage config starts from (keys documented there).
 ``known_datasets()``         every dataset name a mixture may name.

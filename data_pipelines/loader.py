@@ -157,8 +157,9 @@ class Sampler:
     """
 
     def __init__(self, spec: str, source, data_cfg, *, max_pair_actions: int, dataset_id: int,
-                 transform: Callable | None = None):
+                 transform: Callable | None = None, process_index: int = 0, process_count: int = 1):
         self.spec, self.source, self.transform = spec, source, transform
+        self.process_index, self.process_count = process_index, process_count
         self.size = int(data_cfg.resolution)
         self.num_frames = int(data_cfg.num_frames)
         self.stride = int(data_cfg.frame_stride)
@@ -188,7 +189,8 @@ class Sampler:
                 raise ValueError("empty instruction")
             sample["dataset"] = self.source.name
             sample["dataset_id"] = np.int32(self.dataset_id)
-            sample["item_id"] = np.int32(i)
+            # Shards are [process_index::process_count]: this is the item's index in the whole split.
+            sample["item_id"] = np.int32(i * self.process_count + self.process_index)
             return self.transform(sample) if self.transform is not None else sample
         except Exception as e:  # noqa: BLE001 - any bad input is skipped; the fraction check stops runaway loss
             if "interpreter shutdown" in str(e):  # prefetch threads racing the exit: not a data problem
@@ -301,8 +303,9 @@ def collate(samples: list[dict]) -> dict:
 class Loader:
     """Host-local batch iterator with exact checkpointable state (wraps a grain DatasetIterator)."""
 
-    def __init__(self, dataset, sources, weights: dict[str, float], batch_size: int):
+    def __init__(self, dataset, sources, weights: dict[str, float], batch_size: int, samplers=()):
         self._dataset = dataset
+        self._samplers = list(samplers)
         self._it = iter(dataset)
         self.sources = sources
         self.weights = weights
@@ -320,10 +323,28 @@ class Loader:
     def set_state(self, state: Any) -> None:
         self._it.set_state(state)
 
+    def failures(self) -> dict[str, tuple[int, int, list[str]]]:
+        """Per source: (failed, attempted, failed files) in THIS process (workers log their own counts)."""
+        return {s.source.name: (len(s.failures), s.attempts, list(s.failures)) for s in self._samplers}
+
     def close(self) -> None:
         close = getattr(self._it, "close", None)
         if close is not None:
             close()
+
+
+def mix(sizes: list[int], samplers: list[Callable], weights: list[float], seed: int):
+    """Per source: shuffle its items (globally, new order each epoch), repeat forever, sample; then mix the
+    sources with ``weights``. Returns a grain MapDataset of samples (None = skipped)."""
+    import grain
+
+    datasets = []
+    for k, (n, sampler) in enumerate(zip(sizes, samplers)):
+        datasets.append(grain.MapDataset.range(n)
+                        .shuffle(seed=seed * 1_000_003 + k)
+                        .repeat()
+                        .random_map(sampler, seed=seed * 1_000_003 + 7919 + k))
+    return datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, list(weights))
 
 
 def make_loader(spec: str, data_cfg, *, global_batch_size: int, process_index: int = 0, process_count: int = 1,
@@ -342,21 +363,15 @@ def make_loader(spec: str, data_cfg, *, global_batch_size: int, process_index: i
     names = sorted(weights)
     known = oxe_table.known_datasets()
     max_pair = max(_pair_steps(n, data_cfg) for n in names)
-    datasets, probs, sources = [], [], {}
-    for k, name in enumerate(names):
+    sources, samplers = {}, []
+    for name in names:
         src = open_source(name, data_cfg, split, process_index, process_count)
         if len(src) == 0:
             raise ValueError(f"data: {name} has no {split} samples for process {process_index} at {src.path}")
         sources[name] = src
-        sampler = Sampler(spec, src, data_cfg, max_pair_actions=max_pair, dataset_id=known.index(name),
-                          transform=transform)
-        ds = (grain.MapDataset.range(len(src))
-              .shuffle(seed=seed * 1_000_003 + k)
-              .repeat()
-              .random_map(sampler, seed=seed * 1_000_003 + 7919 + k))
-        datasets.append(ds)
-        probs.append(weights[name])
-    mixed = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, probs)
+        samplers.append(Sampler(spec, src, data_cfg, max_pair_actions=max_pair, dataset_id=known.index(name),
+                                transform=transform, process_index=process_index, process_count=process_count))
+    mixed = mix([len(s) for s in sources.values()], samplers, [weights[n] for n in names], seed)
     local_bs = global_batch_size // process_count
     ds = mixed.to_iter_dataset(grain.ReadOptions(num_threads=int(data_cfg.get("read_threads", 4)),
                                                  prefetch_buffer_size=max(local_bs, 8)))
@@ -365,4 +380,4 @@ def make_loader(spec: str, data_cfg, *, global_batch_size: int, process_index: i
     if workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                          per_worker_buffer_size=int(data_cfg.get("prefetch", 2))))
-    return Loader(ds, sources, weights, local_bs)
+    return Loader(ds, sources, weights, local_bs, samplers)
