@@ -115,15 +115,15 @@ def make_data(config, process_index: int, process_count: int, split: str):
     return iter(ds)
 
 
+@nnx.jit
+def _eval_mse(model, batch):
+    return loss_fn(model, batch, None, None)[0]
+
+
 def evaluate(model, config, workdir, step, eval_iter) -> dict:
     """Mean squared error over ``config.data.eval_batches`` held-out batches."""
     del workdir, step
-
-    @nnx.jit
-    def one(model, batch):
-        return loss_fn(model, batch, None, config)[0]
-
-    losses = [float(one(model, batch)) for _, batch in zip(range(config.data.eval_batches), eval_iter)]
+    losses = [float(_eval_mse(model, batch)) for _, batch in zip(range(config.data.eval_batches), eval_iter)]
     return {"eval_mse": float(np.mean(losses))}
 
 

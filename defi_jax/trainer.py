@@ -115,7 +115,7 @@ class Trainer:
 
     def __init__(self, config, *, mesh=None, validate: bool = True):
         if validate:
-            config_validation.validate(config)
+            config_validation.validate(config, num_devices=None if mesh is None else mesh.devices.size)
         self.config = config
         self.stage = stage_lib.get(config.stage)
         self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
@@ -124,6 +124,10 @@ class Trainer:
         self.param_dtype = _DTYPES[t.param_dtype]
         self.compute_dtype = _DTYPES[t.compute_dtype]
         self.tx, self.schedule = optim.optimizer(t)
+        # XLA options for every compile of this run (e.g. {"xla_backend_optimization_level": 0} makes CPU
+        # test compiles ~5x faster); empty by default.
+        opts = t.get("compiler_options", None)
+        self._jit_kwargs = {"compiler_options": dict(opts)} if opts else {}
 
         frozen_res = [re.compile(p) for p in t.frozen]
 
@@ -138,7 +142,7 @@ class Trainer:
                 f"config.train.frozen={tuple(t.frozen)!r}: every parameter is frozen, nothing to train")
         self._logical = dict(params=a_train, frozen=a_frozen, extra=a_extra)
         self.state_shardings = self._make_state_shardings()
-        self._step_fn = None
+        self._step_fn = self._init_fn = None
         self._sigterm = False
 
     # ------------------------------------------------------------------ state
@@ -173,8 +177,10 @@ class Trainer:
 
     def init_state(self) -> TrainState:
         """A freshly initialized train state, created directly in its sharded layout."""
+        if self._init_fn is None:
+            self._init_fn = jax.jit(self._init, out_shardings=self.state_shardings, **self._jit_kwargs)
         with sharding.use_rules(self.mesh, self.rules):
-            return jax.jit(self._init, out_shardings=self.state_shardings)()
+            return self._init_fn()
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the restore target and the AOT-compile input."""
@@ -232,7 +238,7 @@ class Trainer:
         t = self.config.train
         rng, step_rng = jax.random.split(state.rng)
         loss, aux, extra, grads = self._loss_and_grads(state, batch, step_rng)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def apply(_):
@@ -263,7 +269,7 @@ class Trainer:
         """The jitted train step for batches shaped like ``batch_like`` (arrays or ShapeDtypeStructs)."""
         rep = NamedSharding(self.mesh, P())
         return jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_shardings(batch_like)),
-                       out_shardings=(self.state_shardings, rep), donate_argnums=0)
+                       out_shardings=(self.state_shardings, rep), donate_argnums=0, **self._jit_kwargs)
 
     def step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
         """One optimizer step on a global (device-resident) batch; ``state`` is donated."""
