@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from defi_jax import nn
+from defi_jax.models.t5_tokenizer import T5Tokenizer  # noqa: F401  (re-exported: models.t5.T5Tokenizer)
 
 _log = logging.getLogger(__name__)
 

@@ -3,6 +3,7 @@
     tok = T5Tokenizer.from_folder("/ckpt/t5-base")             # reads /ckpt/t5-base/spiece.model
     ids_BL, mask_BL = tok(["open the drawer"], max_length=32)  # int32 numpy; ids end with </s> (1), pad 0
     ids_BL, mask_BL = tok.tokenize(["open the drawer"])        # same call, padded to the longest text
+    ids_L, mask_L = tok.encode_padded("open the drawer", 32)   # one text (data-pipeline transforms)
 
 Ids: SentencePiece pieces, then ``</s>``; padding with ``<pad>`` (0) on the right; the 100 sentinel tokens
 ``<extra_id_0..99>`` take the ids just after the SentencePiece vocabulary in reverse order, as transformers
@@ -23,9 +24,11 @@ _SPECIAL = re.compile(r"(<extra_id_\d+>|</s>|<pad>|<unk>)")
 class T5Tokenizer:
     """``tokenizer(texts, max_length=None) -> (input_ids[B, L], attention_mask[B, L])``."""
 
-    def __init__(self, model_file: str, extra_ids: int = 100):
+    def __init__(self, path: str, extra_ids: int = 100):
+        """``path``: a folder holding ``spiece.model`` or the ``.model`` file itself."""
         import sentencepiece
 
+        model_file = os.path.join(path, "spiece.model") if os.path.isdir(path) else path
         if not os.path.isfile(model_file):
             raise FileNotFoundError(f"{model_file} not found: a T5 tokenizer folder needs spiece.model")
         self.sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
@@ -49,6 +52,11 @@ class T5Tokenizer:
             elif part.strip():
                 ids.extend(self.sp.encode(part))
         return ids + [self.eos_token_id]
+
+    def encode_padded(self, text: str, max_length: int):
+        """One text -> (ids[max_length], mask[max_length]) int32 (a per-sample data-pipeline transform)."""
+        ids, mask = self([text], max_length=max_length)
+        return ids[0], mask[0]
 
     def lengths(self, texts: Sequence[str]) -> list[int]:
         return [len(self.encode(t)) for t in texts]
