@@ -5,7 +5,8 @@ import ml_collections
 
 def default_data_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mixture = "demo"                 # preset name (data_pipelines.mixtures.PRESETS) or {dataset: weight}
+    # A preset name (data_pipelines.mixtures.PRESETS), "name:weight,name:weight", or a dict {dataset: weight}.
+    c.mixture = ml_collections.FieldReference("demo", field_type=object)
     c.data_dir = ""                    # root: <data_dir>/<dataset>/...; "" = the embedded demo data
     c.paths = ml_collections.ConfigDict()   # dataset -> folder, overrides <data_dir>/<dataset>
     c.human_video_fraction = ml_collections.config_dict.placeholder(float)  # None = the table's own share

@@ -144,14 +144,13 @@ def make_demo_data(out: str, *, tasks=ROBOT_TASKS, human_tasks=HUMAN_TASKS, epis
         for i, ep in enumerate(rollouts[k]):
             text = instruction(task)
             steps = [{"observation": {"image": ep["frames"][t], "wrist_image": ep["wrist_frames"][t],
-                                      "state": ep["states"][t]},
+                                      "state": ep["states"][t].astype(np.float32)},
                       "action": ep["actions"][t], "language_instruction": text}
                      for t in range(len(ep["actions"]))]
             split_eps["train"].append({"steps": steps,
                                        "episode_metadata": {"file_path": f"metaworld/{task}/seed{seed + k}/ep{i}"}})
         logging.info("demo: %s x %d episodes", task, episodes)
-    rlds.write_rlds(out, "demo", split_eps, image_keys={"image": (size, size), "wrist_image": (size, size)},
-                    description="Meta-World v3 scripted-expert episodes (defi-jax demo data)")
+    rlds.write_rlds(out, "demo", split_eps, description="Meta-World v3 scripted-expert episodes (defi-jax demo data)")
     convert.convert("demo", os.path.join(out, "demo"), os.path.join(out, "demo"))
 
     human_root = os.path.join(out, "demo_human")

@@ -175,52 +175,52 @@ def splits(path: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- writing
-def write_rlds(out_dir: str, name: str, episodes: dict[str, list[dict]], *, image_keys: dict[str, tuple],
-               version: str = "1.0.0", description: str = "") -> str:
+def _infer_feature(value):
+    """Feature for one step value: uint8 HxWx3 -> JPEG Image, str -> Text, bool -> Scalar, else a Tensor."""
+    import tensorflow_datasets as tfds
+
+    if isinstance(value, dict):
+        return tfds.features.FeaturesDict({k: _infer_feature(v) for k, v in value.items()})
+    if isinstance(value, (str, bytes)):
+        return tfds.features.Text()
+    arr = np.asarray(value)
+    if arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[-1] == 3:
+        return tfds.features.Image(shape=arr.shape, dtype=np.uint8, encoding_format="jpeg")
+    if arr.dtype == np.bool_:
+        return tfds.features.Scalar(dtype=np.bool_) if arr.ndim == 0 else tfds.features.Tensor(
+            shape=arr.shape, dtype=np.bool_)
+    dtype = np.int32 if np.issubdtype(arr.dtype, np.integer) else np.float32
+    return tfds.features.Tensor(shape=arr.shape, dtype=dtype)
+
+
+def write_rlds(out_dir: str, name: str, episodes: dict[str, list[dict]], *, version: str = "1.0.0",
+               description: str = "") -> str:
     """Write a real TFDS RLDS dataset (TFRecord + dataset_info.json) to ``out_dir/name/version``.
 
     ``episodes``: split -> list of episodes; an episode is {"steps": [step dicts], "episode_metadata": {...}}.
-    Each step: {"observation": {image_key: uint8[H, W, 3], ...}, "action": float32[A],
-    "language_instruction": str}. ``image_keys``: observation key -> (H, W) of that camera.
-    Returns the version folder (what ``tfds.builder_from_directory`` opens).
+    Steps may nest dicts (``{"observation": {...}, "action": {...} or array, "language_instruction": str}``);
+    the feature of each leaf follows its value: uint8[H, W, 3] -> JPEG image, str -> text, arrays -> tensors.
+    is_first / is_last / is_terminal / reward / discount are added. Returns the version folder.
     """
-    import tensorflow as tf
     import tensorflow_datasets as tfds
 
+    tfds.disable_progress_bar()
     first = next(ep for eps in episodes.values() for ep in eps)["steps"][0]
-    action_dim = int(np.asarray(first["action"]).shape[-1])
-    obs_features = {k: tfds.features.Image(shape=(*hw, 3), dtype=np.uint8, encoding_format="jpeg")
-                    for k, hw in image_keys.items()}
-    for k, v in first["observation"].items():
-        if k not in image_keys:
-            obs_features[k] = tfds.features.Tensor(shape=np.asarray(v).shape, dtype=np.float32)
+    step_features = {k: _infer_feature(v) for k, v in first.items()}
+    step_features.update({
+        "reward": tfds.features.Scalar(dtype=np.float32), "discount": tfds.features.Scalar(dtype=np.float32),
+        "is_first": tfds.features.Scalar(dtype=np.bool_), "is_last": tfds.features.Scalar(dtype=np.bool_),
+        "is_terminal": tfds.features.Scalar(dtype=np.bool_)})
     features = tfds.features.FeaturesDict({
-        "steps": tfds.features.Dataset({
-            "observation": tfds.features.FeaturesDict(obs_features),
-            "action": tfds.features.Tensor(shape=(action_dim,), dtype=np.float32),
-            "reward": tfds.features.Scalar(dtype=np.float32),
-            "discount": tfds.features.Scalar(dtype=np.float32),
-            "is_first": tfds.features.Scalar(dtype=np.bool_),
-            "is_last": tfds.features.Scalar(dtype=np.bool_),
-            "is_terminal": tfds.features.Scalar(dtype=np.bool_),
-            "language_instruction": tfds.features.Text(),
-        }),
+        "steps": tfds.features.Dataset(step_features),
         "episode_metadata": tfds.features.FeaturesDict({"file_path": tfds.features.Text()}),
     })
 
     def gen(split_eps):
         for i, ep in enumerate(split_eps):
-            steps = []
             T = len(ep["steps"])
-            for t, s in enumerate(ep["steps"]):
-                steps.append({
-                    "observation": {k: np.asarray(v) if k in image_keys else np.asarray(v, np.float32)
-                                    for k, v in s["observation"].items()},
-                    "action": np.asarray(s["action"], np.float32),
-                    "reward": np.float32(s.get("reward", 0.0)), "discount": np.float32(1.0),
-                    "is_first": t == 0, "is_last": t == T - 1, "is_terminal": t == T - 1,
-                    "language_instruction": s["language_instruction"],
-                })
+            steps = [dict(s, reward=np.float32(s.get("reward", 0.0)), discount=np.float32(1.0), is_first=t == 0,
+                          is_last=t == T - 1, is_terminal=t == T - 1) for t, s in enumerate(ep["steps"])]
             yield f"ep{i:06d}", {"steps": steps,
                                  "episode_metadata": {"file_path": ep.get("episode_metadata", {}).get(
                                      "file_path", f"episode_{i}")}}
@@ -244,7 +244,6 @@ def write_rlds(out_dir: str, name: str, episodes: dict[str, list[dict]], *, imag
     builder = _Builder(data_dir=out_dir, file_format="tfrecord")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         beam_runner=None, num_shards=None, compute_stats=tfds.download.ComputeStatsMode.SKIP))
-    del tf
     return os.path.join(out_dir, name, version)
 
 
