@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from defi_jax.interop import _convert
+from defi_jax.models.svd_layers import trace_rngs
 from defi_jax.models.svd_unet import UNetConfig, UNetSpatioTemporal
 from defi_jax.models.svd_vae import AutoencoderKLTemporalDecoder, VAEConfig
 
@@ -56,7 +57,7 @@ def load_unet(path: str, *, dtype=None, param_dtype=jnp.float32, attention_impl:
               ) -> UNetSpatioTemporal:
     """A ``UNetSpatioTemporalConditionModel`` folder as our ``UNetSpatioTemporal`` (built abstractly, then filled)."""
     config = UNetConfig.from_dict(_read_config(path, "UNetSpatioTemporalConditionModel"))
-    abstract = nnx.eval_shape(lambda: UNetSpatioTemporal(config, rngs=nnx.Rngs(0), dtype=dtype,
+    abstract = nnx.eval_shape(lambda: UNetSpatioTemporal(config, rngs=trace_rngs(0), dtype=dtype,
                                                          param_dtype=param_dtype, attention_impl=attention_impl))
     return _convert.from_torch(abstract, _convert.read_safetensors(path, WEIGHTS_NAME), UNET_RULES,
                                what=f"UNet from {path}")
@@ -72,7 +73,7 @@ def load_vae(path: str, *, dtype=None, param_dtype=jnp.float32, attention_impl: 
     """An ``AutoencoderKLTemporalDecoder`` folder as our module of the same name."""
     config = VAEConfig.from_dict(_read_config(path, "AutoencoderKLTemporalDecoder"))
     abstract = nnx.eval_shape(lambda: AutoencoderKLTemporalDecoder(
-        config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl))
+        config, rngs=trace_rngs(0), dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl))
     return _convert.from_torch(abstract, _convert.read_safetensors(path, WEIGHTS_NAME), VAE_RULES,
                                what=f"VAE from {path}")
 
