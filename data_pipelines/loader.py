@@ -333,16 +333,40 @@ class Loader:
             close()
 
 
+class EpochShuffle:
+    """Global index -> item: a fresh seeded permutation of the n items per epoch (epoch = index // n).
+
+    O(1) per element after an O(n) permutation once per epoch (grain's per-element index shuffle costs
+    ~1 ms per element on a busy CPU, more than decoding a small frame)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __getstate__(self):
+        return {"n": self.n, "seed": self.seed, "_cache": {}}
+
+    def __call__(self, index: int, _) -> int:
+        epoch, pos = divmod(int(index), self.n)
+        perm = self._cache.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n).astype(np.int32)
+            if len(self._cache) >= 2:   # prefetch threads may straddle an epoch boundary
+                self._cache.pop(min(self._cache))
+            self._cache[epoch] = perm
+        return int(perm[pos])
+
+
 def mix(sizes: list[int], samplers: list[Callable], weights: list[float], seed: int):
-    """Per source: shuffle its items (globally, new order each epoch), repeat forever, sample; then mix the
-    sources with ``weights``. Returns a grain MapDataset of samples (None = skipped)."""
+    """Per source: a new global shuffle of its items every epoch, repeated forever, sampled; then the sources
+    are mixed with ``weights``. Returns a grain MapDataset of samples (None = skipped)."""
     import grain
 
     datasets = []
     for k, (n, sampler) in enumerate(zip(sizes, samplers)):
         datasets.append(grain.MapDataset.range(n)
-                        .shuffle(seed=seed * 1_000_003 + k)
                         .repeat()
+                        .map_with_index(EpochShuffle(n, seed * 1_000_003 + k))
                         .random_map(sampler, seed=seed * 1_000_003 + 7919 + k))
     return datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, list(weights))
 
@@ -378,6 +402,10 @@ def make_loader(spec: str, data_cfg, *, global_batch_size: int, process_index: i
     ds = ds.batch(local_bs, drop_remainder=True, batch_fn=collate)
     workers = int(data_cfg.get("num_workers", 0))
     if workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a plain script has not parsed any
+            flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                          per_worker_buffer_size=int(data_cfg.get("prefetch", 2))))
     return Loader(ds, sources, weights, local_bs, samplers)
