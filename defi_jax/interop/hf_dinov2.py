@@ -12,6 +12,7 @@ Two sources:
 
       dino = load_torch_hub_state_dict("/ckpt/dinov2_vitb14_reg4_pretrain.safetensors")
       hub_sd = to_torch_hub_state_dict(dino)      # numpy arrays under the hub names
+      load_torchhub_state_dict(dino, hub_sd)      # in place, into an existing model (GIDM importer)
 
   A ``.pth`` file must be converted to safetensors first (we do not unpickle weights), e.g.
   ``safetensors.torch.save_file(torch.load(p), p.replace(".pth", ".safetensors"))`` in your own env.
