@@ -1,0 +1,106 @@
+"""Look at what a dataset gives the pipeline: one JSON line per standardized sample + contact-sheet PNGs.
+
+  python -m launch.inspect_data --dataset bridge --data_dir /data --num 4 --out /tmp/inspect
+  python -m launch.inspect_data --dataset demo --num 2 --out /tmp/inspect        # the embedded demo data
+
+NAME is a dataset of the standardization table (an OXE name, calvin, demo), ssv2, ego4d or demo_human.
+--data_dir is the root holding <NAME>/ (or that folder itself). Robot datasets are read from their converted
+ArrayRecord copy when there is one, else straight from the RLDS TFRecords with tensorflow-datasets.
+Each JSON line: dataset, source, instruction, the frame shape of each view, the action shape and first row.
+"""
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+
+def _sheet(views: dict[str, np.ndarray], path: str, columns: int = 8, tile: int = 96) -> None:
+    """Rows = views, columns = frames evenly spaced over the sample."""
+    from PIL import Image
+
+    rows = []
+    for frames in views.values():
+        pick = np.linspace(0, len(frames) - 1, min(columns, len(frames))).round().astype(int)
+        row = [np.asarray(Image.fromarray(frames[i]).resize((tile, tile))) for i in pick]
+        row += [np.zeros((tile, tile, 3), np.uint8)] * (columns - len(row))
+        rows.append(np.concatenate(row, 1))
+    Image.fromarray(np.concatenate(rows, 0)).save(path)
+
+
+def _robot_samples(name, path, num, size):
+    from data_pipelines import arrayrecord, video
+
+    if arrayrecord.has_split(path, "train"):
+        reader = arrayrecord.StepReader(path, "train")
+        for e, ep in enumerate(reader.index["episodes"][:num]):
+            steps = list(range(ep["start"], ep["start"] + ep["length"]))
+            recs = reader.records(steps)
+            views = {v: np.stack([video.decode_image(r[v], size) for r in recs]) for v in reader.index["views"]}
+            yield (ep.get("source") or f"{path} episode {e}", ep["instruction"], views,
+                   np.asarray(reader.actions[steps[0]:steps[-1] + 1]))
+        return
+    from data_pipelines import rlds
+
+    for k, (ep_id, ep) in enumerate(rlds.read_rlds(path, name, "train")):
+        if k >= num:
+            return
+        if isinstance(ep, Exception):
+            print(json.dumps({"dataset": name, "source": ep_id, "error": f"{type(ep).__name__}: {ep}"}))
+            continue
+        views = {v: np.stack([video.decode_image(f, size) for f in frames]) for v, frames in ep["views"].items()}
+        yield ep_id, ep["instruction"], views, ep["actions"]
+
+
+def _video_samples(name, path, num, size):
+    from data_pipelines import oxe_table, video
+
+    row = oxe_table.VIDEO_DATASETS[name]
+    items = video.ssv2_items(path, "train") if row.layout == "ssv2" else video.ego4d_items(path, "train")
+    for item in items[:num]:
+        try:
+            if row.layout == "ego4d":
+                lo = max(0.0, item["center_s"] - row.window_seconds / 2)
+                times = lo + np.arange(int(row.window_seconds * row.fps)) / row.fps
+            else:
+                times = np.arange(int(video.probe_duration(item["path"]) * row.fps)) / row.fps
+            frames = video.decode_at(item["path"], list(times[:256]), size)
+        except Exception as e:  # noqa: BLE001 - report the bad file and keep going
+            print(json.dumps({"dataset": name, "source": item["path"], "error": f"{type(e).__name__}: {e}"}))
+            continue
+        yield item["path"], item["instruction"], {"video": frames}, None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--data_dir", default="", help="root holding <dataset>/ (default: the embedded demo data)")
+    p.add_argument("--num", type=int, default=4)
+    p.add_argument("--out", default="", help="folder for contact-sheet PNGs (none when empty)")
+    p.add_argument("--size", type=int, default=128, help="frame size (short side resize + centre crop)")
+    a = p.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from data_pipelines import demo, oxe_table
+
+    name = oxe_table.resolve(a.dataset)
+    if name not in oxe_table.known_datasets():
+        raise SystemExit(f"--dataset={a.dataset!r} unknown; known: {oxe_table.known_datasets()}")
+    root = a.data_dir or demo.ensure_demo_data()
+    path = os.path.join(root, name) if os.path.isdir(os.path.join(root, name)) else root
+    gen = (_robot_samples if name in oxe_table.ROBOT_DATASETS else _video_samples)(name, path, a.num, a.size)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+    for k, (source, instruction, views, actions) in enumerate(gen):
+        line = {"dataset": name, "source": source, "instruction": instruction,
+                "frames": {v: list(f.shape) for v, f in views.items()},
+                "actions": None if actions is None else list(actions.shape),
+                "first_action": None if actions is None else [round(float(x), 5) for x in actions[0]]}
+        if a.out:
+            line["contact_sheet"] = os.path.join(a.out, f"{name}_{k:04d}.png")
+            _sheet(views, line["contact_sheet"])
+        print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()
