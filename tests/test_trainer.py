@@ -175,3 +175,28 @@ def test_describe_helpers_and_aot_compile():
     assert mem["opt_state"] > mem["params"] > 0 and mem["params"] < 4 * counts["total"]
     compiled, stats = trainer_lib.compile_train_step(config)
     assert stats["argument"] > 0 and stats["peak_estimate"] > 0
+
+
+def test_launch_describe_and_benchmark_table(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from launch import benchmark
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "launch.describe", "--config=configs/toy.py:tiny", "--num_devices=8",
+         "--config.mesh.shape=(2,2,2)", "--compile"], cwd=root, capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "PYTHONPATH": str(root),
+             "XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in out.stdout.splitlines())
+    counts = trainer_lib.param_counts(toy.get_config("tiny"))
+    assert {k: int(lines[k]) for k in counts} == counts
+    assert lines["mesh"].startswith("data=2 fsdp=2 tensor=2")
+    assert int(lines["state_bytes_per_device.params"].split()[0]) > 0
+    assert int(lines["compiled_bytes_per_device.temp"].split()[0]) > 0
+
+    assert "trainer" in benchmark.cases()
+    text = benchmark.table([{"case": "x", "median_s": 0.5}, {"case": "y", "ratio": 2.0}])
+    assert text.splitlines()[0].split() == ["case", "median_s", "ratio"] and "0.5" in text
