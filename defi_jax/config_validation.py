@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 
 import jax
 
@@ -114,39 +115,39 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
             raise ConfigError(str(e).strip("'\"")) from None
 
 
-def _dataset_names() -> set[str] | None:
-    """Dataset names the input pipeline knows, or None when ``data_pipelines`` offers no registry."""
+def _data_pipelines():
+    """The input-side package, or None where it is absent (validation must not depend on it)."""
     try:
         import data_pipelines
     except ImportError:
         return None
-    for attr in ("dataset_names", "names"):
-        fn = getattr(data_pipelines, attr, None)
-        if callable(fn):
-            try:
-                return set(fn())
-            except Exception:
-                return None
-    table = getattr(data_pipelines, "DATASETS", None)
-    return set(table) if table is not None else None
+    return data_pipelines
 
 
 def _validate_datasets(config) -> None:
-    """``config.data.dataset`` (a name) and ``config.data.mixture`` (name -> weight) must be known."""
+    """``config.data.mixture`` (preset, "name:w,..." or name -> weight) and ``config.data.dataset`` must be known.
+
+    Uses ``data_pipelines.validate_data_config`` / ``known_datasets`` when that package is importable; without
+    it only the mixture's weights are checked.
+    """
     d = config.data
-    if "mixture" in d and d.mixture:
-        mix = dict(d.mixture)
-        for name, w in mix.items():
-            if not isinstance(w, (int, float)) or w < 0:
-                _fail(f"data.mixture.{name}", w, "weights must be non-negative numbers")
-        if not sum(mix.values()) > 0:
-            _fail("data.mixture", mix, "weights sum to zero")
-    known = _dataset_names()
-    if known is None:
-        return
-    if "dataset" in d and d.dataset and d.dataset not in known:
-        _fail("data.dataset", d.dataset, f"unknown dataset; known: {sorted(known)}")
-    if "mixture" in d and d.mixture:
-        for name in dict(d.mixture):
-            if name not in known:
-                _fail(f"data.mixture.{name}", name, f"unknown dataset; known: {sorted(known)}")
+    dp = _data_pipelines()
+    if "mixture" in d and d.mixture is not None:
+        if dp is not None and hasattr(dp, "validate_data_config"):
+            try:
+                dp.validate_data_config(d, key="config.data")
+            except ValueError as e:
+                msg = str(e)
+                raise ConfigError(msg if msg.startswith("config.") else f"config.data: {msg}") from None
+        elif isinstance(d.mixture, Mapping):
+            mix = dict(d.mixture)
+            for name, w in mix.items():
+                if not isinstance(w, (int, float)) or w < 0:
+                    _fail(f"data.mixture.{name}", w, "weights must be non-negative numbers")
+            if not sum(mix.values()) > 0:
+                _fail("data.mixture", mix, "weights sum to zero")
+    known = getattr(dp, "known_datasets", None) if dp is not None else None
+    if "dataset" in d and d.dataset and callable(known):
+        resolve = getattr(getattr(dp, "oxe_table", None), "resolve", lambda n: n)
+        if resolve(d.dataset) not in known():
+            _fail("data.dataset", d.dataset, f"unknown dataset; known: {sorted(known())}")

@@ -2,7 +2,6 @@
 
 import re
 import sys
-import types
 
 import pytest
 
@@ -67,29 +66,32 @@ def test_multislice_and_process_count():
 
 
 def test_unknown_dataset_and_mixture(monkeypatch):
+    import data_pipelines
     c = _config()
-    c.data.dataset = "fractal"
+    c.data.update(data_pipelines.default_data_config())
     c.data.mixture = {"fractal": 0.7, "ssv2": 0.3}
-    # A data_pipelines registry that knows only these names.
-    fake = types.ModuleType("data_pipelines")
-    fake.dataset_names = lambda: ["fractal", "ssv2"]
-    monkeypatch.setitem(sys.modules, "data_pipelines", fake)
     validate(c, num_devices=8)
     c.data.mixture = {"fractal": 0.7, "ego5d": 0.3}
-    with pytest.raises(ConfigError, match=r"config\.data\.mixture\.ego5d"):
+    with pytest.raises(ConfigError, match=r"config\.data\.mixture.*'ego5d'"):
         validate(c, num_devices=8)
-    c.data.mixture = {"fractal": 1.0}
+    c.data.mixture = "gfdm_paperz"
+    with pytest.raises(ConfigError, match=r"config\.data\.mixture='gfdm_paperz'"):
+        validate(c, num_devices=8)
+    c.data.mixture = {"fractal": -1.0}
+    with pytest.raises(ConfigError, match=r"config\.data\.mixture\['fractal'\]"):
+        validate(c, num_devices=8)
+    c.data.mixture = "demo"
     c.data.dataset = "bridgee"
     with pytest.raises(ConfigError, match=r"config\.data\.dataset='bridgee'"):
         validate(c, num_devices=8)
-    c.data.dataset = "fractal"
-    c.data.mixture = {"fractal": -1.0}
-    with pytest.raises(ConfigError, match=r"config\.data\.mixture\.fractal"):
-        validate(c, num_devices=8)
-    # Without any registry the names are not checked, and nothing crashes.
-    monkeypatch.setitem(sys.modules, "data_pipelines", types.ModuleType("data_pipelines"))
+    # Without the data package only the weights are checked, and nothing crashes.
+    monkeypatch.setitem(sys.modules, "data_pipelines", None)  # import now raises ImportError
+    c.data.dataset = "anything"
     c.data.mixture = {"anything": 1.0}
     validate(c, num_devices=8)
+    c.data.mixture = {"anything": -1.0}
+    with pytest.raises(ConfigError, match=r"config\.data\.mixture\.anything"):
+        validate(c, num_devices=8)
 
 
 def test_trainer_validates_before_building():
