@@ -29,7 +29,8 @@ transform=None) -> Loader``
 ``mixtures``                 presets gfdm_paper / gfdm_released / gidm_paper / demo, ``resolve`` and
                              ``apply_human_video_fraction``.
 ``demo.ensure_demo_data(root=None) -> path``  the embedded Meta-World demo data, generated on first use.
-``actions.normalize / actions.unnormalize``  the policy's action normalization with cached statistics.
+``actions.normalize / actions.unnormalize``  the policy's action normalization with cached statistics;
+``action_stats(dataset, data_cfg) -> dict``  those statistics (mean, std, q01, q99, ...) for one dataset.
 
 Command-line tools: ``python -m launch.convert_rlds``, ``python -m launch.inspect_data``,
 ``python -m launch.make_demo_data``, ``python -m launch.benchmark data``.
@@ -41,7 +42,14 @@ from data_pipelines.loader import SPECS, Loader, make_loader
 from data_pipelines.oxe_table import known_datasets
 
 __all__ = ["make_loader", "Loader", "SPECS", "default_data_config", "known_datasets", "mixtures", "oxe_table",
-           "actions", "validate_data_config"]
+           "actions", "validate_data_config", "action_stats"]
+
+
+def action_stats(dataset: str, data_cfg) -> dict:
+    """The cached action statistics of a converted robot dataset (what policy_window normalizes with)."""
+    from data_pipelines import arrayrecord, loader
+
+    return arrayrecord.read_stats(loader.dataset_dir(oxe_table.resolve(dataset), data_cfg))
 
 
 def validate_data_config(data_cfg, key: str = "data") -> None:

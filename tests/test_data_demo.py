@@ -84,3 +84,23 @@ class _TokenizeLength:
         sample.pop("dataset")
         sample["tokens"] = np.frombuffer(text.encode()[:16].ljust(16, b"\0"), np.uint8).astype(np.int32)
         return sample
+
+
+def test_inspect_data_prints_json_lines_and_contact_sheets(demo_data_dir, tmp_path, capsys):
+    from launch import inspect_data
+
+    inspect_data.main(["--dataset", "demo", "--data_dir", demo_data_dir, "--num", "2", "--out", str(tmp_path),
+                       "--size", "32"])
+    inspect_data.main(["--dataset", "demo_human", "--data_dir", demo_data_dir, "--num", "1", "--out",
+                       str(tmp_path), "--size", "32"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["dataset"] for x in lines] == ["demo", "demo", "demo_human"]
+    robot = lines[0]
+    T = robot["actions"][0]
+    assert robot["frames"] == {"primary": [T, 32, 32, 3], "wrist": [T, 32, 32, 3]} and robot["actions"] == [T, 7]
+    assert len(robot["first_action"]) == 7 and lines[2]["actions"] is None
+    from PIL import Image
+
+    assert Image.open(robot["contact_sheet"]).size == (8 * 96, 2 * 96)   # 8 frames x (primary, wrist)
+    stats = dp.action_stats("demo", _cfg(demo_data_dir))
+    assert len(stats["q99"]) == 7 and stats["num_steps"] > 100
