@@ -22,8 +22,8 @@ What lands in ``WORKDIR``:
 A run resumes from the latest checkpoint in its workdir by itself (on any mesh / device count); SIGTERM
 saves a checkpoint at the current step and returns with ``status="preempted"``.
 
-Public: :func:`train`, :class:`Trainer`, :func:`compile_train_step`, :func:`param_counts`,
-:func:`state_bytes_per_device`.
+Public: :func:`train`, :class:`Trainer`, :func:`restore_model`, :func:`checkpoint_config`,
+:func:`compile_train_step`, :func:`param_counts`, :func:`state_bytes_per_device`.
 """
 
 from __future__ import annotations
@@ -451,6 +451,36 @@ def memory_stats(compiled) -> dict[str, int]:
 def train(config, workdir: str) -> TrainResult:
     """Validates ``config``, then trains (or resumes) in ``workdir``."""
     return Trainer(config).fit(workdir)
+
+
+def restore_model(config, workdir: str, *, step: int | None = None, ema: bool = False, mesh=None) -> nnx.Module:
+    """The stage's model holding the params of a checkpoint in ``workdir`` (latest step by default).
+
+    ``mesh`` defaults to ``config.mesh`` on all devices; the checkpoint may come from any mesh.
+    """
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoints in this workdir")
+    tr = Trainer(config, mesh=mesh, validate=False)
+    ckpt = Checkpointer(workdir)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{workdir}/checkpoints: no finished checkpoint")
+        state, _ = ckpt.restore(step, tr.abstract_state().as_dict(), data=False)
+    finally:
+        ckpt.close()
+    with sharding.use_rules(tr.mesh, tr.rules):
+        return tr.model(TrainState.from_dict(state), ema=ema)
+
+
+def checkpoint_config(workdir: str, step: int | None = None):
+    """The config a checkpoint was written with, as an ml_collections ConfigDict."""
+    import ml_collections
+    ckpt = Checkpointer(workdir)
+    try:
+        return ml_collections.ConfigDict(ckpt.restore_config(step))
+    finally:
+        ckpt.close()
 
 
 def compile_train_step(config, mesh=None):
