@@ -44,7 +44,11 @@ def convert(dataset: str, src: str, out: str | None = None, *, max_failure_fract
                 failures.append(f"{ep_id}: {type(ep).__name__}: {ep}")
                 logging.warning("skipping %s: %s", ep_id, ep)
                 continue
-            writer.add(ep, source=ep_id)
+            try:
+                writer.add(ep, source=ep_id)
+            except ValueError as e:  # views of different lengths, wrong action shape: a truncated episode
+                failures.append(f"{ep_id}: {e}")
+                logging.warning("skipping %s: %s", ep_id, e)
         index = writer.close()
         if seen and len(failures) / seen > max_failure_fraction:
             raise RuntimeError(f"{name}/{tfds_split}: {len(failures)} of {seen} episodes unusable "

@@ -84,7 +84,7 @@ def dataset_dir(name: str, data_cfg) -> str:
 
 def _holdout(n: int, split: str, eval_fraction: float, data_fraction: float) -> np.ndarray:
     """Episode indices of a split made from one list: the tail is eval, a fixed first X% of the rest is train."""
-    n_eval = max(1, int(round(n * eval_fraction))) if n > 1 else 0
+    n_eval = max(1, int(round(n * eval_fraction))) if n > 1 and eval_fraction > 0 else 0
     if split == "eval":
         return np.arange(n - n_eval, n)
     n_train = n - n_eval
@@ -125,21 +125,15 @@ def open_source(name: str, data_cfg, split: str, process_index: int = 0, process
     if name in oxe_table.VIDEO_DATASETS:
         row = oxe_table.VIDEO_DATASETS[name]
         if row.layout == "ssv2":
-            items = video.ssv2_items(path, "train")
-            if split == "eval":
-                try:
-                    items = video.ssv2_items(path, "eval")
-                except FileNotFoundError:
-                    items = [items[i] for i in _holdout(len(items), "eval", eval_fraction, 1.0)]
-            elif frac < 1 or not os.path.exists(os.path.join(path, "labels", "validation.json")):
-                has_val = os.path.exists(os.path.join(path, "labels", "validation.json"))
-                keep = (np.arange(max(1, int(np.ceil(len(items) * frac)))) if has_val
-                        else _holdout(len(items), "train", eval_fraction, frac))
-                items = [items[i] for i in keep]
+            if os.path.exists(os.path.join(path, "labels", "validation.json")):   # the released split
+                items = video.ssv2_items(path, split)
+                if split == "train":
+                    items = items[:max(1, int(np.ceil(len(items) * frac)))]
+            else:
+                items = video.ssv2_items(path, "train")
+                items = [items[i] for i in _holdout(len(items), split, eval_fraction, frac)]
         else:
-            items = video.ego4d_items(path, split, eval_fraction)
-            if split == "train" and frac < 1:
-                items = items[:max(1, int(np.ceil(len(items) * frac)))]
+            items = video.ego4d_items(path, split, eval_fraction, data_fraction=frac if split == "train" else 1.0)
         items = items[process_index::process_count]
         return VideoSource(name, path, row.layout, items, row.fps, row.window_seconds)
     raise ValueError(f"data.mixture: unknown dataset {name!r}; known: {oxe_table.known_datasets()}")

@@ -143,29 +143,36 @@ def _skip_decoders(builder, row: oxe_table.RobotDataset):
 
 
 def read_rlds(path: str, dataset: str, split: str = "train") -> Iterator[tuple[str, dict | Exception]]:
-    """Yields (episode id, standardized episode or the exception that made it unusable) from a TFDS dir."""
+    """Yields (episode id, standardized episode or the exception that made it unusable) from a TFDS dir.
+
+    Shards are read one at a time, so a corrupt TFRecord file loses only the rest of that file (reported as
+    one failure naming it), never the dataset.
+    """
     import tensorflow_datasets as tfds
 
     row = oxe_table.ROBOT_DATASETS[oxe_table.resolve(dataset)]
     builder = tfds.builder_from_directory(find_tfds_dir(path))
-    ds = builder.as_dataset(split=split, shuffle_files=False, decoders=_skip_decoders(builder, row))
-    it = iter(ds)
-    i = 0
-    while True:
-        ep_id = f"{builder.data_dir}:{split}[{i}]"
-        try:
-            ep = next(it)
-        except StopIteration:
-            return
-        except Exception as e:  # a corrupt TFRecord stops the reader: report it and end this split
-            yield ep_id, e
-            return
-        try:
-            steps = list(tfds.as_numpy(ep["steps"]))
-            yield ep_id, standardize_episode(row, steps)
-        except Exception as e:  # one bad episode is skipped and counted by the caller
-            yield ep_id, e
-        i += 1
+    info = builder.info.splits[split]
+    files = [str(f) for f in info.filepaths]
+    for shard in range(info.num_shards):
+        ds = builder.as_dataset(split=f"{split}[{shard}shard:{shard + 1}shard]", shuffle_files=False,
+                                decoders=_skip_decoders(builder, row))
+        it = iter(ds)
+        i = 0
+        while True:
+            ep_id = f"{files[shard] if shard < len(files) else split}[{i}]"
+            try:
+                ep = next(it)
+            except StopIteration:
+                break
+            except Exception as e:  # a corrupt record ends this file: report it, go on with the next file
+                yield ep_id, e
+                break
+            try:
+                yield ep_id, standardize_episode(row, list(tfds.as_numpy(ep["steps"])))
+            except Exception as e:  # one bad episode is skipped and counted by the caller
+                yield ep_id, e
+            i += 1
 
 
 def splits(path: str) -> list[str]:
@@ -194,7 +201,7 @@ def _infer_feature(value):
 
 
 def write_rlds(out_dir: str, name: str, episodes: dict[str, list[dict]], *, version: str = "1.0.0",
-               description: str = "") -> str:
+               description: str = "", num_shards: int | None = None) -> str:
     """Write a real TFDS RLDS dataset (TFRecord + dataset_info.json) to ``out_dir/name/version``.
 
     ``episodes``: split -> list of episodes; an episode is {"steps": [step dicts], "episode_metadata": {...}}.
@@ -243,7 +250,7 @@ def write_rlds(out_dir: str, name: str, episodes: dict[str, list[dict]], *, vers
         _Builder.name = name
     builder = _Builder(data_dir=out_dir, file_format="tfrecord")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        beam_runner=None, num_shards=None, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+        beam_runner=None, num_shards=num_shards, compute_stats=tfds.download.ComputeStatsMode.SKIP))
     return os.path.join(out_dir, name, version)
 
 

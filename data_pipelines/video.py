@@ -131,16 +131,23 @@ def clean_narration(text: str) -> str:
     return " ".join(text.split())
 
 
-def ego4d_items(root: str, split: str, eval_fraction: float = 0.05) -> list[dict]:
-    """One item per narration: {"path", "instruction", "center_s", "id"}. Videos are split by uid order."""
+def ego4d_items(root: str, split: str, eval_fraction: float = 0.05, data_fraction: float = 1.0) -> list[dict]:
+    """One item per narration: {"path", "instruction", "center_s", "id"}.
+
+    Videos are split by uid order: the last ``eval_fraction`` are eval; train keeps the first
+    ``data_fraction`` of the rest (whole videos, like robot episodes)."""
     path = os.path.join(root, EGO4D_NARRATIONS)
     if not os.path.exists(path):
         raise FileNotFoundError(f"Ego4D narrations not found: {path}")
     with open(path) as f:
         narr = json.load(f)
     uids = sorted(narr)
-    n_eval = max(1, int(round(len(uids) * eval_fraction))) if len(uids) > 1 else 0
-    keep = uids[len(uids) - n_eval:] if split == "eval" else uids[:len(uids) - n_eval]
+    n_eval = max(1, int(round(len(uids) * eval_fraction))) if len(uids) > 1 and eval_fraction > 0 else 0
+    if split == "eval":
+        keep = uids[len(uids) - n_eval:]
+    else:
+        keep = uids[:len(uids) - n_eval]
+        keep = keep[:max(1, int(np.ceil(len(keep) * data_fraction)))]
     items = []
     for uid in keep:
         video = os.path.join(root, EGO4D_VIDEOS, f"{uid}.mp4")

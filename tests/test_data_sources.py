@@ -170,3 +170,40 @@ def test_ego4d_windows_around_narrations(tmp_path):
 def test_clean_narration():
     assert video.clean_narration("#C C opens the drawer #unsure") == "opens the drawer"
     assert video.clean_narration("#c C  cuts onion") == "cuts onion"
+
+
+def test_rlds_corrupt_shard_loses_only_that_file(tmp_path):
+    """An OXE dataset with a flat action vector, a wrist camera and step-level instructions (e.g. fmb)."""
+    def step(e, t):
+        return {"observation": {"image_side_1": np.full((16, 16, 3), 40 + e, np.uint8),
+                                "image_wrist_1": np.full((16, 16, 3), 90 + e, np.uint8)},
+                "action": np.full(7, 0.5, np.float32), "language_instruction": f"insert peg {e}"}
+    eps = [{"steps": [step(e, t) for t in range(4)]} for e in range(6)]
+    rlds.write_rlds(str(tmp_path), "fmb", {"train": eps}, num_shards=2)
+    shards = sorted(str(p) for p in (tmp_path / "fmb" / "1.0.0").glob("fmb-train.tfrecord-*"))
+    assert len(shards) == 2
+    data = open(shards[1], "rb").read()
+    open(shards[1], "wb").write(data[: len(data) // 2])                       # truncated file
+    summary = convert.convert("fmb", str(tmp_path / "fmb"), max_failure_fraction=0.9)
+    assert summary["splits"]["train"]["episodes"] >= 1
+    assert len(summary["failures"]) == 1 and os.path.basename(shards[1]) in summary["failures"][0]
+    b = next(dp.make_loader("policy_window", _cfg(tmp_path, "fmb", eval_fraction=0.0), global_batch_size=2))
+    assert b["view_mask"].all() and b["frames"][:, 1].mean() > b["frames"][:, 0].mean() + 40   # wrist = 90 + e
+    assert (b["actions"][..., 6] == 0).all()    # "closed" convention: 1 - 0.5 = 0.5 open -> 0 in [-1, 1]
+
+
+def test_truncated_episode_at_read_time_is_skipped(bridge_root, tmp_path):
+    import shutil
+
+    src, _ = bridge_root
+    shutil.copytree(os.path.join(src, "bridge"), tmp_path / "bridge")
+    path = tmp_path / "bridge" / "arrayrecord" / "train_index.json"
+    index = json.load(open(path))
+    index["episodes"][-1]["length"] += 50                                     # claims steps that are not there
+    json.dump(index, open(path, "w"))
+    it = dp.make_loader("gfdm_clip", _cfg(tmp_path, "bridge", num_frames=1, eval_fraction=0.0,
+                                          max_failure_fraction=0.9), global_batch_size=32)
+    b = next(it)
+    failed, _, files = it.failures()["bridge"]
+    assert failed >= 1 and all("step" in f for f in files)
+    assert len(b["frames"]) == 32
