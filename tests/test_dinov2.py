@@ -94,15 +94,20 @@ def test_torch_hub_state_dict_both_directions(tmp_path):
 
 
 def test_torch_hub_config_inference_and_in_place_load():
-    cfg = dinov2.Dinov2Config(hidden_size=128, num_attention_heads=2, num_hidden_layers=2, image_size=28,
-                              mlp_ratio=2, num_register_tokens=4)
-    src = dinov2.Dinov2(cfg, rngs=nnx.Rngs(1))
+    kw = dict(hidden_size=128, num_attention_heads=2, num_hidden_layers=2, image_size=28, patch_size=14,
+              mlp_ratio=2, num_register_tokens=4)
+    cfg = dinov2.Dinov2Config(**kw)
+    ref = _hf_model(kw, 3)
+    abstract = lambda: nnx.eval_shape(lambda: dinov2.Dinov2(cfg, rngs=nnx.Rngs(0)))  # noqa: E731
+    src = hf_dinov2.from_state_dict(abstract(), {k: v.numpy() for k, v in ref.state_dict().items()})
     hub = hf_dinov2.to_torchhub_state_dict(src)
     assert hf_dinov2._infer_hub_config(hf_dinov2.hub_to_hf_names(hub)) == cfg
-    dst = dinov2.Dinov2(cfg, rngs=nnx.Rngs(2))
+    dst = hf_dinov2.from_state_dict(abstract(), {k: np.zeros_like(v) for k, v in hf_dinov2.to_state_dict(src).items()})
     hf_dinov2.load_torchhub_state_dict(dst, hub)
     for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(src, nnx.Param)),
                               nnx.to_flat_state(nnx.state(dst, nnx.Param))):
+        if str(p[-1]) == "kernel":
+            assert np.abs(np.asarray(a.get_value())).max() > 0, p
         np.testing.assert_array_equal(a.get_value(), b.get_value(), err_msg=str(p))
 
 
