@@ -53,12 +53,19 @@ def _scalar(v):
 class MetricWriter:
     """Writes scalars to ``workdir/metrics.jsonl`` and TensorBoard (``workdir/tensorboard``)."""
 
-    def __init__(self, workdir: str | None, *, enabled: bool = True):
+    def __init__(self, workdir: str | None, *, enabled: bool = True, resume_step: int | None = None):
+        """``resume_step``: drop rows logged after it by an earlier, interrupted run (they are redone)."""
         self.enabled = enabled and workdir is not None
         self._jsonl = self._tb = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            path = os.path.join(workdir, "metrics.jsonl")
+            if resume_step is not None and os.path.exists(path):
+                with open(path) as f:
+                    keep = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+                with open(path, "w") as f:
+                    f.writelines(keep)
+            self._jsonl = open(path, "a")
             try:
                 from tensorboardX import SummaryWriter
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))

@@ -142,7 +142,7 @@ class Trainer:
                 f"config.train.frozen={tuple(t.frozen)!r}: every parameter is frozen, nothing to train")
         self._logical = dict(params=a_train, frozen=a_frozen, extra=a_extra)
         self.state_shardings = self._make_state_shardings()
-        self._step_fn = self._init_fn = None
+        self.compiled = self._init_fn = None
         self._sigterm = False
 
     # ------------------------------------------------------------------ state
@@ -272,11 +272,15 @@ class Trainer:
                        out_shardings=(self.state_shardings, rep), donate_argnums=0, **self._jit_kwargs)
 
     def step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
-        """One optimizer step on a global (device-resident) batch; ``state`` is donated."""
-        if self._step_fn is None:
-            self._step_fn = self.jit_step(batch)
-        with sharding.use_rules(self.mesh, self.rules):
-            return self._step_fn(state, batch)
+        """One optimizer step on a global (device-resident) batch; ``state`` is donated.
+
+        Compiled ahead of time on the first call (``self.compiled`` then also gives the FLOP count for MFU);
+        every batch must have the first one's shapes.
+        """
+        if self.compiled is None:
+            with sharding.use_rules(self.mesh, self.rules):
+                self.compiled = self.jit_step(batch).lower(state, batch).compile()
+        return self.compiled(state, batch)
 
     def global_batch(self, local: Mapping[str, np.ndarray]) -> dict:
         """Host-local numpy batch -> global arrays split over (data, fsdp) across all processes."""
@@ -332,7 +336,7 @@ class Trainer:
         data_iter = self.stage.make_data(c, jax.process_index(), jax.process_count(), "train")
         state = self.restore_or_init(ckpt, data_iter)
         step = int(jax.device_get(state.step))
-        writer = metrics_lib.MetricWriter(workdir, enabled=primary)
+        writer = metrics_lib.MetricWriter(workdir, enabled=primary, resume_step=step)
         bar = metrics_lib.progress_bar(t.num_steps, step, enabled=primary and t.progress_bar)
         old_handler = None
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
@@ -346,11 +350,12 @@ class Trainer:
         try:
             while step < t.num_steps:
                 batch = self.global_batch(next(data_iter))
-                if throughput is None:
-                    throughput = metrics_lib.Throughput(t.batch_size, self._step_flops(state, batch))
-                    throughput.start(step)
                 state, out = self.step(state, batch)
                 step += 1
+                if throughput is None:  # start timing after the first (compiling) step
+                    jax.block_until_ready(out["loss"])
+                    throughput = metrics_lib.Throughput(t.batch_size, metrics_lib.compiled_flops(self.compiled))
+                    throughput.start(step)
                 self._check_finite(pending, step - 1)
                 pending = out["nonfinite_steps"]
                 if bar is not None:
@@ -403,17 +408,6 @@ class Trainer:
                 f"(config.train.max_nonfinite_steps={self.config.train.max_nonfinite_steps}); those updates "
                 f"were skipped and the run stops. Lower config.train.lr, check the data, or resume from the "
                 f"last checkpoint.")
-
-    def _step_flops(self, state, batch) -> float | None:
-        if metrics_lib.peak_flops() is None:
-            return None  # MFU is omitted where the device peak is unknown (CPU); skip the extra compile
-        try:
-            with sharding.use_rules(self.mesh, self.rules):
-                compiled = self.jit_step(batch).lower(state, batch).compile()
-            return metrics_lib.compiled_flops(compiled)
-        except Exception as e:  # cost analysis is best effort
-            _log.info("no FLOP count for MFU: %s", e)
-            return None
 
     # ------------------------------------------------------------------ AOT
     def abstract_batch(self) -> dict:

@@ -164,3 +164,5 @@ def test_sigkill_during_save_resumes_from_last_good(tmp_path):
     reference = tr.fit(str(tmp_path / "ref"))
     _assert_trees_equal(resumed.state, reference.state)
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["12", "4", "8"]
+    # The steps the killed run logged after step 4 were redone; each step is logged once.
+    assert [r["step"] for r in _rows(workdir)] == list(range(1, 13))
