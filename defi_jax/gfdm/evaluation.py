@@ -1,0 +1,69 @@
+"""Video-prediction metrics (PSNR, SSIM) and sample videos written as GIFs."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def psnr(pred: jax.Array, target: jax.Array, max_val: float = 1.0) -> jax.Array:
+    """Peak signal-to-noise ratio per image over the last three dims ``[..., H, W, C]`` (dB)."""
+    mse = jnp.mean((pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2, axis=(-3, -2, -1))
+    return 10.0 * jnp.log10(max_val**2 / jnp.maximum(mse, 1e-12))
+
+
+def _gaussian_kernel(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    x = np.arange(size, dtype=np.float64) - (size - 1) / 2
+    g = np.exp(-(x**2) / (2 * sigma**2))
+    return (g / g.sum()).astype(np.float32)
+
+
+def ssim(pred: jax.Array, target: jax.Array, max_val: float = 1.0, filter_size: int = 11,
+         filter_sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> jax.Array:
+    """Structural similarity per image of ``[..., H, W, C]`` (Wang et al. 2004; Gaussian window, 'valid'
+    filtering, mean over positions and channels), the same definition as ``tf.image.ssim``."""
+    lead = pred.shape[:-3]
+    h, w, c = pred.shape[-3:]
+    x = pred.astype(jnp.float32).reshape(-1, h, w, c)
+    y = target.astype(jnp.float32).reshape(-1, h, w, c)
+    size = min(filter_size, h, w)
+    g = jnp.asarray(_gaussian_kernel(size, filter_sigma))
+
+    def blur(z_NHWC):  # separable depthwise Gaussian, valid padding
+        n = z_NHWC.shape[0]
+        z = jnp.moveaxis(z_NHWC, -1, 1).reshape(n * c, 1, *z_NHWC.shape[1:3])
+        z = jax.lax.conv_general_dilated(z, g.reshape(1, 1, size, 1), (1, 1), "VALID")
+        z = jax.lax.conv_general_dilated(z, g.reshape(1, 1, 1, size), (1, 1), "VALID")
+        return z.reshape(n, c, *z.shape[2:])
+
+    c1, c2 = (k1 * max_val) ** 2, (k2 * max_val) ** 2
+    mu_x, mu_y = blur(x), blur(y)
+    sxx = blur(x * x) - mu_x**2
+    syy = blur(y * y) - mu_y**2
+    sxy = blur(x * y) - mu_x * mu_y
+    luminance = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
+    contrast_structure = (2 * sxy + c2) / (sxx + syy + c2)
+    return jnp.mean(luminance * contrast_structure, axis=(1, 2, 3)).reshape(lead)
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """Frames in [-1, 1] -> uint8."""
+    return np.clip(np.round((np.asarray(frames, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def write_video_grid(path: str, rows: list[np.ndarray], fps: float = 4.0) -> str:
+    """Writes a GIF: ``rows`` are uint8 videos ``[B, T, H, W, 3]`` stacked vertically, batch side by side.
+
+    As the reference's validation videos: ground truth on top, prediction below.
+    """
+    import imageio.v2 as imageio
+
+    grid_TBHW3 = np.concatenate([np.asarray(r) for r in rows], axis=2)  # rows stacked on height
+    b, t = grid_TBHW3.shape[:2]
+    frames = [np.concatenate(list(grid_TBHW3[:, i]), axis=1) for i in range(t)]  # batch side by side on width
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    imageio.mimsave(path, frames, format="GIF", duration=1.0 / fps, loop=0)
+    return path
