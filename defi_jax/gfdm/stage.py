@@ -16,6 +16,7 @@ against the real ones, and ``<workdir>/samples/step_<N>.gif`` (real clip on top,
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 
@@ -174,7 +175,13 @@ def evaluate(model: GFDM, config, workdir: str, step: int, eval_iter) -> dict:
     """Validation loss at fixed noise draws; sampled videos: PSNR / SSIM of future frames and a GIF."""
     e = config.eval
     graphdef, state = nnx.split(model)
-    val_loss, generate = _eval_fns(graphdef, e.sample_steps, tuple(sorted(_jit_kwargs(config).items())))
+    # The model's structure is a function of its config: reuse the compiled functions across evaluations.
+    cache_key = (config.model.to_json_best_effort(sort_keys=True), config.train.compute_dtype, e.sample_steps,
+                 json.dumps(_jit_kwargs(config), sort_keys=True))
+    if cache_key not in _EVAL_FNS:
+        _EVAL_FNS.clear()
+        _EVAL_FNS[cache_key] = _eval_fns(graphdef, e.sample_steps, _jit_kwargs(config))
+    val_loss, generate = _EVAL_FNS[cache_key]
 
     key = jax.random.key(config.seed + 17)  # the same noise at every evaluation: losses are comparable
     losses, first = [], None
@@ -196,10 +203,12 @@ def evaluate(model: GFDM, config, workdir: str, step: int, eval_iter) -> dict:
     return metrics
 
 
-@functools.lru_cache(maxsize=4)
-def _eval_fns(graphdef, sample_steps: int, jit_items: tuple):
-    """Jitted (validation loss, video generation) for one model structure, cached across evaluations."""
-    jit = functools.partial(jax.jit, **dict(jit_items))
+_EVAL_FNS: dict = {}
+
+
+def _eval_fns(graphdef, sample_steps: int, jit_kwargs: dict):
+    """Jitted (validation loss, video generation) for one model structure."""
+    jit = functools.partial(jax.jit, **jit_kwargs)
 
     @jit
     def val_loss(state, batch, rng):
