@@ -87,6 +87,31 @@ def test_load_reads_full_clip_model_folder(tmp_path):
     assert _rel(jax.jit(lambda m, a, b: m(a, b))(enc, jnp.asarray(ids), jnp.asarray(mask)), want) <= 1e-4
 
 
+def test_with_projection_matches_clip_text_model_with_projection(tmp_path):
+    kw = dict(CONFIGS[0], projection_dim=24, bos_token_id=97, eos_token_id=98)
+    torch.manual_seed(4)
+    ref = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**kw)).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    enc = hf_clip.load_text_encoder(str(tmp_path / "hf"), with_projection=True)
+    ids, mask = _inputs(97, 9)
+    ids[:, 6] = 98  # pooling takes the first end-of-text token
+    ids[1, 3] = 98
+    enc_cfg = enc.config
+    assert enc_cfg.projection_dim == 24
+    embeds = jax.jit(lambda m, a, b: m.text_embeds(a, b))
+    with torch.no_grad():
+        want = ref(torch.tensor(ids), attention_mask=torch.tensor(mask)).text_embeds.numpy()
+    assert want.shape == (3, 24)
+    assert _rel(embeds(enc, jnp.asarray(ids), jnp.asarray(mask)), want) <= 1e-4
+    hf_clip.save_text_encoder(enc, str(tmp_path / "ours"))
+    back = transformers.CLIPTextModelWithProjection.from_pretrained(str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        want = back(torch.tensor(ids), attention_mask=torch.tensor(mask)).text_embeds.numpy()
+    assert _rel(embeds(enc, jnp.asarray(ids), jnp.asarray(mask)), want) <= 1e-4
+    # without a projection the same folder loads as the plain tower
+    assert not hf_clip.load_text_encoder(str(tmp_path / "hf")).with_projection
+
+
 def test_load_errors_name_the_bad_tensor(tmp_path):
     from safetensors.numpy import load_file, save_file
 

@@ -2,6 +2,7 @@
 
     enc = load_text_encoder("/ckpt/clip-vit-base-patch32")     # config.json + model.safetensors
     save_text_encoder(enc, "/tmp/clip_text")                   # CLIPTextModel.from_pretrained loads it
+    enc = load_text_encoder(path, with_projection=True)        # + text_projection: enc.text_embeds(ids, mask)
 
 ``load_text_encoder`` also reads full ``CLIPModel`` / ``CLIPTextModelWithProjection`` folders such as
 openai/clip-vit-base-patch32 (nested ``text_config``; ``text_model.`` key prefix; vision tower and
@@ -27,9 +28,8 @@ RULES = (
     Rule(r"^layers\.", "encoder.layers."),
     *_convert.DEFAULT_RULES,
 )
-# tensors of CLIPModel / CLIPTextModelWithProjection folders that are not part of the text tower
-_IGNORE = (r"^vision_model\.", r"^visual_projection\.", r"^text_projection\.", r"^logit_scale$",
-           r"position_ids$")
+# tensors of CLIPModel folders that are not part of the text tower (+ text_projection without a projection)
+_IGNORE = (r"^vision_model\.", r"^visual_projection\.", r"^logit_scale$", r"position_ids$")
 
 
 def config_from_hf(d: dict, source: str = "config.json") -> CLIPTextConfig:
@@ -41,22 +41,30 @@ def config_from_hf(d: dict, source: str = "config.json") -> CLIPTextConfig:
 def from_state_dict(model: CLIPTextEncoder, tensors, *, what: str = "CLIP text encoder") -> CLIPTextEncoder:
     """``model`` (concrete or ``nnx.eval_shape``) filled from transformers-named tensors, either key style."""
     tensors = {k.removeprefix("text_model."): np.asarray(v) for k, v in tensors.items()}
-    return _convert.from_torch(model, tensors, RULES, what=what, ignore=_IGNORE)
+    ignore = _IGNORE if model.with_projection else (*_IGNORE, r"^text_projection\.")
+    return _convert.from_torch(model, tensors, RULES, what=what, ignore=ignore)
 
 
 def to_state_dict(model: CLIPTextEncoder) -> dict[str, np.ndarray]:
     """transformers ``CLIPTextModel`` state dict (legacy ``text_model.`` prefix, which v4 and v5 both load)."""
-    return {f"text_model.{k}": v for k, v in _convert.to_torch(model, RULES).items()}
+    return {k if k.startswith("text_projection.") else f"text_model.{k}": v
+            for k, v in _convert.to_torch(model, RULES).items()}
 
 
-def load_text_encoder(path: str, *, dtype=None, param_dtype=jnp.float32) -> CLIPTextEncoder:
-    """A :class:`CLIPTextEncoder` with the weights of a transformers CLIP folder (safetensors)."""
+def load_text_encoder(path: str, *, with_projection: bool = False, dtype=None,
+                      param_dtype=jnp.float32) -> CLIPTextEncoder:
+    """A :class:`CLIPTextEncoder` with the weights of a transformers CLIP folder (safetensors).
+
+    ``with_projection=True`` also loads ``text_projection`` (CLIPModel / CLIPTextModelWithProjection folders).
+    """
     cfg = config_from_hf(_hf_folders.read_config(path), f"{path}/config.json")
-    model = nnx.eval_shape(lambda: CLIPTextEncoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+    model = nnx.eval_shape(lambda: CLIPTextEncoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
+                                                   with_projection=with_projection))
     return from_state_dict(model, _hf_folders.read_tensors(path), what=path)
 
 
 def save_text_encoder(model: CLIPTextEncoder, path: str) -> None:
-    """Writes a ``CLIPTextModel`` folder (float32 safetensors)."""
-    config = dataclasses.asdict(model.config) | {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model"}
+    """Writes a ``CLIPTextModel`` (``CLIPTextModelWithProjection`` with a projection) folder, float32."""
+    arch = "CLIPTextModelWithProjection" if model.with_projection else "CLIPTextModel"
+    config = dataclasses.asdict(model.config) | {"architectures": [arch], "model_type": "clip_text_model"}
     _hf_folders.write_folder(path, to_state_dict(model), config)

@@ -111,10 +111,13 @@ class CLIPTextEncoder(nnx.Module):
     embeddings, pre-LN transformer with a causal mask (combined with the padding mask when given),
     final layer norm. ``L`` may be anything up to ``max_position_embeddings``. Inference only (no dropout;
     CLIP's attention dropout is 0 and DeFI keeps the text tower frozen).
+
+    ``with_projection=True`` adds ``text_projection`` (``CLIPTextModelWithProjection``; not counted in the
+    63,165,952) for :meth:`text_embeds`, the pooled sentence embedding (e.g. a policy's language goal token).
     """
 
     def __init__(self, config: CLIPTextConfig = CLIPTextConfig(), *, rngs: nnx.Rngs, dtype=None,
-                 param_dtype=jnp.float32):
+                 param_dtype=jnp.float32, with_projection: bool = False):
         c = self.config = config
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         init = nnx.initializers.normal(0.02)
@@ -123,6 +126,10 @@ class CLIPTextEncoder(nnx.Module):
                                            ("vocab", "embed"), param_dtype)
         self.layers = nnx.List([_Layer(c, **kw) for _ in range(c.num_hidden_layers)])
         self.final_layer_norm = nn.layer_norm(c.hidden_size, epsilon=c.layer_norm_eps, **kw)
+        self.with_projection = with_projection
+        if with_projection:
+            self.text_projection = nn.linear(c.hidden_size, c.projection_dim, axes=("embed", None), use_bias=False,
+                                             **kw)
         self.dtype = dtype
 
     def __call__(self, input_ids, attention_mask=None):
@@ -146,6 +153,12 @@ class CLIPTextEncoder(nnx.Module):
         else:
             idx = jnp.argmax(input_ids == self.config.eos_token_id, axis=-1)
         return jnp.take_along_axis(last_hidden_BLD, idx[:, None, None], axis=1)[:, 0]
+
+    def text_embeds(self, input_ids, attention_mask=None):
+        """``CLIPTextModelWithProjection(...).text_embeds``: [B, projection_dim] (needs ``with_projection``)."""
+        if not self.with_projection:
+            raise ValueError("text_embeds needs a CLIPTextEncoder built with with_projection=True")
+        return self.text_projection(self.pooled(input_ids, self(input_ids, attention_mask)))
 
 
 def defi_text_condition(hidden_BLD, num_tokens: int = 20, position_encode: bool = False):
