@@ -185,11 +185,25 @@ class TransformerSpatioTemporalModel(nnx.Module):
         return self.proj_out(h).reshape(n, hh, ww, c) + residual
 
 
+def _run(layer, remat: bool, *args, **static):
+    """``layer(*args, **static)``, under ``nnx.remat`` (activations recomputed in the backward pass) if asked."""
+    if not remat:
+        return layer(*args, **static)
+    return nnx.remat(lambda m, *a: m(*a, **static))(layer, *args)
+
+
 class _Block(nnx.Module):
     """Shared plumbing of the down / mid / up blocks (resnets, optional attentions)."""
 
+    remat: bool = False
+
+    def _resnet(self, i: int, h, temb, num_frames):
+        return _run(self.resnets[i], self.remat, h, temb, num_frames=num_frames)
+
     def _attend(self, i: int, h, context_BSD, num_frames):
-        return h if self.attentions is None else self.attentions[i](h, context_BSD, num_frames)
+        if self.attentions is None:
+            return h
+        return _run(self.attentions[i], self.remat, h, context_BSD, num_frames=num_frames)
 
 
 class DownBlockSpatioTemporal(_Block):
@@ -210,8 +224,8 @@ class DownBlockSpatioTemporal(_Block):
 
     def __call__(self, h, temb, context_BSD, num_frames):
         outputs = []
-        for i, resnet in enumerate(self.resnets):
-            h = self._attend(i, resnet(h, temb, num_frames), context_BSD, num_frames)
+        for i in range(len(self.resnets)):
+            h = self._attend(i, self._resnet(i, h, temb, num_frames), context_BSD, num_frames)
             outputs.append(h)
         if self.downsamplers is not None:
             h = self.downsamplers[0](h)
@@ -232,9 +246,9 @@ class UNetMidBlockSpatioTemporal(_Block):
             for i in range(num_layers)])
 
     def __call__(self, h, temb, context_BSD, num_frames):
-        h = self.resnets[0](h, temb, num_frames)
-        for i, resnet in enumerate(self.resnets[1:]):
-            h = resnet(self._attend(i, h, context_BSD, num_frames), temb, num_frames)
+        h = self._resnet(0, h, temb, num_frames)
+        for i in range(len(self.attentions)):
+            h = self._resnet(i + 1, self._attend(i, h, context_BSD, num_frames), temb, num_frames)
         return h
 
 
@@ -258,9 +272,9 @@ class UpBlockSpatioTemporal(_Block):
 
     def __call__(self, h, skips, temb, context_BSD, num_frames, upsample_size=None):
         skips = list(skips)
-        for i, resnet in enumerate(self.resnets):
+        for i in range(len(self.resnets)):
             h = jnp.concatenate([h, skips.pop()], axis=-1)
-            h = self._attend(i, resnet(h, temb, num_frames), context_BSD, num_frames)
+            h = self._attend(i, self._resnet(i, h, temb, num_frames), context_BSD, num_frames)
         if self.upsamplers is not None:
             h = self.upsamplers[0](h, upsample_size)
         return h
@@ -274,10 +288,12 @@ class UNetSpatioTemporal(nnx.Module):
     blocks' outputs (each ``[B, T, h, w, C]``, after the block's upsampler, as diffusers' up block returns it).
     ``dtype`` is the compute dtype (None: from inputs/params), ``param_dtype`` the parameters', and
     ``attention_impl`` goes to ``jax.nn.dot_product_attention`` (None: XLA; "cudnn": flash attention on GPU).
+    ``remat=True`` recomputes every res-block's and transformer's activations in the backward pass (memory
+    for the full model at 16 frames); numerics are unchanged.
     """
 
     def __init__(self, config: UNetConfig | None = None, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
-                 attention_impl: str | None = None):
+                 attention_impl: str | None = None, remat: bool = False):
         cfg = self.config = config or UNetConfig()
         pb = cfg.per_block()
         mk = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -319,6 +335,8 @@ class UNetSpatioTemporal(nnx.Module):
                 **blk))
         self.up_blocks = nnx.List(up)
 
+        for block in (*self.down_blocks, self.mid_block, *self.up_blocks):
+            block.remat = remat
         self.conv_norm_out = nn.group_norm(ch[0], 32, epsilon=1e-5, **mk)
         self.conv_out = nn.conv(ch[0], cfg.out_channels, 3, padding=(_pad(3),) * 2, **mk)
 
