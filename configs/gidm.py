@@ -21,6 +21,7 @@ model keys:
   vq_beta (commitment weight), vq_restart_every (steps between dead-code restarts; the reference does it
   once per epoch), vq_restart_from ("codebook" = the reference, "encoder" = random encoder outputs)
   reference_mask_order: reproduce the reference's encoder language-mask ordering quirk (see model.py)
+  residual_target: the decoder output is added to the current frame's target (tiny; not in the reference)
 """
 
 import ml_collections
@@ -52,6 +53,7 @@ def model_config(variant: str = "defi") -> ml_collections.ConfigDict:
     m.vq_restart_every = 5000
     m.vq_restart_from = "codebook"
     m.reference_mask_order = False
+    m.residual_target = False              # tiny: decoder predicts target(t+n) - target(t)
     m.dtype = "float32"                    # compute dtype of the latent action model's layers
     m.remat = False
     m.attention_impl = ""                  # "" = XLA's choice, "cudnn" = flash attention on GPU
@@ -72,6 +74,7 @@ def model_config(variant: str = "defi") -> ml_collections.ConfigDict:
         m.max_text_len = 32
         m.vq_restart_every = 25
         m.vq_restart_from = "encoder"
+        m.residual_target = True
     elif variant != "defi":
         raise ValueError(f"configs/gidm.py: unknown variant {variant!r} (defi | tiny)")
     return m
@@ -83,8 +86,8 @@ def get_config(arg: str | None = None):
     c.stage = "gidm"
     c.model = model_config(variant)
 
-    import data_pipelines
-    c.data = data_pipelines.default_data_config()
+    from data_pipelines.config import default_data_config
+    c.data = default_data_config()
     c.data.mixture = "gidm_paper"
     c.data.eval_batches = 8                # held-out batches for eval losses and the action probe
     c.data.probe_ridge = 1e-3              # ridge strength of the closed-form linear probe (probe_r2)

@@ -13,7 +13,9 @@ Module and parameter names mirror the reference (``encoder.transformer_blocks.3.
 
 The tiny CPU configuration swaps the frozen encoders for a patch embedding trained from scratch and a
 byte-level token embedding, and predicts normalized pixel patches of the future frame instead of its
-DINO features (a from-scratch encoder predicting its own features would collapse).
+DINO features (a from-scratch encoder predicting its own features would collapse); with
+``residual_target`` the decoder output is added to the current frame's target, so from the first step it
+only has to model what changed (the reference has no such residual: off in ``defi``).
 """
 
 from __future__ import annotations
@@ -205,6 +207,7 @@ class LatentActionModel(nnx.Module):
         self.patch_size = c.patch_size
         self.latent_dim = c.latent_dim
         self.reference_mask_order = bool(c.get("reference_mask_order", False))
+        self.residual_target = bool(c.get("residual_target", False))
         self.attention_impl = c.get("attention_impl", None) or None
 
         if c.visual_encoder == "dinov2":
@@ -345,4 +348,10 @@ class LatentActionModel(nnx.Module):
         out = self.forward_features(feats_BTNC, text_BLC, attention_mask_BL, train=train, rng=rng,
                                     shuffle_rng=shuffle_rng)
         out["target"] = target_BTNC[:, -1]
+        if self.residual_target:
+            # The decoder predicts the change: recon = current frame's target + decoder output.
+            base = jax.lax.stop_gradient(target_BTNC[:, 0]).astype(out["recon"].dtype)
+            out["recon"] = out["recon"] + base
+            if "recon_shuffled" in out:
+                out["recon_shuffled"] = out["recon_shuffled"] + base
         return out

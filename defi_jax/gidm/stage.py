@@ -91,7 +91,7 @@ class _Transform:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
         sample["input_ids"], sample["attention_mask"] = self._encode(str(text))
-        return sample
+        return {k: v for k, v in sample.items() if not isinstance(v, (str, bytes))}   # numeric only
 
     def __getstate__(self):
         return {"config": self.config, "_encode": None}
