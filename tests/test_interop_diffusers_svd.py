@@ -83,12 +83,22 @@ def test_vae_built_in_jax_exports_to_the_same_function(tmp_path):
     assert max_rel_err(nchw(dec), ref_dec.numpy()) <= 1e-4
 
 
-def test_vae_round_trip_is_exact(tmp_path):
+def test_vae_round_trip_is_exact_and_fp16_variants_work(tmp_path):
     from diffusers import AutoencoderKLTemporalDecoder as Ref
     ref = torch_vae("three_level", seed=9)
     ref.save_pretrained(tmp_path / "src")
-    diffusers_svd.save_vae(diffusers_svd.load_vae(str(tmp_path / "src")), str(tmp_path / "out"))
+    vae = diffusers_svd.load_vae(str(tmp_path / "src"))
+    diffusers_svd.save_vae(vae, str(tmp_path / "out"))
     _assert_same_state(ref, Ref.from_pretrained(tmp_path / "out"))
+
+    # Hugging Face "fp16" variants (how the published SVD weights ship), both directions
+    ref.save_pretrained(tmp_path / "hf16", variant="fp16")
+    assert os.path.exists(tmp_path / "hf16" / "diffusion_pytorch_model.fp16.safetensors")
+    vae16 = diffusers_svd.load_vae(str(tmp_path / "hf16"), variant="fp16")
+    diffusers_svd.save_vae(vae16, str(tmp_path / "out16"), dtype=np.float16, variant="fp16")
+    back = Ref.from_pretrained(tmp_path / "out16", variant="fp16")
+    for k, v in ref.state_dict().items():
+        assert torch.equal(back.state_dict()[k].float(), v.half().float()), k
 
 
 @pytest.fixture(scope="module")

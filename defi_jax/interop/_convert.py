@@ -19,9 +19,11 @@ Shared by every interop module (diffusers SVD, transformers CLIP / DINOv2 / T5).
     random is ever allocated) from ``tensors``; returns the filled module. Raises ``ValueError`` listing
     missing keys, unexpected keys and mis-shaped tensors (all of them, not just the first).
     ``ignore`` (regexes) drops torch keys that carry no parameters of ours (buffers such as position ids).
-``read_safetensors(folder, weights_name) -> dict[str, np.ndarray]``
+``read_safetensors(folder, weights_name, variant=None) -> dict[str, np.ndarray]``
     ``<weights_name>.safetensors`` or a sharded ``<weights_name>.safetensors.index.json``; never pickle.
-``write_safetensors(tensors, folder, weights_name, max_shard_bytes=10 GB)``
+    ``variant="fp16"`` reads ``<weights_name>.fp16.safetensors`` / ``<weights_name>.safetensors.index.fp16.json``
+    (the Hugging Face naming).
+``write_safetensors(tensors, folder, weights_name, max_shard_bytes=10 GB, variant=None)``
     One file, or shards plus the index JSON that ``from_pretrained`` reads.
 """
 
@@ -139,12 +141,21 @@ def from_torch(module: nnx.Module, tensors: Mapping[str, np.ndarray], rules: Ite
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
 
-def read_safetensors(folder: str, weights_name: str) -> dict[str, np.ndarray]:
+def _names(weights_name: str, variant: str | None) -> tuple[str, str, str]:
+    """(single file, index file, shard stem) as Hugging Face names them, with an optional variant."""
+    if not variant:
+        return weights_name + _SAFETENSORS, weights_name + _INDEX, weights_name
+    return (f"{weights_name}.{variant}{_SAFETENSORS}", f"{weights_name}.safetensors.index.{variant}.json",
+            f"{weights_name}.{variant}")
+
+
+def read_safetensors(folder: str, weights_name: str, variant: str | None = None) -> dict[str, np.ndarray]:
     """Tensors of ``folder/<weights_name>.safetensors``, or of every shard listed in its index JSON."""
     from safetensors.numpy import load_file
 
-    single = os.path.join(folder, weights_name + _SAFETENSORS)
-    index = os.path.join(folder, weights_name + _INDEX)
+    single_name, index_name, _ = _names(weights_name, variant)
+    single = os.path.join(folder, single_name)
+    index = os.path.join(folder, index_name)
     if os.path.exists(single):
         return load_file(single)
     if os.path.exists(index):
@@ -158,15 +169,16 @@ def read_safetensors(folder: str, weights_name: str) -> dict[str, np.ndarray]:
             raise ValueError(f"{index}: tensors listed but absent from the shards: {missing[:10]}")
         return out
     present = sorted(os.listdir(folder)) if os.path.isdir(folder) else "folder does not exist"
-    raise FileNotFoundError(f"no {weights_name}{_SAFETENSORS} or {weights_name}{_INDEX} in {folder} "
-                            f"(found: {present}); only safetensors are read, never pickle")
+    raise FileNotFoundError(f"no {single_name} or {index_name} in {folder} (found: {present}); only "
+                            f"safetensors are read, never pickle (pass variant= for e.g. *.fp16.safetensors)")
 
 
 def write_safetensors(tensors: Mapping[str, np.ndarray], folder: str, weights_name: str,
-                      max_shard_bytes: int = 10 * 1024**3) -> list[str]:
+                      max_shard_bytes: int = 10 * 1024**3, variant: str | None = None) -> list[str]:
     """Writes one file or size-bounded shards plus the index JSON; returns the file names written."""
     from safetensors.numpy import save_file
 
+    single_name, index_name, stem = _names(weights_name, variant)
     os.makedirs(folder, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -177,20 +189,19 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], folder: str, weights_na
             size = 0
         shards[-1][key] = arr
         size += arr.nbytes
-    for stale in (weights_name + _SAFETENSORS, weights_name + _INDEX):
+    for stale in (single_name, index_name):
         if os.path.exists(os.path.join(folder, stale)):
             os.remove(os.path.join(folder, stale))
     if len(shards) == 1:
-        name = weights_name + _SAFETENSORS
-        save_file(shards[0], os.path.join(folder, name), metadata={"format": "pt"})
-        return [name]
+        save_file(shards[0], os.path.join(folder, single_name), metadata={"format": "pt"})
+        return [single_name]
     names, weight_map = [], {}
     for i, shard in enumerate(shards):
-        name = f"{weights_name}-{i + 1:05d}-of-{len(shards):05d}{_SAFETENSORS}"
+        name = f"{stem}-{i + 1:05d}-of-{len(shards):05d}{_SAFETENSORS}"
         save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
         names.append(name)
         weight_map.update({k: name for k in shard})
     total = sum(a.nbytes for a in tensors.values())
-    with open(os.path.join(folder, weights_name + _INDEX), "w") as f:
+    with open(os.path.join(folder, index_name), "w") as f:
         json.dump({"metadata": {"total_size": int(total)}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
-    return names + [weights_name + _INDEX]
+    return names + [index_name]

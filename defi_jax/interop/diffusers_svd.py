@@ -7,6 +7,8 @@ A diffusers folder holds ``config.json`` and ``diffusion_pytorch_model.safetenso
     vae = load_vae("svd/vae")                    # AutoencoderKLTemporalDecoder
     save_unet(unet, "out/unet")                  # UNetSpatioTemporalConditionModel.from_pretrained("out/unet")
     save_vae(vae, "out/vae")                     # AutoencoderKLTemporalDecoder.from_pretrained("out/vae")
+    unet = load_unet("svd/unet", variant="fp16")  # diffusion_pytorch_model.fp16.safetensors, cast to float32
+    save_unet(unet, "out/unet", dtype=np.float16, variant="fp16")   # from_pretrained(..., variant="fp16")
 
 Our attribute names are diffusers' own, so the name / transpose table is ``_convert.DEFAULT_RULES``
 (``kernel`` -> ``weight`` with the Linear / Conv2d / Conv3d transposes, norm ``scale`` -> ``weight``),
@@ -20,6 +22,7 @@ import json
 import os
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from defi_jax.interop import _convert
@@ -45,39 +48,54 @@ def _read_config(path: str, class_name: str) -> dict:
     return cfg
 
 
-def _write(module, config_dict: dict, class_name: str, rules, path: str, max_shard_bytes: int) -> None:
+def _write(module, config_dict: dict, class_name: str, rules, path: str, max_shard_bytes: int, dtype,
+           variant) -> None:
     os.makedirs(path, exist_ok=True)
     cfg = {"_class_name": class_name, "_diffusers_version": _DIFFUSERS_VERSION, **config_dict}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
-    _convert.write_safetensors(_convert.to_torch(module, rules), path, WEIGHTS_NAME, max_shard_bytes)
+    tensors = _convert.to_torch(module, rules)
+    if dtype is not None:
+        tensors = {k: v.astype(dtype) for k, v in tensors.items()}
+    _convert.write_safetensors(tensors, path, WEIGHTS_NAME, max_shard_bytes, variant=variant)
 
 
-def load_unet(path: str, *, dtype=None, param_dtype=jnp.float32, attention_impl: str | None = None
-              ) -> UNetSpatioTemporal:
-    """A ``UNetSpatioTemporalConditionModel`` folder as our ``UNetSpatioTemporal`` (built abstractly, then filled)."""
+def load_unet(path: str, *, dtype=None, param_dtype=jnp.float32, attention_impl: str | None = None,
+              remat: bool = False, variant: str | None = None) -> UNetSpatioTemporal:
+    """A ``UNetSpatioTemporalConditionModel`` folder as our ``UNetSpatioTemporal`` (built abstractly, then filled).
+
+    Parameters are cast to ``param_dtype``; ``dtype`` / ``attention_impl`` / ``remat`` go to the module.
+    """
     config = UNetConfig.from_dict(_read_config(path, "UNetSpatioTemporalConditionModel"))
     abstract = nnx.eval_shape(lambda: UNetSpatioTemporal(config, rngs=trace_rngs(0), dtype=dtype,
-                                                         param_dtype=param_dtype, attention_impl=attention_impl))
-    return _convert.from_torch(abstract, _convert.read_safetensors(path, WEIGHTS_NAME), UNET_RULES,
+                                                         param_dtype=param_dtype, attention_impl=attention_impl,
+                                                         remat=remat))
+    return _convert.from_torch(abstract, _convert.read_safetensors(path, WEIGHTS_NAME, variant), UNET_RULES,
                                what=f"UNet from {path}")
 
 
-def save_unet(unet: UNetSpatioTemporal, path: str, *, max_shard_bytes: int = 10 * 1024**3) -> None:
-    """Writes a folder that diffusers' ``UNetSpatioTemporalConditionModel.from_pretrained`` loads."""
-    _write(unet, unet.config.to_dict(), "UNetSpatioTemporalConditionModel", UNET_RULES, path, max_shard_bytes)
+def save_unet(unet: UNetSpatioTemporal, path: str, *, max_shard_bytes: int = 10 * 1024**3, dtype=None,
+              variant: str | None = None) -> None:
+    """Writes a folder that diffusers' ``UNetSpatioTemporalConditionModel.from_pretrained`` loads.
+
+    ``dtype`` (e.g. ``np.float16``) casts the written tensors; ``variant`` names the files as HF variants.
+    """
+    _write(unet, unet.config.to_dict(), "UNetSpatioTemporalConditionModel", UNET_RULES, path, max_shard_bytes,
+           dtype, variant)
 
 
-def load_vae(path: str, *, dtype=None, param_dtype=jnp.float32, attention_impl: str | None = None
-             ) -> AutoencoderKLTemporalDecoder:
+def load_vae(path: str, *, dtype=None, param_dtype=jnp.float32, attention_impl: str | None = None,
+             variant: str | None = None) -> AutoencoderKLTemporalDecoder:
     """An ``AutoencoderKLTemporalDecoder`` folder as our module of the same name."""
     config = VAEConfig.from_dict(_read_config(path, "AutoencoderKLTemporalDecoder"))
     abstract = nnx.eval_shape(lambda: AutoencoderKLTemporalDecoder(
         config, rngs=trace_rngs(0), dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl))
-    return _convert.from_torch(abstract, _convert.read_safetensors(path, WEIGHTS_NAME), VAE_RULES,
+    return _convert.from_torch(abstract, _convert.read_safetensors(path, WEIGHTS_NAME, variant), VAE_RULES,
                                what=f"VAE from {path}")
 
 
-def save_vae(vae: AutoencoderKLTemporalDecoder, path: str, *, max_shard_bytes: int = 10 * 1024**3) -> None:
+def save_vae(vae: AutoencoderKLTemporalDecoder, path: str, *, max_shard_bytes: int = 10 * 1024**3, dtype=None,
+             variant: str | None = None) -> None:
     """Writes a folder that diffusers' ``AutoencoderKLTemporalDecoder.from_pretrained`` loads."""
-    _write(vae, vae.config.to_dict(), "AutoencoderKLTemporalDecoder", VAE_RULES, path, max_shard_bytes)
+    _write(vae, vae.config.to_dict(), "AutoencoderKLTemporalDecoder", VAE_RULES, path, max_shard_bytes, dtype,
+           variant)
