@@ -374,7 +374,8 @@ class Trainer:
                 if step % t.save_every == 0 and step < t.num_steps:
                     ckpt.save(step, state.as_dict(), data_iter.get_state(), config_json)
                 if step < t.num_steps and self._preempted(ckpt, step):
-                    ckpt.save(step, state.as_dict(), data_iter.get_state(), config_json)
+                    if step % t.save_every:  # (else it was saved just above)
+                        ckpt.save(step, state.as_dict(), data_iter.get_state(), config_json)
                     ckpt.wait()
                     _log.warning("preempted: checkpoint saved at step %d in %s; exiting cleanly", step,
                                  ckpt.directory)

@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
 import defi_jax  # noqa: F401
 from configs import toy
@@ -67,11 +68,19 @@ def test_restore_onto_other_mesh_and_device_count(tmp_path):
                                   np.asarray(jax.device_get(saved.ema["mlp"]["up"]["kernel"])))
 
 
-def test_sigterm_then_resume_is_bitwise_equal(tmp_path):
-    config = _config(num_steps=10, save_every=100, log_every=1)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One trainer (compiled once) and its uninterrupted 12-step run, shared by the resume tests."""
+    config = _config(num_steps=12, save_every=4, log_every=1)
     tr = trainer_lib.Trainer(config, mesh=_mesh((2, 4, 1)))
-    reference = tr.fit(str(tmp_path / "ref"))
-    assert reference.status == "done" and reference.step == 10
+    workdir = tmp_path_factory.mktemp("reference")
+    result = tr.fit(str(workdir))
+    assert result.status == "done" and result.step == 12
+    return tr, result, workdir
+
+
+def test_sigterm_then_resume_is_bitwise_equal(tmp_path, reference):
+    tr, reference, ref_dir = reference
 
     orig_step = tr.step
 
@@ -87,11 +96,11 @@ def test_sigterm_then_resume_is_bitwise_equal(tmp_path):
     assert first.status == "preempted" and first.step == 4
     assert Checkpointer(str(tmp_path / "run")).all_steps() == [4]
     resumed = tr.fit(str(tmp_path / "run"))
-    assert resumed.status == "done" and resumed.step == 10
+    assert resumed.status == "done" and resumed.step == 12
     _assert_trees_equal(resumed.state, reference.state)
     # Same data order: the logged losses of every step agree exactly.
     assert [(r["step"], r["loss"]) for r in _rows(tmp_path / "run")] == \
-        [(r["step"], r["loss"]) for r in _rows(tmp_path / "ref")]
+        [(r["step"], r["loss"]) for r in _rows(ref_dir)]
 
 
 def _train_cmd(workdir, *overrides):
@@ -142,10 +151,12 @@ app.run(train.main)
 """
 
 
-def test_sigkill_during_save_resumes_from_last_good(tmp_path):
+def test_sigkill_during_save_resumes_from_last_good(tmp_path, reference):
+    tr, reference, _ = reference
     workdir, marker = tmp_path / "run", tmp_path / "saving"
     args = ["--config=configs/toy.py:tiny", f"--workdir={workdir}", "--config.train.num_steps=12",
-            "--config.train.save_every=4", "--config.train.log_every=1", "--config.train.progress_bar=False"]
+            "--config.train.save_every=4", "--config.train.log_every=1", "--config.train.progress_bar=False",
+            "--config.mesh.shape=(2,4,1)"]
     proc = subprocess.Popen([sys.executable, "-c", _KILL_DURING_SAVE, str(marker), *args], cwd=ROOT, env=SUB_ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(marker.exists, proc)
@@ -157,11 +168,8 @@ def test_sigkill_during_save_resumes_from_last_good(tmp_path):
     assert Checkpointer(str(workdir)).latest_step() == 4
 
     # Resume in-process (same compile options as the subprocess) and compare with an uninterrupted run.
-    config = _config(num_steps=12, save_every=4, log_every=1)
-    tr = trainer_lib.Trainer(config)
     resumed = tr.fit(str(workdir))
     assert resumed.step == 12
-    reference = tr.fit(str(tmp_path / "ref"))
     _assert_trees_equal(resumed.state, reference.state)
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["12", "4", "8"]
     # The steps the killed run logged after step 4 were redone; each step is logged once.
