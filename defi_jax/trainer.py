@@ -20,7 +20,8 @@ What lands in ``WORKDIR``:
   tensorboard/          the same scalars as TensorBoard events.
   config.json           the config the run started with.
 A run resumes from the latest checkpoint in its workdir by itself (on any mesh / device count); SIGTERM
-saves a checkpoint at the current step and returns with ``status="preempted"``.
+saves a checkpoint at the current step and returns with ``status="preempted"`` (multi-process: JAX's
+preemption notifier catches the signal and every process stops at the same step).
 
 Public: :func:`train`, :class:`Trainer`, :func:`restore_model`, :func:`checkpoint_config`,
 :func:`compile_train_step`, :func:`param_counts`, :func:`state_bytes_per_device`.
@@ -301,7 +302,8 @@ class Trainer:
     def _preempted(self, ckpt: Checkpointer, step: int) -> bool:
         if jax.process_count() == 1:
             return self._sigterm
-        # Multi-host: every process must stop at the same step; JAX's preemption sync point agrees on it.
+        # Multi-host: every process must stop at the same step. jax.distributed's preemption notifier catches
+        # SIGTERM (we install no Python handler then) and the sync point agrees on the step.
         return ckpt.manager.reached_preemption(step)
 
     def _evaluate(self, state: TrainState, workdir: str, step: int) -> dict:

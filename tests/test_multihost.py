@@ -1,10 +1,13 @@
-"""Two processes (jax.distributed on 127.0.0.1, 4 fake CPU devices each) train and checkpoint together."""
+"""Two processes (jax.distributed on 127.0.0.1, 4 fake CPU devices each) train, get preempted, checkpoint
+and resume together."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -24,7 +27,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_processes(workdir, num_steps):
+def _start_two_processes(workdir, *overrides):
     port = _free_port()
     procs = []
     for pid in range(2):
@@ -33,44 +36,57 @@ def _run_two_processes(workdir, num_steps):
                    XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 "
                              "--xla_llvm_disable_expensive_passes=true")
         cmd = [sys.executable, "-m", "launch.train", "--config=configs/toy.py:tiny", f"--workdir={workdir}",
-               f"--config.train.num_steps={num_steps}", "--config.train.save_every=3",
-               "--config.train.log_every=1", "--config.mesh.shape=(2,-1,1)"]
+               "--config.train.log_every=1", "--config.mesh.shape=(2,-1,1)", "--config.train.progress_bar=False",
+               *overrides]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
-    errs = []
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        errs.append(err)
+    return procs
+
+
+def _finish(procs):
+    errs = [p.communicate(timeout=300)[1] for p in procs]
     for p, err in zip(procs, errs):
         assert p.returncode == 0, err[-4000:]
     return errs
 
 
-def test_two_processes_train_checkpoint_and_resume(tmp_path):
+def _logged_steps(workdir):
+    return [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl") if '"loss"' in line]
+
+
+def test_two_processes_train_preempt_checkpoint_and_resume(tmp_path):
     workdir = tmp_path / "run"
-    errs = _run_two_processes(workdir, 4)
-    assert all("process %d of 2, 4 local / 8 global devices" % i in err for i, err in enumerate(errs))
-    ckpt_dir = workdir / "checkpoints"
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["3", "4"]
+    procs = _start_two_processes(workdir, "--config.train.num_steps=100000", "--config.train.save_every=2")
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-3000:] for p in procs]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.2)
+    for p in procs:  # a pod preemption: every host gets SIGTERM
+        p.send_signal(signal.SIGTERM)
+    errs = _finish(procs)
+    assert all(f"process {i} of 2, 4 local / 8 global devices" in err for i, err in enumerate(errs))
+    # JAX's preemption sync point makes both processes stop and save at the same step.
+    stopped = Checkpointer(str(workdir)).latest_step()
+    assert all(f"preempted: checkpoint saved at step {stopped} " in err for err in errs)
     # Each process saved its own data-iterator position in the same step.
-    data = sorted(p.name for p in (ckpt_dir / "4" / "data").glob("process_*.json"))
-    assert data == ["process_0-of-2.json", "process_1-of-2.json"]
-    positions = [json.loads((ckpt_dir / "4" / "data" / n).read_text())["json"] for n in data]
+    data_dir = workdir / "checkpoints" / str(stopped) / "data"
+    names = sorted(p.name for p in data_dir.glob("process_*.json"))
+    assert names == ["process_0-of-2.json", "process_1-of-2.json"]
+    positions = [json.loads((data_dir / n).read_text())["json"] for n in names]
     assert positions[0] == positions[1]  # same number of batches consumed, from disjoint slices
     # Only process 0 wrote metrics: one row per step.
-    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl") if '"loss"' in line]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert _logged_steps(workdir) == list(range(1, stopped + 1))
 
-    # Both processes resume together from step 4.
-    errs = _run_two_processes(workdir, 6)
-    assert all("at step 4" in err and "resumed from" in err for err in errs)
-    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl") if '"loss"' in line]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    # Both processes resume together.
+    errs = _finish(_start_two_processes(workdir, f"--config.train.num_steps={stopped + 2}"))
+    assert all(f"at step {stopped}" in err and "resumed from" in err for err in errs)
+    assert _logged_steps(workdir) == list(range(1, stopped + 3))
 
     # The 2-process checkpoint restores in one process on 8 devices (model state only: the data
     # positions belong to the 2-process layout).
     config = toy.get_config("tiny")
-    tr = trainer_lib.Trainer(config)
-    state = tr.restore_or_init(Checkpointer(str(workdir)))
-    assert int(state.step) == 6
+    state = trainer_lib.Trainer(config).restore_or_init(Checkpointer(str(workdir)))
+    assert int(state.step) == stopped + 2
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
