@@ -83,3 +83,11 @@ def test_bad_num_up_blocks_is_rejected():
     args = (np.zeros((1, 2, 8, 8, 8), np.float32), np.zeros(1), np.zeros((1, 2, 16)), np.zeros((1, 3)))
     with pytest.raises(ValueError, match="num_up_blocks"):
         nnx.eval_shape(lambda m: m(*args, num_up_blocks=3), unet)
+
+
+def test_full_config_feature_shapes_at_256px(abstract_svd_unet):
+    """DeFI's one-step features: up_blocks[0] -> 8 x 8 (upsampled x2 later), up_blocks[1] -> 16 x 16, 1280 each."""
+    args = (jax.ShapeDtypeStruct((1, 16, 32, 32, 8), np.float32), jax.ShapeDtypeStruct((1,), np.float32),
+            jax.ShapeDtypeStruct((1, 20, 1024), np.float32), jax.ShapeDtypeStruct((1, 3), np.float32))
+    feats = nnx.eval_shape(lambda m, *a: m.up_block_features(*a, num_up_blocks=2), abstract_svd_unet, *args)
+    assert [f.shape for f in feats] == [(1, 16, 8, 8, 1280), (1, 16, 16, 16, 1280)]
