@@ -24,12 +24,12 @@ from defi_jax.stage import Stage
 class ToyNextFrame(nnx.Module):
     """[B, H, W, 2C] two past frames -> [B, H, W, C] next frame."""
 
-    def __init__(self, *, frame_size: int, channels: int, width: int, hidden: int, rngs: nnx.Rngs):
+    def __init__(self, *, frame_size: int, channels: int, width: int, hidden: int, rngs: nnx.Rngs, dtype=None):
         self.frame_size, self.width = frame_size, width
         half = frame_size // 2
-        self.encoder = Encoder(2 * channels, width, rngs=rngs)
-        self.mlp = MLP(half * half * width, hidden, rngs=rngs)
-        self.decoder = Decoder(width, channels, rngs=rngs)
+        self.encoder = Encoder(2 * channels, width, rngs=rngs, dtype=dtype)
+        self.mlp = MLP(half * half * width, hidden, rngs=rngs, dtype=dtype)
+        self.decoder = Decoder(width, channels, rngs=rngs, dtype=dtype)
 
     def __call__(self, frames_BHWC: jax.Array) -> jax.Array:
         h_BhwD = self.encoder(frames_BHWC)
@@ -41,10 +41,10 @@ class ToyNextFrame(nnx.Module):
 
 
 class Encoder(nnx.Module):
-    def __init__(self, cin: int, width: int, *, rngs: nnx.Rngs):
-        self.conv_in = nn.conv(cin, width, 3, rngs=rngs)
-        self.norm = nn.group_norm(width, num_groups=min(4, width), rngs=rngs)
-        self.conv_down = nn.conv(width, width, 3, strides=2, rngs=rngs)
+    def __init__(self, cin: int, width: int, *, rngs: nnx.Rngs, dtype=None):
+        self.conv_in = nn.conv(cin, width, 3, rngs=rngs, dtype=dtype)
+        self.norm = nn.group_norm(width, num_groups=min(4, width), rngs=rngs, dtype=dtype)
+        self.conv_down = nn.conv(width, width, 3, strides=2, rngs=rngs, dtype=dtype)
 
     def __call__(self, x_BHWC):
         x = nnx.gelu(self.norm(self.conv_in(x_BHWC)))
@@ -52,18 +52,18 @@ class Encoder(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
-        self.up = nn.linear(dim, hidden, rngs=rngs, axes=("embed", "mlp"))
-        self.down = nn.linear(hidden, dim, rngs=rngs, axes=("mlp", "embed"))
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=None):
+        self.up = nn.linear(dim, hidden, rngs=rngs, axes=("embed", "mlp"), dtype=dtype)
+        self.down = nn.linear(hidden, dim, rngs=rngs, axes=("mlp", "embed"), dtype=dtype)
 
     def __call__(self, x_BF):
         return self.down(nnx.gelu(self.up(x_BF)))
 
 
 class Decoder(nnx.Module):
-    def __init__(self, width: int, cout: int, *, rngs: nnx.Rngs):
-        self.conv_up = nn.conv(width, width, 3, rngs=rngs)
-        self.conv_out = nn.conv(width, cout, 3, rngs=rngs)
+    def __init__(self, width: int, cout: int, *, rngs: nnx.Rngs, dtype=None):
+        self.conv_up = nn.conv(width, width, 3, rngs=rngs, dtype=dtype)
+        self.conv_out = nn.conv(width, cout, 3, rngs=rngs, dtype=dtype)
 
     def __call__(self, h_BhwD):
         b, h, w, d = h_BhwD.shape
@@ -73,8 +73,11 @@ class Decoder(nnx.Module):
 
 
 def build_model(config, rngs: nnx.Rngs) -> ToyNextFrame:
+    """Layers compute in ``config.train.compute_dtype`` (the trainer keeps fp32 master weights)."""
     m = config.model
-    return ToyNextFrame(frame_size=m.frame_size, channels=m.channels, width=m.width, hidden=m.hidden, rngs=rngs)
+    dtype = None if config.train.compute_dtype == "float32" else jnp.dtype(config.train.compute_dtype)
+    return ToyNextFrame(frame_size=m.frame_size, channels=m.channels, width=m.width, hidden=m.hidden, rngs=rngs,
+                        dtype=dtype)
 
 
 def loss_fn(model: ToyNextFrame, batch, rng, config):

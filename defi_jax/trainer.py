@@ -395,6 +395,8 @@ class Trainer:
         finally:
             ckpt.close()
             writer.close()
+            if callable(getattr(data_iter, "close", None)):
+                data_iter.close()  # stops grain worker processes
             if bar is not None:
                 bar.close()
             if old_handler is not None:

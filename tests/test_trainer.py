@@ -147,6 +147,7 @@ def test_ema_bf16_and_remat():
     s16, out16 = tr16.step(_on(tr16, state0), tr16.global_batch(batch))
     assert s16.params["mlp"]["up"]["kernel"].dtype == jnp.float32
     np.testing.assert_allclose(float(out16["loss"]), ref_loss, rtol=5e-2)
+    assert float(out16["loss"]) != ref_loss  # really computed in bf16
     trr = trainer_lib.Trainer(_config(remat_policy="full", ema_decay=0.9), mesh=mesh)
     _, outr = trr.step(_on(trr, state0), trr.global_batch(batch))
     np.testing.assert_allclose(float(outr["loss"]), ref_loss, rtol=1e-6)
