@@ -268,7 +268,10 @@ class Attention(nnx.Module):
         q = self.to_q(x_NLC)
         k, v = self.to_k(kv), self.to_v(kv)
         split = lambda t: t.reshape(*t.shape[:2], self.heads, self.dim_head)  # noqa: E731  [B, L, N, H]
-        o = nn.attention(split(q), split(k), split(v), implementation=self.implementation)
+        impl = self.implementation
+        if impl == "cudnn" and (self.dim_head > 128 or q.dtype not in (jnp.float16, jnp.bfloat16)):
+            impl = None  # cuDNN flash attention takes half precision and head_dim <= 128 (the VAE's is 512)
+        o = nn.attention(split(q), split(k), split(v), implementation=impl)
         o = self.to_out[0](o.reshape(*o.shape[:2], -1))
         o = o.reshape(shape)
         return o + residual if self.residual_connection else o

@@ -345,6 +345,9 @@ class UNetSpatioTemporal(nnx.Module):
         b, t, hh, ww, c = sample_BTHWC.shape
         if num_up_blocks is not None and not 1 <= num_up_blocks <= len(self.up_blocks):
             raise ValueError(f"num_up_blocks={num_up_blocks} must be in [1, {len(self.up_blocks)}]")
+        if encoder_hidden_states_BLD.shape[0] != b or added_time_ids_B3.shape[0] != b:
+            raise ValueError(f"encoder_hidden_states {encoder_hidden_states_BLD.shape} and added_time_ids "
+                             f"{added_time_ids_B3.shape} need one row per video (batch {b}), not per frame")
         dtype = self.dtype or sample_BTHWC.dtype
         ts_B = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32).reshape(-1), (b,))
 
