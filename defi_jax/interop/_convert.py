@@ -14,9 +14,9 @@ Shared by every interop module (diffusers SVD, transformers CLIP / DINOv2 / T5).
 ``torch_key(path, ndim, rules) -> (key, perm | None)``
 ``to_torch(module, rules) -> dict[str, np.ndarray]``
     Every ``nnx.Param`` as a torch-layout numpy array under its torch key (export).
-``from_torch(module, tensors, rules, what="model", dtype=None) -> module``
+``from_torch(module, tensors, rules, *, what="model", ignore=(), dtype=None) -> module``
     Fills every ``nnx.Param`` of ``module`` (a concrete module or an ``nnx.eval_shape`` one, so nothing
-    random is ever allocated) from ``tensors``; returns the filled module. Raises ``ValueError`` listing
+    random is ever allocated) from ``tensors``; returns the filled module (use the return value). Raises ``ValueError`` listing
     missing keys, unexpected keys and mis-shaped tensors (all of them, not just the first).
     ``ignore`` (regexes) drops torch keys that carry no parameters of ours (buffers such as position ids).
 ``read_safetensors(folder, weights_name, variant=None) -> dict[str, np.ndarray]``
