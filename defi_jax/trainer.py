@@ -365,14 +365,16 @@ class Trainer:
                 if step % t.log_every == 0 or step == t.num_steps:
                     row = {k: v.item() for k, v in jax.device_get(out).items()}
                     row |= throughput.measure(step)
-                    if t.eval_every and step % t.eval_every == 0:
-                        row |= self._evaluate(state, workdir, step)
                     writer.write(step, row)
                     last_row = {"step": step} | row
                     if bar is not None:
                         bar.set_postfix(loss=f"{row['loss']:.4g}")
                     elif primary:
                         _log.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
+                if t.eval_every and step % t.eval_every == 0 and self.stage.evaluate is not None:
+                    row = self._evaluate(state, workdir, step)
+                    writer.write(step, row)
+                    last_row |= row
                 if step % t.save_every == 0 and step < t.num_steps:
                     ckpt.save(step, state.as_dict(), data_iter.get_state(), config_json)
                 if step < t.num_steps and self._preempted(ckpt, step):

@@ -71,12 +71,27 @@ def test_restore_onto_other_mesh_and_device_count(tmp_path):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """One trainer (compiled once) and its uninterrupted 12-step run, shared by the resume tests."""
-    config = _config(num_steps=12, save_every=4, log_every=1)
+    config = _config(num_steps=12, save_every=4, log_every=1, eval_every=6)
     tr = trainer_lib.Trainer(config, mesh=_mesh((2, 4, 1)))
     workdir = tmp_path_factory.mktemp("reference")
     result = tr.fit(str(workdir))
     assert result.status == "done" and result.step == 12
     return tr, result, workdir
+
+
+def test_metrics_files(reference):
+    _, result, workdir = reference
+    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 13))
+    for key in ("loss", "mse", "grad_norm", "lr", "skipped_steps", "steps_per_s", "examples_per_s"):
+        assert all(np.isfinite(r[key]) for r in train_rows[1:]), key
+    assert "mfu" not in train_rows[-1]  # no known peak FLOP/s on CPU
+    assert [r["step"] for r in rows if "eval_mse" in r] == [6, 12]
+    assert result.metrics["eval_mse"] > 0 and result.metrics["step"] == 12
+    events = list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
+    assert json.loads((workdir / "config.json").read_text())["train"]["num_steps"] == 12
 
 
 def test_sigterm_then_resume_is_bitwise_equal(tmp_path, reference):
