@@ -122,10 +122,11 @@ def from_torch(module: nnx.Module, tensors: Mapping[str, np.ndarray], rules: Ite
         if tuple(src.shape) != want:
             bad.append(f"{key}: file {tuple(src.shape)}, expected {want} (ours: {dotted} {shape})")
             continue
-        arr = jnp.asarray(src)
+        # numpy, not jnp: an eager jnp transpose compiles one XLA program per distinct shape
+        arr = np.asarray(src)
         if perm:
-            arr = jnp.transpose(arr, perm)
-        var.set_value(arr.astype(dtype or var.get_value().dtype))
+            arr = np.transpose(arr, perm)
+        var.set_value(jnp.asarray(np.ascontiguousarray(arr, dtype=np.dtype(dtype or var.get_value().dtype))))
     ignored = [re.compile(p) for p in ignore]
     unexpected = sorted(k for k in tensors if k not in used and not any(p.search(k) for p in ignored))
     if missing or unexpected or bad:
