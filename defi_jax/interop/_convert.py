@@ -21,8 +21,8 @@ Shared by every interop module (diffusers SVD, transformers CLIP / DINOv2 / T5).
     ``ignore`` (regexes) drops torch keys that carry no parameters of ours (buffers such as position ids).
 ``read_safetensors(folder, weights_name, variant=None) -> dict[str, np.ndarray]``
     ``<weights_name>.safetensors`` or a sharded ``<weights_name>.safetensors.index.json``; never pickle.
-    ``variant="fp16"`` reads ``<weights_name>.fp16.safetensors`` / ``<weights_name>.safetensors.index.fp16.json``
-    (the Hugging Face naming).
+    ``variant="fp16"`` reads ``<weights_name>.fp16.safetensors`` or
+    ``<weights_name>.safetensors.index.fp16.json`` (the Hugging Face naming).
 ``write_safetensors(tensors, folder, weights_name, max_shard_bytes=10 GB, variant=None)``
     One file, or shards plus the index JSON that ``from_pretrained`` reads.
 """

@@ -22,7 +22,6 @@ import json
 import os
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from defi_jax.interop import _convert
