@@ -319,7 +319,13 @@ class Trainer:
         latest = ckpt.latest_step() if ckpt is not None else None
         if latest is None:
             return self.init_state()
-        state, data_state = ckpt.restore(latest, self.abstract_state().as_dict(), data=data_iter is not None)
+        try:
+            state, data_state = ckpt.restore(latest, self.abstract_state().as_dict(), data=data_iter is not None)
+        except (ValueError, KeyError, TypeError) as e:
+            raise RuntimeError(
+                f"{ckpt.directory / str(latest)}: the checkpoint does not fit this config's train state "
+                f"(model, frozen set, optimizer or EMA changed?). Compare the config.json next to it with the "
+                f"current config, or start in a fresh workdir. Orbax said: {e}") from e
         if data_iter is not None and data_state is not None:
             data_iter.set_state(data_state)
         _log.info("resumed from %s at step %d", ckpt.directory / str(latest), latest)
@@ -336,7 +342,11 @@ class Trainer:
                 f.write(config_json)
         ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.get("async_checkpointing", True))
         data_iter = self.stage.make_data(c, jax.process_index(), jax.process_count(), "train")
-        state = self.restore_or_init(ckpt, data_iter)
+        try:
+            state = self.restore_or_init(ckpt, data_iter)
+        except BaseException:
+            ckpt.close()
+            raise
         step = int(jax.device_get(state.step))
         writer = metrics_lib.MetricWriter(workdir, enabled=primary, resume_step=step)
         bar = metrics_lib.progress_bar(t.num_steps, step, enabled=primary and t.progress_bar)
