@@ -18,7 +18,7 @@ from defi_jax.torch_ref.gidm import LatentActionModel as TorchLatentActionModel
 def _small(**kw):
     c = model_config("tiny")
     c.update(dict(target="features", feature_dim=24, text_dim=20, model_dim=32, latent_dim=8, num_latents=6,
-                  enc_blocks=2, dec_blocks=2, num_heads=4, patch_size=4, image_size=16))
+                  enc_blocks=2, dec_blocks=2, num_heads=4, patch_size=4, image_size=16, residual_target=False))
     c.update(kw)
     return c
 
@@ -180,3 +180,55 @@ def test_load_gidm_files_and_errors(tmp_path):
         defi_torch.load_gidm(tmp_path / "wrong.pt", c, skip_encoders=True)
     with pytest.raises(FileNotFoundError):
         defi_torch.load_gidm(tmp_path / "absent.ckpt", c)
+
+
+def test_load_gidm_full_reference_checkpoint(tmp_path):
+    """A reference-layout stage-2 checkpoint with its frozen towers (torch-hub DINOv2 names under
+    ``lam.dino_encoder.``, ``T5EncoderModel`` names under ``lam.text_encoder.``): our full model from
+    uint8 frames equals transformers' DINOv2 + T5 + the reference-structured latent action model."""
+    import transformers
+
+    from defi_jax.interop import hf_dinov2
+    from defi_jax.models.dinov2 import Dinov2, Dinov2Config
+
+    dino_kw = dict(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    t5_kw = dict(vocab_size=50, d_model=20, d_kv=8, d_ff=40, num_layers=1, num_heads=2)
+    c = _small(visual_encoder="dinov2", text_encoder="t5", target="features", feature_dim=24, text_dim=20,
+               image_size=28, patch_size=14, reference_mask_order=True)
+    c.dino = dino_kw
+    c.t5 = t5_kw
+
+    dino_src = Dinov2(Dinov2Config(**dino_kw), rngs=nnx.Rngs(3))
+    hf_dinov2.save(dino_src, str(tmp_path / "dino"))
+    hf_dino = transformers.Dinov2WithRegistersModel.from_pretrained(str(tmp_path / "dino")).eval()
+    torch.manual_seed(1)
+    hf_t5 = transformers.T5EncoderModel(transformers.T5Config(**t5_kw, feed_forward_proj="relu")).eval()
+    tm = _torch_for(c)
+
+    sd = {"lam." + k: v for k, v in tm.state_dict().items()}
+    sd |= {"lam.dino_encoder." + k: torch.from_numpy(np.ascontiguousarray(v))
+           for k, v in hf_dinov2.to_torch_hub_state_dict(dino_src).items()}
+    sd |= {"lam.text_encoder." + k: v for k, v in hf_t5.state_dict().items()}
+    torch.save({"state_dict": sd}, tmp_path / "gidm.ckpt")
+    model = defi_torch.load_gidm(tmp_path / "gidm.ckpt", c)
+
+    rs = np.random.default_rng(0)
+    frames = rs.integers(0, 256, (2, 2, 28, 28, 3)).astype(np.uint8)
+    ids = rs.integers(2, 50, (2, 6)).astype(np.int64)
+    mask = np.ones((2, 6), np.int64)
+    mask[1, 4:] = 0
+    with torch.no_grad():
+        x = torch.from_numpy(frames).float().div(255).permute(0, 1, 4, 2, 3).reshape(4, 3, 28, 28)
+        x = (x - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        patches = hf_dino(pixel_values=x).last_hidden_state[:, 5:].reshape(2, 2, 4, 24)
+        text = hf_t5(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
+        ref = tm.forward_features(patches, text, torch.from_numpy(mask))["recon"].numpy()
+    out = nnx.jit(lambda m, f, i, a: m(f, i, a))(model, jnp.asarray(frames), jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(out["target"]), patches[:, 1].numpy(), atol=1e-4)
+    ours_text = np.asarray(model.encode_text(jnp.asarray(ids), jnp.asarray(mask)))
+    np.testing.assert_allclose(ours_text[0], text[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(ours_text[1, :4], text[1, :4].numpy(), atol=1e-4)
+    assert np.abs(np.asarray(out["recon"]) - ref).max() <= 1e-4 * np.abs(ref).max()
+
+    # Exporting writes the same key set back (towers included).
+    assert sorted(defi_torch.gidm_state_dict(model)) == sorted(k[len("lam."):] for k in sd)

@@ -63,11 +63,11 @@ def _tokenizer(config):
     m = config.model
     if m.text_encoder == "bytes":
         return functools.partial(byte_tokenize, max_len=m.max_text_len)
-    from defi_jax.models import t5 as t5_lib
+    from defi_jax.models.t5_tokenizer import T5Tokenizer
     if not m.tokenizer_path:
         raise ValueError("config.model.tokenizer_path is empty: the T5 SentencePiece model (folder or "
                          "spiece.model) is needed to tokenize instructions")
-    tok = t5_lib.T5Tokenizer(m.tokenizer_path)
+    tok = T5Tokenizer(m.tokenizer_path)
 
     def encode(text: str):
         ids, mask = tok.encode_padded(text, m.max_text_len)

@@ -198,7 +198,7 @@ def _encoder_state_dicts(model) -> dict[str, np.ndarray]:
     out = {}
     if model.visual_encoder_kind == "dinov2":
         from defi_jax.interop import hf_dinov2
-        out.update({"dino_encoder." + k: v for k, v in hf_dinov2.to_torchhub_state_dict(model.dino_encoder).items()})
+        out.update({"dino_encoder." + k: v for k, v in hf_dinov2.to_torch_hub_state_dict(model.dino_encoder).items()})
     if model.text_encoder_kind == "t5":
         from defi_jax.interop import hf_t5
         out.update({"text_encoder." + k: v for k, v in hf_t5.to_state_dict(model.text_encoder).items()})
@@ -216,7 +216,8 @@ def _load_encoder_state_dicts(model, state_dict: Mapping[str, np.ndarray]) -> No
                            f"skip_encoders=True and load it with defi_jax.interop.hf_{wanted} instead")
         if wanted == "dinov2":
             from defi_jax.interop import hf_dinov2
-            hf_dinov2.load_torchhub_state_dict(model.dino_encoder, sub)
+            loaded = hf_dinov2.load_torch_hub_state_dict(sub, model.dino_encoder.config)
+            nnx.update(model.dino_encoder, nnx.state(loaded, nnx.Param))
         else:
             from defi_jax.interop import hf_t5
             hf_t5.load_state_dict(model.text_encoder, sub)
