@@ -128,12 +128,21 @@ class StepReader:
         return {"dir": self.dir, "split": self.split, "index": self.index, "_source": None, "_actions": None}
 
     @property
-    def source(self):
+    def source(self) -> tuple[list, np.ndarray]:
+        """(one ArrayRecordReader per shard, first global step of each shard), opened on first use."""
         if self._source is None:
-            import grain
+            from array_record.python import array_record_module
 
-            self._source = grain.sources.ArrayRecordDataSource(
-                [os.path.join(self.dir, s) for s in self.index["shards"]])
+            # No read-ahead and no internal thread pool: reads are small and random (a few steps of one
+            # episode); parallelism comes from grain's read threads and worker processes.
+            options = "readahead_buffer_size:0,max_parallelism:1"
+            readers = [array_record_module.ArrayRecordReader(os.path.join(self.dir, s), options)
+                       for s in self.index["shards"]]
+            starts = np.cumsum([0] + [r.num_records() for r in readers])
+            if starts[-1] != self.index["num_steps"]:
+                raise ValueError(f"{self.dir}: shards hold {starts[-1]} steps, the index says "
+                                 f"{self.index['num_steps']} (truncated conversion?)")
+            self._source = (readers, starts)
         return self._source
 
     @property
@@ -143,9 +152,20 @@ class StepReader:
         return self._actions
 
     def records(self, steps: list[int]) -> list[dict]:
-        raw = self.source.__getitems__(list(steps)) if hasattr(self.source, "__getitems__") else [
-            self.source[s] for s in steps]
-        return [msgpack.unpackb(r) for r in raw]
+        """Steps (global indices) -> their records. One batched read per shard touched, in this thread
+        (the grain source's thread pool per call costs more than the read itself)."""
+        readers, starts = self.source
+        steps = np.asarray(steps, np.int64)
+        if len(steps) and (steps.min() < 0 or steps.max() >= starts[-1]):
+            raise IndexError(f"{self.dir}: step {int(steps.max())} outside the {int(starts[-1])} stored steps")
+        shard = np.searchsorted(starts, steps, side="right") - 1
+        out: list = [None] * len(steps)
+        for s in np.unique(shard):
+            where = np.nonzero(shard == s)[0]
+            raw = readers[s].read([int(steps[i] - starts[s]) for i in where])
+            for i, r in zip(where, raw):
+                out[i] = msgpack.unpackb(r)
+        return out
 
 
 def read_stats(dataset_dir: str) -> dict:

@@ -2,7 +2,8 @@
 
 Pipeline per process (all deterministic for a seed, state checkpointable):
   per source: item indices of this split, first ``data_fraction`` of the episodes, this process's
-              disjoint shard [process_index::process_count] -> global shuffle -> repeat -> sample (random_map)
+              disjoint shard [process_index::process_count] -> repeat, with a new global permutation per
+              epoch -> sample (random_map: per-element RNG from the seed and the element's index)
   mix the sources with their weights (grain MapDataset.mix) -> optional per-sample ``transform``
   -> read threads -> batch -> worker processes + prefetch.
 A sample that cannot be built (undecodable video, truncated episode, missing key, empty instruction)
@@ -24,6 +25,7 @@ from data_pipelines import actions as action_norm
 from data_pipelines import arrayrecord, mixtures, oxe_table, video
 
 SPECS = ("gfdm_clip", "gidm_pair", "policy_window")
+_MAX_LISTED = 50
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -76,6 +78,9 @@ def dataset_dir(name: str, data_cfg) -> str:
         return str(paths[name])
     root = data_cfg.get("data_dir") or ""
     if not root:
+        if name not in ("demo", "demo_human"):
+            raise ValueError(f"data.data_dir is empty and data.paths has no {name!r}: say where {name} lives "
+                             f"(only the demo datasets default to the embedded demo data)")
         from data_pipelines import demo
 
         root = demo.ensure_demo_data()
@@ -167,7 +172,8 @@ class Sampler:
         self.max_failure_fraction = float(data_cfg.max_failure_fraction)
         self.min_checked = int(data_cfg.min_failures_checked)
         self.attempts = 0
-        self.failures: list[str] = []
+        self.failed = 0
+        self.failures: list[str] = []     # distinct messages, at most _MAX_LISTED (memory stays flat)
         self._durations: dict[str, float] = {}
         if spec == "policy_window" and source.kind == "video":
             raise ValueError(f"data.mixture: {source.name} is action-free video; policy_window needs actions")
@@ -190,15 +196,17 @@ class Sampler:
             if "interpreter shutdown" in str(e):  # prefetch threads racing the exit: not a data problem
                 return None
             what = self.source.describe(i)
-            self.failures.append(f"{what}: {type(e).__name__}: {e}")
+            self.failed += 1
+            message = f"{what}: {type(e).__name__}: {e}"
+            if len(self.failures) < _MAX_LISTED and message not in self.failures:
+                self.failures.append(message)
             logging.warning("data: skipping %s sample %s (%d/%d failed in this process): %s", self.source.name,
-                            what, len(self.failures), self.attempts, e)
-            if (self.attempts >= self.min_checked
-                    and len(self.failures) / self.attempts > self.max_failure_fraction):
+                            what, self.failed, self.attempts, e)
+            if self.attempts >= self.min_checked and self.failed / self.attempts > self.max_failure_fraction:
                 raise RuntimeError(
-                    f"data: {len(self.failures)} of {self.attempts} samples of {self.source.name} failed "
+                    f"data: {self.failed} of {self.attempts} samples of {self.source.name} failed "
                     f"(> max_failure_fraction={self.max_failure_fraction}); files:\n"
-                    + "\n".join(sorted(set(self.failures))[:50])) from e
+                    + "\n".join(self.failures)) from e
             return None
 
     # --- robot (converted RLDS)
@@ -319,7 +327,7 @@ class Loader:
 
     def failures(self) -> dict[str, tuple[int, int, list[str]]]:
         """Per source: (failed, attempted, failed files) in THIS process (workers log their own counts)."""
-        return {s.source.name: (len(s.failures), s.attempts, list(s.failures)) for s in self._samplers}
+        return {s.source.name: (s.failed, s.attempts, list(s.failures)) for s in self._samplers}
 
     def close(self) -> None:
         close = getattr(self._it, "close", None)

@@ -6,11 +6,11 @@
 Per source (robot RLDS converted to ArrayRecord, human video) and for their mixture: samples/s and frames/s
 of ``gfdm_clip`` batches (current + 16 future frames) in one process, and peak RSS over a long run, sampled
 every batch (it must stay flat). In the same run a plain tf.data loader reads the same robot data from the
-RLDS TFRecords (tensorflow-datasets ``builder_from_directory``, decode every step's JPEG, gather the same
-clips, shuffle buffer, batch). Every measurement runs in its own fresh process so that memory is not shared.
+RLDS TFRecords (tensorflow-datasets ``builder_from_directory``, gather the same clips, shuffle buffer,
+batch), in two variants: TFDS's default decoding of every step, and decoding only each clip's frames. Every measurement runs in its own fresh process so that memory is not shared.
 Times are per batch over the second half of each run (the steady state, after warm-up buffers drain).
-``ratio`` = our mean batch time / tf.data's on the same robot data (below 1 = faster); ``rss_ratio`` = our
-peak RSS / tf.data's (whole process, workers included).
+``ratio`` = our mean batch time / the stronger tf.data variant's on the same robot data (below 1 = faster);
+``rss_ratio`` = our peak RSS / its peak RSS (whole process, workers included).
 """
 
 from __future__ import annotations
@@ -59,7 +59,12 @@ def _grain_iter(a: dict):
 
 
 def _tf_iter(a: dict):
-    """The plain tf.data RLDS loader: whole episodes decoded, clips gathered, shuffled, batched."""
+    """The plain tf.data RLDS loader: episodes -> clips of K+1 frames -> shuffle buffer -> batch.
+
+    ``tf_decode="all"``: TFDS decodes every step's image (the default) and clips are gathered from the decoded
+    trajectory (Octo's way). ``"needed"``: images stay encoded (SkipDecoding) and each clip decodes only its
+    own frames (other cameras are never decoded), as our loader does: the stronger baseline.
+    """
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
@@ -71,6 +76,7 @@ def _tf_iter(a: dict):
     key = row.primary.split("/")[-1]
     builder = tfds.builder_from_directory(rlds.find_tfds_dir(os.path.join(a["data_dir"], a["robot"])))
     K, stride, size = a["num_frames"], a["frame_stride"], a["resolution"]
+    skip = a["tf_decode"] == "needed"
 
     def clips(ep):
         frames = ep["steps"].map(lambda s: s["observation"][key]).batch(100_000).get_single_element()
@@ -78,11 +84,18 @@ def _tf_iter(a: dict):
 
         def one(t):
             idx = tf.minimum(t + tf.range(K + 1) * stride, T - 1)
-            clip = tf.image.resize(tf.gather(frames, idx), (size, size))
-            return tf.cast(clip, tf.uint8)
-        return tf.data.Dataset.range(tf.cast(T, tf.int64)).map(lambda t: one(tf.cast(t, tf.int32)))
+            clip = tf.gather(frames, idx)
+            if skip:
+                clip = tf.map_fn(lambda x: tf.io.decode_image(x, channels=3, expand_animations=False), clip,
+                                 fn_output_signature=tf.uint8)
+            return tf.cast(tf.image.resize(clip, (size, size)), tf.uint8)
+        return tf.data.Dataset.range(tf.cast(T, tf.int64)).map(lambda t: one(tf.cast(t, tf.int32)),
+                                                               num_parallel_calls=tf.data.AUTOTUNE)
 
-    ds = builder.as_dataset(split="train", shuffle_files=True).repeat()
+    obs = builder.info.features["steps"]["observation"]
+    images = [k for k in obs.keys() if isinstance(obs[k], tfds.features.Image)]
+    decoders = {"steps": {"observation": {k: tfds.decode.SkipDecoding() for k in images}}} if skip else None
+    ds = builder.as_dataset(split="train", shuffle_files=True, decoders=decoders).repeat()
     ds = ds.interleave(clips, cycle_length=4, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.shuffle(a["tf_shuffle_buffer"], seed=0).batch(a["batch"], drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return iter(tfds.as_numpy(ds))
@@ -156,15 +169,22 @@ def run(args: list[str]) -> list[dict]:
                 "rss_peak_mb": r["rss_peak_mb"], "rss_first_mb": r["rss_first_mb"], "rss_last_mb": r["rss_last_mb"],
                 **extra}
 
-    tf_long = _measure(base | dict(loader="tfdata", batches=o.long_batches))
+    tf_long = _measure(base | dict(loader="tfdata", tf_decode="needed", batches=o.long_batches))
+    # TFDS's default decoding is ~10x slower: a shorter run with a buffer it can drain.
+    short = max(40, o.long_batches // 5)
+    tf_plain = _measure(base | dict(loader="tfdata", tf_decode="all", batches=short,
+                                    tf_shuffle_buffer=min(o.tf_shuffle_buffer, 8 * o.batch)))
     ours_robot = _measure(base | dict(loader="grain", mixture={o.robot: 1.0}, batches=o.long_batches))
     rows.append(row(f"grain {o.robot} (RLDS->ArrayRecord), long run ({o.long_batches} batches)", ours_robot,
                     ratio=ours_robot["mean_s"] / tf_long["mean_s"],
-                    rss_ratio=ours_robot["rss_peak_mb"] / tf_long["rss_peak_mb"]))
+                    rss_ratio=ours_robot["rss_peak_mb"] / tf_long["rss_peak_mb"],
+                    ratio_vs_tfds_default=ours_robot["mean_s"] / tf_plain["mean_s"]))
     ours_human = _measure(base | dict(loader="grain", mixture={o.human: 1.0}, batches=o.batches))
     rows.append(row(f"grain {o.human} (video)", ours_human))
     long = _measure(base | dict(loader="grain", mixture={o.robot: 0.7, o.human: 0.3}, batches=o.long_batches))
     rows.append(row(f"grain mixture {o.robot}:0.7 {o.human}:0.3, long run ({o.long_batches} batches)", long,
                     rss_ratio=long["rss_peak_mb"] / tf_long["rss_peak_mb"]))
-    rows.append(row(f"tf.data RLDS {o.robot}, long run ({o.long_batches} batches)", tf_long))
+    rows.append(row(f"tf.data RLDS {o.robot}, decode clip frames only, long run ({o.long_batches} batches)",
+                    tf_long))
+    rows.append(row(f"tf.data RLDS {o.robot}, TFDS decodes every step ({short} batches)", tf_plain))
     return rows
