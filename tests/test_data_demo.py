@@ -104,3 +104,13 @@ def test_inspect_data_prints_json_lines_and_contact_sheets(demo_data_dir, tmp_pa
     assert Image.open(robot["contact_sheet"]).size == (8 * 96, 2 * 96)   # 8 frames x (primary, wrist)
     stats = dp.action_stats("demo", _cfg(demo_data_dir))
     assert len(stats["q99"]) == 7 and stats["num_steps"] > 100
+
+
+def test_demo_rollouts_are_deterministic_for_a_seed():
+    # Rendered in a spawned process, as make_demo_data does (MuJoCo's EGL and TensorFlow cannot share one).
+    a, b, c = demo._rollouts([("reach-v3", 1, 24, 0, False), ("reach-v3", 1, 24, 0, False),
+                              ("reach-v3", 1, 24, 1, False)], max_steps=12)
+    np.testing.assert_array_equal(a[0]["frames"], b[0]["frames"])
+    np.testing.assert_array_equal(a[0]["actions"], b[0]["actions"])
+    assert a[0]["frames"].shape == (12, 24, 24, 3) and a[0]["frames"].std() > 5
+    assert not np.array_equal(a[0]["states"], c[0]["states"])                  # another seed, another goal
