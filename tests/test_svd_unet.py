@@ -4,12 +4,13 @@ features vs forward hooks, exact full-size parameter count and logical axes on e
 import math
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 import torch
-from _svd_reference import (UNET_CASES, jax_unet_outputs, max_rel_err, rel_err, torch_unet, torch_unet_outputs,
-                            unet_inputs, unet_inputs_jax)
+from _svd_reference import (UNET_CASES, fast_jit, jax_unet_outputs, max_rel_err, rel_err, torch_unet,
+                            torch_unet_outputs, unet_inputs, unet_inputs_jax)
 from flax import nnx
 
 from configs.base import logical_axis_rules
@@ -91,3 +92,34 @@ def test_full_config_feature_shapes_at_256px(abstract_svd_unet):
             jax.ShapeDtypeStruct((1, 20, 1024), np.float32), jax.ShapeDtypeStruct((1, 3), np.float32))
     feats = nnx.eval_shape(lambda m, *a: m.up_block_features(*a, num_up_blocks=2), abstract_svd_unet, *args)
     assert [f.shape for f in feats] == [(1, 16, 8, 8, 1280), (1, 16, 16, 16, 1280)]
+
+
+def test_remat_keeps_gradients():
+    """``remat=True`` only changes what the backward pass stores, not the gradients (checked on a mid block:
+    res-block, spatio-temporal transformer, res-block; the UNet hands the flag to every block)."""
+    from defi_jax.models.svd_unet import UNetMidBlockSpatioTemporal
+
+    unet = nnx.eval_shape(lambda: UNetSpatioTemporal(UNetConfig(**UNET_CASES["two_level"]["config"]),
+                                                     rngs=trace_rngs(0), remat=True))
+    assert all(b.remat for b in (*unet.down_blocks, unet.mid_block, *unet.up_blocks))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: UNetMidBlockSpatioTemporal(
+        32, 16, heads=2, cross_attention_dim=8, rngs=trace_rngs(0), dtype=None, param_dtype=jnp.float32,
+        attention_impl=None)))
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda x: (0.2 * rng.standard_normal(x.shape)).astype(x.dtype), state)
+    h, temb, ctx = (rng.standard_normal(s).astype(np.float32) for s in ((4, 4, 4, 32), (4, 16), (2, 3, 8)))
+    grads = []
+    for remat in (False, True):
+        def loss(state):
+            block = nnx.merge(graphdef, state)
+            block.remat = remat
+            return jnp.mean(block(h, temb, ctx, 2) ** 2)
+
+        saved = "remat" in str(jax.make_jaxpr(jax.grad(loss))(state))
+        assert saved == remat  # the flag really puts the blocks under jax.checkpoint
+        grads.append(jax.tree.leaves(fast_jit(jax.grad(loss), state)(state)))
+    assert len(grads[0]) == len(grads[1]) > 30
+    scale = max(float(np.abs(a).max()) for a in grads[0])
+    assert scale > 1e-3
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * scale)
