@@ -193,8 +193,8 @@ def ensure_demo_data(root: str | None = None, **kwargs) -> str:
     tmp = tempfile.mkdtemp(prefix=".demo-", dir=parent)
     logging.warning("defi-jax: generating the Meta-World demo data into %s (first use only)", root)
     try:
-        # A subprocess: TensorFlow and MuJoCo must be imported in a fixed order, and the caller may have
-        # imported either already.
+        # A subprocess: the caller may already hold TensorFlow or MuJoCo's EGL renderer, which cannot share
+        # a process (see _rollouts).
         args = [sys.executable, "-m", "launch.make_demo_data", "--out", tmp]
         for k, v in kwargs.items():
             args += [f"--{k}"] + ([str(x) for x in v] if isinstance(v, (list, tuple)) else [str(v)])
