@@ -3,7 +3,11 @@
 Every robot dataset is described by one :class:`RobotDataset` row: which observation keys hold the primary
 (third-person) and wrist cameras, where the language instruction lives, how to assemble a 7-D action
 (3 EEF-delta position, 3 EEF-delta rotation, 1 gripper with 1 = open, 0 = closed), and the control rate.
-The facts follow the Open X-Embodiment dataset sheet and Octo's standardization tables; the code is ours.
+The facts follow the Open X-Embodiment dataset sheet and Octo's / OpenVLA's standardization tables; the code
+is ours. DeFI pretraining reads only frames and instructions; the action recipes matter for policy
+fine-tuning and the GIDM's action probe (the camera keys were cross-checked against OpenVLA's table; the
+action recipes and gripper conventions of the smaller datasets are best-effort and worth a look with
+``python -m launch.inspect_data`` before training on them).
 
 Keys are paths inside one RLDS step, ``/``-separated (``observation/image``). An action is built from
 ``action_parts``, each one of
@@ -134,7 +138,7 @@ VIDEO_DATASETS: dict[str, VideoDataset] = {d.name: d for d in [
 # Names in DeFI's tables -> dataset names above.
 ALIASES = {
     "fractal": "fractal20220817_data", "rt1": "fractal20220817_data", "rt-1": "fractal20220817_data",
-    "something_something_v2": "ssv2",
+    "something_something_v2": "ssv2", "fmb_dataset": "fmb",
 }
 
 
