@@ -52,6 +52,15 @@ def _metrics(model, batch, rng, config, *, train: bool):
 
 
 def loss_fn(model: LatentActionModel, batch, rng, config):
+    p = float(config.train.get("reverse_pair_prob", 0.0))
+    if p > 0:
+        # Time-reversal augmentation (not in the reference): on deterministic scripted demos o_{t+n} is
+        # predictable from o_t alone; reversing some pairs makes the direction of motion knowable only
+        # through the latent action.
+        rng, flip_rng = jax.random.split(rng)
+        flip_B = jax.random.bernoulli(flip_rng, p, (batch["frames"].shape[0],))
+        frames = jnp.where(flip_B[:, None, None, None, None], batch["frames"][:, ::-1], batch["frames"])
+        batch = dict(batch, frames=frames)
     loss, metrics, _ = _metrics(model, batch, rng, config, train=True)
     return loss, metrics
 
