@@ -115,14 +115,6 @@ _PATH_RULES = {
 }
 
 
-def _torch_key(path: tuple) -> tuple[str, Any, Any]:
-    parts = [str(p) for p in path if p != "layers"]   # nnx.Sequential's extra level
-    dotted = ".".join(parts)
-    if dotted in _PATH_RULES:
-        return _PATH_RULES[dotted], None, None
-    return dotted, None, None
-
-
 def _lam_params(model, *, with_towers: bool = True) -> dict[tuple, nnx.Variable]:
     """Parameters mapped by the table: the latent action model plus, with ``with_towers``, the tiny
     config's trainable encoder towers. Reference towers (DINOv2 / T5) go through their own interop."""
@@ -138,9 +130,10 @@ def _lam_params(model, *, with_towers: bool = True) -> dict[tuple, nnx.Variable]
 
 
 def _name_and_rule(path: tuple, value_ndim: int) -> tuple[str, Any, Any]:
-    dotted, to_t, to_j = _torch_key(path)
-    if dotted in _PATH_RULES.values():
-        return dotted, to_t, to_j
+    """Our parameter path -> (reference state-dict key, JAX->torch, torch->JAX)."""
+    dotted = ".".join(str(p) for p in path if p != "layers")   # drop nnx.Sequential's extra level
+    if dotted in _PATH_RULES:
+        return _PATH_RULES[dotted], None, None
     leaf = str(path[-1])
     rule = _LEAF_RULES.get((leaf, value_ndim))
     if rule is None:
