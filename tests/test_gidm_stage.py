@@ -82,7 +82,7 @@ def test_tiny_pretraining_on_demo_data(demo_data_dir, tmp_path):
     """
     c = gidm_configs.get_config("tiny")
     c.data.data_dir = demo_data_dir
-    c.train.num_steps = 150
+    c.train.num_steps = 120
     c.train.log_every = 10
     c.train.save_every = 1000
     c.train.progress_bar = False
@@ -91,7 +91,7 @@ def test_tiny_pretraining_on_demo_data(demo_data_dir, tmp_path):
     trainer.train(c, workdir)
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     train_rows = [r for r in rows if "action_info_gap" in r]
-    assert train_rows[-1]["step"] == 150
+    assert train_rows[-1]["step"] == 120
     last = train_rows[len(train_rows) // 2:]
     assert np.mean([r["codebook_perplexity"] for r in last]) > 4
     assert np.mean([r["recon_loss"] for r in last]) < 0.5 * train_rows[0]["recon_loss"]
