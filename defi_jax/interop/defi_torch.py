@@ -209,8 +209,7 @@ def _load_encoder_state_dicts(model, state_dict: Mapping[str, np.ndarray]) -> No
                            f"skip_encoders=True and load it with defi_jax.interop.hf_{wanted} instead")
         if wanted == "dinov2":
             from defi_jax.interop import hf_dinov2
-            loaded = hf_dinov2.load_torch_hub_state_dict(sub, model.dino_encoder.config)
-            nnx.update(model.dino_encoder, nnx.state(loaded, nnx.Param))
+            hf_dinov2.load_torchhub_state_dict(model.dino_encoder, sub)
         else:
             from defi_jax.interop import hf_t5
             hf_t5.load_state_dict(model.text_encoder, sub)
