@@ -10,6 +10,9 @@ Evaluation adds the same on held-out batches (``eval_*``) and ``probe_r2``: a cl
 from the quantized tokens of held-out robot pairs to their true actions, fitted on the first half of the
 eval batches and scored (R^2, variance-weighted over action dims) on the second half;
 ``probe_r2_continuous`` does the same from the pre-quantization latents.
+
+``config.train.reverse_pair_prob`` (0 in ``defi``, 0.5 in ``tiny``) swaps o_t and o_{t+n} of that share
+of training pairs (not in the reference; see ``loss_fn``).
 """
 
 from __future__ import annotations
