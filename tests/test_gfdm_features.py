@@ -124,3 +124,16 @@ def test_conditioning_is_the_unscaled_mode_latent_repeated(models):
     for t in range(3):
         np.testing.assert_array_equal(sample[0, t, ..., 4:], cond[0])
         np.testing.assert_array_equal(sample[0, t, ..., :4], x[0, t])
+
+
+def test_full_config_features_are_2560_channels_at_16x16():
+    """configs/gfdm.py:svd at 256 px, 16 frames (abstract: shapes only, nothing allocated)."""
+    from configs.gfdm import get_config
+
+    model = nnx.eval_shape(lambda: GFDM(GFDMOptions.from_config(get_config("svd").model), rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    feats, _ = jax.eval_shape(
+        lambda s, f, t, k: nnx.merge(graphdef, s).one_step_features(f, t, k, predict_latents=False), state,
+        jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.float32), jax.ShapeDtypeStruct((2, 20, 1024), jnp.float32),
+        jax.random.key(0))
+    assert feats.shape == (2, 16, 16, 16, 2560)
