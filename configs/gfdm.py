@@ -20,7 +20,6 @@ Precomputed latents (the released recipe's input): ``python -m launch.precompute
 import ml_collections
 
 from configs.base import get_base_config
-from data_pipelines import mixtures
 from data_pipelines.config import default_data_config
 
 
@@ -76,6 +75,7 @@ def get_config(arg: str | None = None):
     m.guidance_max = 7.5
     m.sample_noise_aug = 0.02
     m.decode_chunk_size = 7
+    m.unet_remat = True                # per-block rematerialization in the UNet (gradient checkpointing)
 
     c.init = ml_collections.ConfigDict()
     c.init.svd_path = ""               # diffusers SVD folder (unet/, vae/): published weights to start from
@@ -86,9 +86,8 @@ def get_config(arg: str | None = None):
     c.data = default_data_config()
     c.data.source = "frames"           # frames | latents
     c.data.latents_dir = ""
-    # Mixture presets resolved to {dataset: weight} (config validation checks every name); pick another
-    # preset in code (mixtures.resolve("gfdm_paper")) or override weights with --config.data.mixture.NAME=W.
-    c.data.mixture = mixtures.resolve("gfdm_released")
+    # A preset name (gfdm_released, gfdm_paper, ...) or "name:w,name:w"; config validation checks every name.
+    c.data.mixture = "gfdm_released"
     c.data.resolution = 256
     c.data.num_frames = 15             # future frames after the current one: 16 predicted in all
 
@@ -107,9 +106,10 @@ def get_config(arg: str | None = None):
     t.grad_clip = 1.0
     t.frozen = (r"^vae/", r"^text_encoder/")
     t.ema_decay = 0.0
-    # The trainer's remat wraps the whole loss, which does not lower the peak; measured on 8 fake CPU devices
-    # (batch 6 per device, float32): ~196 GiB per device. Fitting an 80 GB GPU needs per-block remat in the
-    # UNet (as diffusers' gradient checkpointing), bfloat16 and / or a smaller per-device batch.
+    # The trainer's remat wraps the whole loss, which does not lower the peak: without per-block remat the
+    # full step measured ~196 GiB per device on 8 fake CPU devices (batch 6 per device, float32). The UNet
+    # therefore recomputes each res-block / transformer in the backward pass (diffusers' gradient
+    # checkpointing), ``model.unet_remat``.
     t.remat_policy = "none"
     t.num_steps = 500_000
     t.log_every = 100
@@ -117,6 +117,7 @@ def get_config(arg: str | None = None):
     t.save_every = 5_000
 
     if variant == "tiny":
+        m.unet_remat = False
         # Three UNet levels (SVD has four): the same block kinds, a third of the compile time on a CPU.
         m.unet = dict(
             sample_size=16, in_channels=8, out_channels=4,
@@ -136,7 +137,7 @@ def get_config(arg: str | None = None):
         m.num_frames = 4
         m.sample_steps = 8
         m.decode_chunk_size = 0
-        c.data.mixture = mixtures.resolve("demo")
+        c.data.mixture = "demo"
         c.data.data_dir = ""
         c.data.resolution = 32
         c.data.num_frames = 3

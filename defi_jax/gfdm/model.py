@@ -54,6 +54,7 @@ class GFDMOptions:
     guidance_max: float = 7.5
     sample_noise_aug: float = 0.02         # the pipeline's time id at sampling (no noise is added to the image)
     decode_chunk_size: int = 0             # frames decoded together by the temporal VAE decoder; 0 = all
+    unet_remat: bool = False               # recompute each UNet block in the backward pass (memory)
 
     @classmethod
     def from_config(cls, model_cfg) -> GFDMOptions:
@@ -114,7 +115,8 @@ class GFDM(nnx.Module):
         self.opts = opts
         rngs = _traceable_rngs(rngs)
         mk = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.unet = UNetSpatioTemporal(UNetConfig.from_dict(dict(opts.unet)), attention_impl=attention_impl, **mk)
+        self.unet = UNetSpatioTemporal(UNetConfig.from_dict(dict(opts.unet)), attention_impl=attention_impl,
+                                       remat=opts.unet_remat, **mk)
         self.vae = AutoencoderKLTemporalDecoder(VAEConfig.from_dict(dict(opts.vae)), attention_impl=attention_impl,
                                                 **mk)
         self.text_encoder = CLIPTextEncoder(CLIPTextConfig(**dict(opts.text_encoder)), **mk)
