@@ -21,7 +21,10 @@ model keys:
   vq_beta (commitment weight), vq_restart_every (steps between dead-code restarts; the reference does it
   once per epoch), vq_restart_from ("codebook" = the reference, "encoder" = random encoder outputs)
   reference_mask_order: reproduce the reference's encoder language-mask ordering quirk (see model.py)
-  residual_target: the decoder output is added to the current frame's target (tiny; not in the reference)
+  residual_target: the decoder output is added to the current frame's target, its output layer starts at
+                   zero (tiny; not in the reference)
+  action_to_patches: the latent actions are also projected and added to every decoder patch token
+                   (tiny; not in the reference, whose decoder reaches them only through attention)
 """
 
 import ml_collections
@@ -54,6 +57,7 @@ def model_config(variant: str = "defi") -> ml_collections.ConfigDict:
     m.vq_restart_from = "codebook"
     m.reference_mask_order = False
     m.residual_target = False              # tiny: decoder predicts target(t+n) - target(t)
+    m.action_to_patches = False            # tiny: latent actions also added to every decoder patch token
     m.dtype = "float32"                    # compute dtype of the latent action model's layers
     m.remat = False
     m.attention_impl = ""                  # "" = XLA's choice, "cudnn" = flash attention on GPU
@@ -70,11 +74,12 @@ def model_config(variant: str = "defi") -> ml_collections.ConfigDict:
         m.dec_blocks = 2
         m.num_heads = 4
         m.patch_size = 8
-        m.image_size = 64
+        m.image_size = 32                  # 4 x 4 patches: a CPU run reaches the tokens within minutes
         m.max_text_len = 32
         m.vq_restart_every = 25
         m.vq_restart_from = "encoder"
         m.residual_target = True
+        m.action_to_patches = True
     elif variant != "defi":
         raise ValueError(f"configs/gidm.py: unknown variant {variant!r} (defi | tiny)")
     return m

@@ -53,11 +53,12 @@ def test_shapes_tiny_pixels():
     c = model_config("tiny")
     model = LatentActionModel(c, rngs=nnx.Rngs(0))
     B = 2
-    frames = jnp.asarray(np.random.default_rng(0).integers(0, 255, (B, 2, 64, 64, 3)), jnp.uint8)
+    s = c.image_size
+    frames = jnp.asarray(np.random.default_rng(0).integers(0, 255, (B, 2, s, s, 3)), jnp.uint8)
     ids, mask = zip(*(byte_tokenize(t, c.max_text_len) for t in ["pick up the red block", "open"]))
     out = nnx.jit(lambda m, f, i, a: m(f, i, a, shuffle_rng=jax.random.PRNGKey(1)))(
         model, frames, jnp.asarray(np.stack(ids)), jnp.asarray(np.stack(mask)))
-    n = (64 // 8) ** 2
+    n = (s // 8) ** 2
     assert out["recon"].shape == (B, n, 8 * 8 * 3) == out["target"].shape == out["recon_shuffled"].shape
     assert out["z_q"].shape == out["z_e"].shape == (B, NUM_ACTION_QUERIES, c.latent_dim)
     assert out["indices"].shape == (B, NUM_ACTION_QUERIES)

@@ -75,15 +75,16 @@ def test_validate_names_bad_keys():
 
 def test_tiny_pretraining_on_demo_data(demo_data_dir, tmp_path):
     """Pretraining from scratch on the demo data through the real trainer: the loss falls, the codebook is
-    in use, and the encoder's latent actions linearly predict the true (held-out) robot actions.
+    in use, the decoder reads the latent actions (shuffling them across the batch costs a clear share of
+    the reconstruction loss) and the encoder's latents linearly predict the true (held-out) robot actions.
 
-    Known limit (see the report): in this short CPU run the decoder does not yet read the tokens, so
-    ``action_info_gap`` stays about 0; it is logged and must be finite.
+    The gap appears after ~150 steps (about 0.2 x recon_loss by step 250 with this seed); before it the
+    decoder only learns what the current frame alone predicts.
     """
     c = gidm_configs.get_config("tiny")
     c.data.data_dir = demo_data_dir
-    c.train.num_steps = 120
-    c.train.log_every = 10
+    c.train.num_steps = 250
+    c.train.log_every = 25
     c.train.save_every = 1000
     c.train.progress_bar = False
     c.data.eval_batches = 4
@@ -91,11 +92,13 @@ def test_tiny_pretraining_on_demo_data(demo_data_dir, tmp_path):
     trainer.train(c, workdir)
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     train_rows = [r for r in rows if "action_info_gap" in r]
-    assert train_rows[-1]["step"] == 120
+    assert train_rows[-1]["step"] == 250
     last = train_rows[len(train_rows) // 2:]
     assert np.mean([r["codebook_perplexity"] for r in last]) > 4
-    assert np.mean([r["recon_loss"] for r in last]) < 0.5 * train_rows[0]["recon_loss"]
-    assert all(np.isfinite(r["action_info_gap"]) for r in train_rows)
+    assert np.mean([r["recon_loss"] for r in last]) < 0.6 * train_rows[0]["recon_loss"]
+    end = train_rows[-3:]
+    gap, recon = np.mean([r["action_info_gap"] for r in end]), np.mean([r["recon_loss"] for r in end])
+    assert gap > 0.05 * recon, (gap, recon)        # a token-blind decoder gives |gap| < 1e-4
     final = [r for r in rows if "probe_r2" in r][-1]
-    assert np.isfinite(final["eval_action_info_gap"]) and np.isfinite(final["probe_r2"])
+    assert final["eval_action_info_gap"] > 0 and np.isfinite(final["probe_r2"])
     assert final["probe_r2_continuous"] > 0.3

@@ -15,7 +15,10 @@ The tiny CPU configuration swaps the frozen encoders for a patch embedding train
 byte-level token embedding, and predicts normalized pixel patches of the future frame instead of its
 DINO features (a from-scratch encoder predicting its own features would collapse); with
 ``residual_target`` the decoder output is added to the current frame's target, so from the first step it
-only has to model what changed (the reference has no such residual: off in ``defi``).
+only has to model what changed, and its output layer starts at zero so that training starts from "copy
+the current frame" (the reference has no such residual: off in ``defi``). With ``action_to_patches``
+(tiny only) the latent actions are also projected and added to every decoder patch token: through
+attention alone a small decoder learns what the current frame predicts long before it reads the tokens.
 """
 
 from __future__ import annotations
@@ -254,7 +257,15 @@ class LatentActionModel(nnx.Module):
         self.action_up = nn.linear(c.latent_dim, d, rngs=rngs, axes=(None, "embed"), dtype=dtype)
         self.decoder = _Transformer(d, d, target_dim, c.dec_blocks, c.num_heads, rngs=rngs, temporal=False,
                                     dtype=dtype, remat=c.get("remat", False))
+        if self.residual_target:
+            # The residual decoder starts at "copy the current frame" (zero output) instead of spending its
+            # first steps unlearning a random output of the size of the target.
+            self.decoder.out.kernel[...] = jnp.zeros_like(self.decoder.out.kernel[...])
         self.lang_proj = nn.linear(c.text_dim, d, rngs=rngs, axes=("embed", "mlp"), dtype=dtype)
+        # Tiny (not in the reference): every patch token of the decoder also gets the latent actions added,
+        # a direct path from the tokens to each predicted patch (see ``decode``).
+        self.action_to_patches = (nn.linear(q * c.latent_dim, d, rngs=rngs, axes=(None, "embed"), dtype=dtype)
+                                  if c.get("action_to_patches", False) else None)
 
     # -- inputs -------------------------------------------------------------------------------------
     def encode_frames(self, frames_BTHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -310,7 +321,11 @@ class LatentActionModel(nnx.Module):
     def decode(self, feats_BNC, z_q_BQC, lang_BLD, text_mask_BL) -> jax.Array:
         """Predicted future-frame targets [B, N, target_dim] from the current frame and latent actions."""
         q, N = z_q_BQC.shape[1], feats_BNC.shape[1]
-        tokens_BSD = jnp.concatenate([self.action_up(z_q_BQC), self.patch_up(feats_BNC)], axis=1)
+        patches_BND = self.patch_up(feats_BNC)
+        if self.action_to_patches is not None:
+            B = z_q_BQC.shape[0]
+            patches_BND = patches_BND + self.action_to_patches(z_q_BQC.reshape(B, -1))[:, None]   # [B, 1, D]
+        tokens_BSD = jnp.concatenate([self.action_up(z_q_BQC), patches_BND], axis=1)
         _, mask_BS = self._masks(text_mask_BL, q + N, 1)
         out_B1SD = self.decoder(tokens_BSD[:, None], lang_BLD[:, None], mask_bS=mask_BS,
                                 implementation=self.attention_impl)
