@@ -18,7 +18,8 @@ from defi_jax.torch_ref.gidm import LatentActionModel as TorchLatentActionModel
 def _small(**kw):
     c = model_config("tiny")
     c.update(dict(target="features", feature_dim=24, text_dim=20, model_dim=32, latent_dim=8, num_latents=6,
-                  enc_blocks=2, dec_blocks=2, num_heads=4, patch_size=4, image_size=16, residual_target=False))
+                  enc_blocks=2, dec_blocks=2, num_heads=4, patch_size=4, image_size=16, residual_target=False,
+                  action_to_patches=False))   # the reference structure: no tiny-only extras
     c.update(kw)
     return c
 
