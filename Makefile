@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 demo: install
 	$(PY) -m launch.demo --workdir=workdirs/demo

@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         # Parity tests use the real reference libraries on random weights; TFRecord RLDS needs TensorFlow.
-        "dev": ["pytest>=8", "torch==2.13.0", "diffusers>=0.35", "transformers>=4.50", "sentencepiece",
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "diffusers>=0.35", "transformers>=4.50", "sentencepiece",
                 "tensorflow-cpu>=2.18"],
         "torch": ["torch>=2.4", "safetensors>=0.4"],
         "sim": ["metaworld>=3.0", "mujoco>=3.2"],
