@@ -30,15 +30,13 @@ Public: :func:`train`, :class:`Trainer`, :func:`restore_model`, :func:`checkpoin
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
 import re
 import signal
 import threading
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax

@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from defi_jax.benchmarks import timeit
 
 SIZES = {
     # name: (clip kwargs, dino kwargs, t5 kwargs)
@@ -30,17 +31,6 @@ SIZES = {
               dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4),
               dict(d_model=128, d_kv=32, d_ff=512, num_layers=4, num_heads=4)),
 }
-
-
-def _time(fn, steps: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def _rel(a, b) -> float:
@@ -121,9 +111,9 @@ def run(args: list[str]) -> list[dict]:
         out = fwd(ours, *inputs)
         with torch.no_grad():
             want = torch_fn(ref).float().cpu().numpy()
-            t_torch = _time(lambda: (torch_fn(ref), torch.cuda.synchronize() if torch_dev == "cuda" else None),
+            t_torch = timeit(lambda: (torch_fn(ref), torch.cuda.synchronize() if torch_dev == "cuda" else None),
                             a.steps, a.warmup)
-        t_jax = _time(lambda: jax.block_until_ready(fwd(ours, *inputs)), a.steps, a.warmup)
+        t_jax = timeit(lambda: jax.block_until_ready(fwd(ours, *inputs)), a.steps, a.warmup)
         med, med_t = statistics.median(t_jax), statistics.median(t_torch)
         rows.append(dict(case="encoders", what=what, config=f"{config} batch={B}", device=device,
                          median_s=med, torch_median_s=med_t, ratio=med / med_t, max_rel_err=_rel(out, want)))

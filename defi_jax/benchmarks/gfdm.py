@@ -33,16 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def _time(fn, steps: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
+from defi_jax.benchmarks import timeit
 
 
 def _torch_features(unet, vae, frame, text, noise, sched, num_up_blocks: int):
@@ -88,7 +79,6 @@ def run(args: list[str]) -> list[dict]:
     import defi_jax  # noqa: F401
     from configs.gfdm import get_config
     from defi_jax import metrics as metrics_lib
-    from defi_jax.gfdm import edm
     from defi_jax.gfdm.model import GFDM, GFDMOptions
     from defi_jax.interop import diffusers_svd
 
@@ -165,8 +155,8 @@ def run(args: list[str]) -> list[dict]:
 
     ref = torch_feats().float().permute(0, 1, 3, 4, 2).cpu().numpy()
     feat_err = float(np.abs(np.asarray(jf, np.float32) - ref).max() / np.abs(ref).max())
-    jax_feat = _time(lambda: jax.block_until_ready(feats_fn(feat_state, frame, text, noise)), a.steps, a.warmup)
-    torch_feat = _time(torch_feats, a.steps, a.warmup)
+    jax_feat = timeit(lambda: jax.block_until_ready(feats_fn(feat_state, frame, text, noise)), a.steps, a.warmup)
+    torch_feat = timeit(torch_feats, a.steps, a.warmup)
 
     # ---- JAX train step (UNet params trained, the rest frozen)
     is_unet = nnx.All(nnx.Param, nnx.PathContains("unet"))
@@ -221,8 +211,8 @@ def run(args: list[str]) -> list[dict]:
             torch.cuda.synchronize()
 
     t_unet.train()
-    jax_train = _time(jax_step, a.steps, a.warmup)
-    torch_train = _time(torch_step, a.steps, a.warmup)
+    jax_train = timeit(jax_step, a.steps, a.warmup)
+    torch_train = timeit(torch_step, a.steps, a.warmup)
 
     dev = jax.devices()[0]
     peak = metrics_lib.peak_flops(dev)

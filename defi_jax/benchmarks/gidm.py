@@ -24,6 +24,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from defi_jax.benchmarks import timeit
+
 CONFIGS = {
     # name: (model_dim, enc_blocks, dec_blocks, heads, patches, text_len, latent, codes)
     "tiny": (64, 2, 2, 4, 64, 16, 16, 16),
@@ -34,17 +36,6 @@ CONFIGS = {
 
 def _device_name(dev) -> str:
     return f"{dev.platform}:{dev.device_kind}"
-
-
-def _time(fn, steps: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def run(args: list[str]) -> list[dict]:
@@ -132,8 +123,8 @@ def run(args: list[str]) -> list[dict]:
             torch.cuda.synchronize()
         first.setdefault("torch", float(loss.detach()))
 
-    jax_times = _time(jax_step, a.steps, a.warmup)
-    torch_times = _time(torch_step, a.steps, a.warmup)
+    jax_times = timeit(jax_step, a.steps, a.warmup)
+    torch_times = timeit(torch_step, a.steps, a.warmup)
     jax_med, torch_med = statistics.median(jax_times), statistics.median(torch_times)
     dev = jax.devices()[0]
     peak = metrics_lib.peak_flops(dev)
