@@ -22,12 +22,16 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Demo data folder (default: $D
 
 
 def _last_metrics(workdir: str) -> dict:
+    """The last training row merged with the last evaluation row of the stage's metrics.jsonl."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return {}
+    merged = {}
     with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    return json.loads(lines[-1]) if lines else {}
+        for line in f:
+            if line.strip():
+                merged.update(json.loads(line))
+    return merged
 
 
 def main(argv):
