@@ -68,3 +68,17 @@ def attention(q_BLNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array, *, mask=N
     """
     return jax.nn.dot_product_attention(q_BLNH, k_BSNH, v_BSNH, mask=mask, is_causal=is_causal,
                                         implementation=implementation)
+
+
+class Mlp(nnx.Module):
+    """fc1 -> activation -> fc2, the transformer feed-forward block (transformers' ViT / CLIP names)."""
+
+    def __init__(self, din: int, dhidden: int, activation, *, rngs: nnx.Rngs, dtype=None,
+                 param_dtype=jnp.float32):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.fc1 = linear(din, dhidden, axes=("embed", "mlp"), **kw)
+        self.fc2 = linear(dhidden, din, axes=("mlp", "embed"), **kw)
+        self.act = activation
+
+    def __call__(self, x):
+        return self.fc2(self.act(self.fc1(x)))

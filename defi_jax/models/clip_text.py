@@ -80,24 +80,13 @@ class _Attention(nnx.Module):
         return self.out_proj(out_BLNH.reshape(B, L, D))
 
 
-class _MLP(nnx.Module):
-    def __init__(self, cfg: CLIPTextConfig, *, rngs, dtype, param_dtype):
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.fc1 = nn.linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
-        self.fc2 = nn.linear(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), **kw)
-        self.act = _ACTIVATIONS[cfg.hidden_act]
-
-    def __call__(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class _Layer(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, *, rngs, dtype, param_dtype):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.layer_norm1 = nn.layer_norm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, **kw)
         self.self_attn = _Attention(cfg, **kw)
         self.layer_norm2 = nn.layer_norm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, **kw)
-        self.mlp = _MLP(cfg, **kw)
+        self.mlp = nn.Mlp(cfg.hidden_size, cfg.intermediate_size, _ACTIVATIONS[cfg.hidden_act], **kw)
 
     def __call__(self, x_BLD, mask_BNLS):
         x_BLD = x_BLD + self.self_attn(self.layer_norm1(x_BLD), mask_BNLS)

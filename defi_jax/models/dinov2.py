@@ -125,17 +125,6 @@ class _Attention(nnx.Module):
         return self.o_proj(out_BLNH.reshape(B, L, D))
 
 
-class _MLP(nnx.Module):
-    def __init__(self, cfg: Dinov2Config, *, rngs, dtype, param_dtype):
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.fc1 = nn.linear(cfg.hidden_size, cfg.mlp_hidden, axes=("embed", "mlp"), **kw)
-        self.fc2 = nn.linear(cfg.mlp_hidden, cfg.hidden_size, axes=("mlp", "embed"), **kw)
-        self.act = _ACTIVATIONS[cfg.hidden_act]
-
-    def __call__(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class _Layer(nnx.Module):
     def __init__(self, cfg: Dinov2Config, *, rngs, dtype, param_dtype):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -144,7 +133,7 @@ class _Layer(nnx.Module):
         self.attention = _Attention(cfg, **kw)
         self.layer_scale1 = nn.param(rngs, ones, (cfg.hidden_size,), ("norm",), param_dtype)
         self.norm2 = nn.layer_norm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, **kw)
-        self.mlp = _MLP(cfg, **kw)
+        self.mlp = nn.Mlp(cfg.hidden_size, cfg.mlp_hidden, _ACTIVATIONS[cfg.hidden_act], **kw)
         self.layer_scale2 = nn.param(rngs, ones, (cfg.hidden_size,), ("norm",), param_dtype)
 
     def __call__(self, x_BLD):
