@@ -14,6 +14,7 @@ import defi_jax  # noqa: F401  (flax settings)
 from defi_jax.interop import hf_clip
 from defi_jax.models import clip_text
 from defi_jax.models.clip_tokenizer import CLIPTokenizer, bytes_to_unicode
+from _encoder_checks import assert_shards_on_8_devices
 
 transformers = pytest.importorskip("transformers")
 
@@ -128,7 +129,7 @@ def test_full_config_parameter_count_and_axes():
     params = nnx.state(model, nnx.Param)
     leaves = jax.tree.leaves(params)
     assert sum(int(np.prod(x.shape)) for x in leaves) == 63_165_952
-    _assert_shards_on_8_devices(params, (49408, 512))
+    assert_shards_on_8_devices(params, (49408, 512))
     for path, var in nnx.to_flat_state(params):
         names = var.get_metadata().get("out_sharding")
         assert names is not None and len(names) == var.get_value().ndim, path
@@ -230,17 +231,3 @@ def test_tokenizer_missing_folder_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="vocab.json"):
         CLIPTokenizer.from_folder(str(tmp_path))
 
-
-def _assert_shards_on_8_devices(params, biggest_dims):
-    """The logical names resolve on the default (1, 8, 1) fsdp mesh; the largest weight gets split."""
-    from configs.base import get_base_config
-    from defi_jax import sharding
-
-    cfg = get_base_config()
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:8])
-    shardings = sharding.state_shardings(params, mesh, dict(cfg.sharding.logical_axis_rules))
-    leaves = [(v.get_value().shape, s) for v, s in zip(
-        jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)),
-        jax.tree.leaves(shardings))]
-    shape, spec = max(leaves, key=lambda t: int(np.prod(t[0])))
-    assert sorted(shape) == sorted(biggest_dims) and any(a is not None for a in spec.spec), (shape, spec)

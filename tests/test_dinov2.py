@@ -10,6 +10,7 @@ from flax import nnx
 import defi_jax  # noqa: F401  (flax settings)
 from defi_jax.interop import hf_dinov2
 from defi_jax.models import dinov2
+from _encoder_checks import assert_shards_on_8_devices
 
 transformers = pytest.importorskip("transformers")
 
@@ -127,7 +128,7 @@ def test_full_config_parameter_count_and_tokens():
     model = nnx.eval_shape(lambda: dinov2.Dinov2(cfg, rngs=nnx.Rngs(0)))
     params = nnx.state(model, nnx.Param)
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == 86_583_552
-    _assert_shards_on_8_devices(params, (3072, 768))
+    assert_shards_on_8_devices(params, (3072, 768))
     for path, var in nnx.to_flat_state(params):
         names = var.get_metadata().get("out_sharding")
         assert names is not None and len(names) == var.get_value().ndim, path
@@ -155,17 +156,3 @@ def _legacy_state_dict(folder):
     from safetensors.torch import load_file
     return load_file(folder / "model.safetensors")
 
-
-def _assert_shards_on_8_devices(params, biggest_dims):
-    """The logical names resolve on the default (1, 8, 1) fsdp mesh; the largest weight gets split."""
-    from configs.base import get_base_config
-    from defi_jax import sharding
-
-    cfg = get_base_config()
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:8])
-    shardings = sharding.state_shardings(params, mesh, dict(cfg.sharding.logical_axis_rules))
-    leaves = [(v.get_value().shape, s) for v, s in zip(
-        jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)),
-        jax.tree.leaves(shardings))]
-    shape, spec = max(leaves, key=lambda t: int(np.prod(t[0])))
-    assert sorted(shape) == sorted(biggest_dims) and any(a is not None for a in spec.spec), (shape, spec)

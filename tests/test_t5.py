@@ -11,6 +11,7 @@ import defi_jax  # noqa: F401  (flax settings)
 from defi_jax.interop import hf_t5
 from defi_jax.models import t5
 from defi_jax.models.t5_tokenizer import T5Tokenizer
+from _encoder_checks import assert_shards_on_8_devices
 
 transformers = pytest.importorskip("transformers")
 
@@ -102,7 +103,7 @@ def test_full_config_parameter_count_and_axes():
     model = nnx.eval_shape(lambda: t5.T5Encoder(t5.T5Config(), rngs=nnx.Rngs(0)))
     params = nnx.state(model, nnx.Param)
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == 109_628_544
-    _assert_shards_on_8_devices(params, (32128, 768))
+    assert_shards_on_8_devices(params, (32128, 768))
     for path, var in nnx.to_flat_state(params):
         names = var.get_metadata().get("out_sharding")
         assert names is not None and len(names) == var.get_value().ndim, path
@@ -179,17 +180,3 @@ def test_instruction_embedder_caches_and_matches_reference(spiece_folder):
     assert not calls
     np.testing.assert_array_equal(emb2, emb[[3, 0]])
 
-
-def _assert_shards_on_8_devices(params, biggest_dims):
-    """The logical names resolve on the default (1, 8, 1) fsdp mesh; the largest weight gets split."""
-    from configs.base import get_base_config
-    from defi_jax import sharding
-
-    cfg = get_base_config()
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:8])
-    shardings = sharding.state_shardings(params, mesh, dict(cfg.sharding.logical_axis_rules))
-    leaves = [(v.get_value().shape, s) for v, s in zip(
-        jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)),
-        jax.tree.leaves(shardings))]
-    shape, spec = max(leaves, key=lambda t: int(np.prod(t[0])))
-    assert sorted(shape) == sorted(biggest_dims) and any(a is not None for a in spec.spec), (shape, spec)
