@@ -8,11 +8,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 
 import jax
+
+from defi_jax import paths
 
 # Peak dense bf16 FLOP/s per device (chip for TPU, GPU otherwise), from the vendors' spec sheets.
 PEAK_FLOPS = (
@@ -51,26 +55,35 @@ def _scalar(v):
 
 
 class MetricWriter:
-    """Writes scalars to ``workdir/metrics.jsonl`` and TensorBoard (``workdir/tensorboard``)."""
+    """Writes scalars to ``workdir/metrics.jsonl`` and TensorBoard events under ``workdir/tensorboard``.
 
-    def __init__(self, workdir: str | None, *, enabled: bool = True, resume_step: int | None = None):
+    A local workdir is written in place. A ``gs://`` workdir (any URI :mod:`defi_jax.paths` reads) gets
+    both written to a local staging folder and uploaded as whole files at most every ``sync_every_s``
+    seconds and on :meth:`close`: object stores cannot append, and tensorboardX writes local files only.
+    """
+
+    def __init__(self, workdir: str | None, *, enabled: bool = True, resume_step: int | None = None,
+                 sync_every_s: float = 60.0):
         """``resume_step``: drop rows logged after it by an earlier, interrupted run (they are redone)."""
         self.enabled = enabled and workdir is not None
         self._jsonl = self._tb = None
-        if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            path = os.path.join(workdir, "metrics.jsonl")
-            if resume_step is not None and os.path.exists(path):
-                with open(path) as f:
-                    keep = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-                with open(path, "w") as f:
-                    f.writelines(keep)
-            self._jsonl = open(path, "a")
-            try:
-                from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            except ImportError:  # tensorboardX is optional at runtime
-                self._tb = None
+        if not self.enabled:
+            return
+        self.workdir = workdir
+        self._remote = paths.is_remote(workdir)
+        self._local = tempfile.mkdtemp(prefix="defi_jax_metrics_") if self._remote else workdir
+        self._sync_every_s, self._synced_at = sync_every_s, time.monotonic()
+        os.makedirs(self._local, exist_ok=True)
+        path, local_path = paths.join(workdir, "metrics.jsonl"), os.path.join(self._local, "metrics.jsonl")
+        if paths.exists(path) and (resume_step is not None or self._remote):
+            # Keep the rows up to the resumed step; a line cut short by a killed run is dropped too.
+            paths.write_text(local_path, "".join(_rows_up_to(paths.read_text(path), resume_step)))
+        self._jsonl = open(local_path, "a")
+        try:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(self._local, "tensorboard"))
+        except ImportError:  # tensorboardX is optional at runtime
+            self._tb = None
 
     def write(self, step: int, scalars: dict[str, Any]) -> None:
         if not self.enabled:
@@ -83,12 +96,39 @@ class MetricWriter:
                 if k != "step":
                     self._tb.add_scalar(k, v, int(step))
             self._tb.flush()
+        if self._remote and time.monotonic() - self._synced_at >= self._sync_every_s:
+            self._upload()
+
+    def _upload(self) -> None:
+        """Copies the staged metrics.jsonl and event files to the remote workdir."""
+        for folder, _, files in os.walk(self._local):
+            for name in files:
+                rel = os.path.relpath(os.path.join(folder, name), self._local)
+                paths.copy(os.path.join(folder, name), paths.join(self.workdir, *rel.split(os.sep)))
+        self._synced_at = time.monotonic()
 
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self.enabled and self._remote:
+            self._upload()
+            shutil.rmtree(self._local, ignore_errors=True)
+        self._jsonl = self._tb = None
+
+
+def _rows_up_to(text: str, step: int | None) -> list[str]:
+    """The complete JSON lines of ``text`` (a metrics.jsonl) whose step is <= ``step`` (all for None)."""
+    keep = []
+    for line in text.splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if line.endswith("\n") and (step is None or row["step"] <= step):
+            keep.append(line)
+    return keep
 
 
 class Throughput:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import os
+import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from defi_jax import paths
 
 
 def psnr(pred: jax.Array, target: jax.Array, max_val: float = 1.0) -> jax.Array:
@@ -55,15 +57,20 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
 
 
 def write_video_grid(path: str, rows: list[np.ndarray], fps: float = 4.0) -> str:
-    """Writes a GIF: ``rows`` are uint8 videos ``[B, T, H, W, 3]`` stacked vertically, batch side by side.
+    """Writes a looping GIF to ``path`` (local or ``gs://``): ``rows`` are uint8 videos ``[B, T, H, W, 3]``
+    stacked vertically, batch side by side; each frame shows for ``1000 / fps`` ms.
 
     As the reference's validation videos: ground truth on top, prediction below.
     """
-    import imageio.v2 as imageio
+    from PIL import Image
 
     grid_TBHW3 = np.concatenate([np.asarray(r) for r in rows], axis=2)  # rows stacked on height
-    b, t = grid_TBHW3.shape[:2]
-    frames = [np.concatenate(list(grid_TBHW3[:, i]), axis=1) for i in range(t)]  # batch side by side on width
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    imageio.mimsave(path, frames, format="GIF", duration=1.0 / fps, loop=0)
+    t = grid_TBHW3.shape[1]
+    frames = [Image.fromarray(np.concatenate(list(grid_TBHW3[:, i]), axis=1)) for i in range(t)]  # batch on width
+    buf = io.BytesIO()
+    # The frame duration is in ms (GIF stores centiseconds). imageio's GIF writer changed its unit from seconds
+    # to ms across versions; its `duration=1 / fps` wrote frames of 0 ms, which viewers play at their default.
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000.0 / fps),
+                   loop=0)
+    paths.write_bytes(path, buf.getvalue())
     return path

@@ -1,0 +1,110 @@
+"""One file layer for local paths and object-store URIs (``gs://bucket/...``), on :mod:`etils.epath`.
+
+Everything the project writes outside Orbax (``config.json``, ``metrics.jsonl``, TensorBoard events, sample
+GIFs) goes through here, so a workdir may be a local folder or a bucket. epath reads and writes ``gs://``
+through ``tf.io.gfile`` when TensorFlow is installed, else through fsspec (``gcsfs``).
+
+Writes are atomic: a local file is written under a temporary name in the same folder and renamed over the
+target, so a reader (or a run killed mid-write) never sees half a file; an object-store object only appears
+once its upload completes, so it is written directly (a rename there is a copy plus a delete).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import IO
+
+from etils import epath
+
+_SCHEME_SEP = "://"
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """True for URIs such as ``gs://bucket/dir``, False for local paths."""
+    return _SCHEME_SEP in os.fspath(path)
+
+
+def abspath(path: str | os.PathLike) -> str:
+    """A local path made absolute (``~`` expanded); a URI unchanged. Orbax needs absolute paths."""
+    path = os.fspath(path)
+    return path if is_remote(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def join(path: str | os.PathLike, *parts: str) -> str:
+    """``os.path.join`` that also joins URIs with ``/``."""
+    path = os.fspath(path)
+    if not is_remote(path):
+        return os.path.join(path, *parts)
+    return "/".join([path.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def _p(path: str | os.PathLike) -> epath.Path:
+    return epath.Path(path)
+
+
+def exists(path: str | os.PathLike) -> bool:
+    return _p(path).exists()
+
+
+def isdir(path: str | os.PathLike) -> bool:
+    return _p(path).is_dir()
+
+
+def makedirs(path: str | os.PathLike) -> None:
+    """Creates ``path`` and its parents; a no-op where it exists (and on object stores, which have none)."""
+    _p(path).mkdir(parents=True, exist_ok=True)
+
+
+def listdir(path: str | os.PathLike) -> list[str]:
+    """The names (not paths) in folder ``path``, sorted."""
+    return sorted(p.name for p in _p(path).iterdir())
+
+
+def remove(path: str | os.PathLike, missing_ok: bool = False) -> None:
+    _p(path).unlink(missing_ok=missing_ok)
+
+
+def open(path: str | os.PathLike, mode: str = "r") -> IO:  # noqa: A001  (mirrors the builtin)
+    """A file object on ``path``; ``mode`` is one of r, w, a (+ b). Object stores cannot append."""
+    return _p(path).open(mode)
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    return _p(path).read_bytes()
+
+
+def read_text(path: str | os.PathLike) -> str:
+    return _p(path).read_text()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path`` atomically (see the module docstring); creates the parent folder."""
+    path = os.fspath(path)
+    parent = os.path.dirname(path) if not is_remote(path) else path.rsplit("/", 1)[0]
+    if parent:
+        makedirs(parent)
+    if is_remote(path):
+        with open(path, "wb") as f:
+            f.write(data)
+        return
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` (UTF-8) to ``path`` atomically."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copies one file, across backends too (e.g. a local staging file to ``gs://``); atomic like writes."""
+    write_bytes(dst, read_bytes(src))
+
