@@ -1,8 +1,10 @@
 # make test : create .venv, install defi-jax with its test dependencies, run the whole test suite.
 # make demo : run the main job (every stage on the embedded Meta-World demo data) into workdirs/demo.
+#             DEMO_ARGS passes flags through, e.g. make demo DEMO_ARGS="--steps=5 --workdir=/tmp/d".
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
+DEMO_ARGS ?=
 
 .PHONY: test demo install
 
@@ -20,4 +22,4 @@ test: install
 	$(PY) -m pytest -q -n 2 tests
 
 demo: install
-	$(PY) -m launch.demo --workdir=workdirs/demo
+	$(PY) -m launch.demo --workdir=workdirs/demo $(DEMO_ARGS)

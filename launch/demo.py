@@ -44,14 +44,16 @@ def main(argv):
     from data_pipelines import demo
     from defi_jax import trainer
 
-    data_dir = demo.ensure_demo_data(_DATA_DIR.value)
+    # Orbax needs absolute paths; the README's command passes a relative one.
+    root = _WORKDIR.value if "://" in _WORKDIR.value else os.path.abspath(_WORKDIR.value)
+    data_dir = demo.ensure_demo_data(os.path.abspath(_DATA_DIR.value) if _DATA_DIR.value else None)
     print(f"demo data: {data_dir}", flush=True)
     summary = {}
     for name in _STAGES.value:
         config = importlib.import_module(f"configs.{name}").get_config("tiny")
         if _STEPS.value is not None:
             config.train.num_steps = _STEPS.value
-        workdir = os.path.join(_WORKDIR.value, name)
+        workdir = os.path.join(root, name)
         print(f"== {name}: {config.train.num_steps} steps -> {workdir}", flush=True)
         result = trainer.train(config, workdir)
         if result.status == "preempted":
