@@ -1,0 +1,258 @@
+"""Ahead-of-time compile of a config's train step for a Cloud TPU topology, from any machine.
+
+With ``libtpu`` installed (``pip install -e '.[tpu]'``) the real TPU compiler runs on a CPU-only machine:
+:func:`topology_devices` returns compile-only devices of a named topology, the mesh is built on them as on
+the pod, and :func:`compile_report` compiles (never runs) the train step and reads XLA's per-device memory,
+FLOPs and collectives from the result. Entry point: ``python -m launch.aot``.
+
+Topology names (the mapping :func:`parse_topology` applies; checked against libtpu 0.0.42):
+
+  ==============  =====================  ==================================================================
+  given           libtpu topology_name   meaning
+  ==============  =====================  ==================================================================
+  ``v4-32``       ``v4:2x2x4``           v4 and v5p names count TensorCores: 2 per chip, so v4-32 = 16 chips;
+  ``v5p-128``     ``v5p:4x4x4``          one JAX device per chip ("megacore"). 3-D torus, grown from
+  ``v5p-16``      ``v5p:2x2x2``          2x2x1 by doubling the smallest side (4x4x8, 4x8x8, 8x8x8, ...).
+  ``v5e-256``     ``v5e:16x16``          v5e (``v5litepod-N``) and v6e names count chips, one core each;
+  ``v6e-64``      ``v6e:8x8``            2-D torus (2x2, 2x4, 4x4, 4x8, 8x8, 8x16, 16x16).
+  ``v5p:2x2x2``   ``v5p:2x2x2``          the explicit chip grid, for shapes the doubling rule does not give.
+  ==============  =====================  ==================================================================
+
+Every host of a multi-host slice holds 2x2x1 chips (single-host v5e / v6e: up to 8). Sides of 16 (2-D) or a full cube of sides >= 4 (3-D) wrap around (torus).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from collections.abc import Sequence
+
+import jax
+
+from defi_jax import metrics, sharding
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One TPU generation: what a topology name means and what a chip can do."""
+
+    name: str                 # as in the product name: v4, v5p, v5e, v6e
+    peak_flops: float         # dense bf16 FLOP/s per chip
+    hbm_bytes: int            # HBM per chip (= per JAX device: one device per chip on all four)
+    cores_per_chip: int       # TensorCores the product name counts per chip (v4-8 is 4 chips)
+    ndim: int                 # torus dimensions
+    chip_config: str          # libtpu chip_config_name: "megacore" fuses a chip's two cores into one device
+
+
+# Peak dense bf16 FLOP/s and HBM per chip from the Cloud TPU system-architecture pages
+# (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e): v4 275 TF / 32 GiB, v5e 197 TF / 16 GiB,
+# v5p 459 TF / 95 GiB, v6e (Trillium) 918 TF / 32 GiB.
+CHIPS = {
+    "v4": Chip("v4", 275e12, 32 * GiB, cores_per_chip=2, ndim=3, chip_config="megacore"),
+    "v5p": Chip("v5p", 459e12, 95 * GiB, cores_per_chip=2, ndim=3, chip_config="megacore"),
+    "v5e": Chip("v5e", 197e12, 16 * GiB, cores_per_chip=1, ndim=2, chip_config="default"),
+    "v6e": Chip("v6e", 918e12, 32 * GiB, cores_per_chip=1, ndim=2, chip_config="default"),
+}
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v5": "v5p", "v6": "v6e"}
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A named slice (or ``num_slices`` identical slices) of one TPU generation."""
+
+    name: str                 # as given, e.g. "v5p-128"
+    chip: Chip
+    grid: tuple[int, ...]     # chips along each torus side
+    num_slices: int = 1
+
+    @property
+    def topology_name(self) -> str:
+        """The string libtpu's ``get_topology_desc`` accepts, e.g. ``v5p:4x4x4``."""
+        return f"{self.chip.name}:" + "x".join(map(str, self.grid))
+
+    @property
+    def chips_per_slice(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def chips_per_host(self) -> tuple[int, int, int]:
+        grid = tuple(self.grid) + (1,) * (3 - len(self.grid))
+        if self.chip.ndim == 2 and self.chips_per_slice <= 8:
+            return grid  # single-host v5e / v6e machines hold up to 8 chips
+        return tuple(min(g, b) for g, b in zip(grid, (2, 2, 1)))
+
+    @property
+    def wrap(self) -> tuple[bool, bool, bool]:
+        if self.chip.ndim == 3:
+            full = min(self.grid) >= 4
+            return (full, full, full)
+        return (self.grid[0] == 16, self.grid[1] == 16, False)
+
+
+def _chip(family: str, name: str) -> Chip:
+    family = _ALIASES.get(family.lower(), family.lower())
+    if family not in CHIPS:
+        raise ValueError(f"--topology={name!r}: unknown TPU generation {family!r}; "
+                         f"choose one of {sorted(CHIPS)} (e.g. v5p-128, v6e-64, v5p:2x2x2)")
+    return CHIPS[family]
+
+
+def _grid_for(chip: Chip, chips: int, name: str) -> tuple[int, ...]:
+    if chips < 1 or chips & (chips - 1):
+        example = f"{chip.name}:4x4x12" if chip.ndim == 3 else f"{chip.name}:8x8"
+        raise ValueError(f"--topology={name!r}: {chips} chips is not a power of two; give the chip grid "
+                         f"explicitly, e.g. {example}")
+    if chip.ndim == 3 and chips == 4:
+        return (2, 2, 1)  # one host
+    grid, n = [1] * chip.ndim, 1
+    while n < chips:  # double the smallest side: 2x2x2, 2x2x4, 2x4x4, 4x4x4, 4x4x8, ...
+        grid = sorted(grid)
+        grid[0] *= 2
+        n *= 2
+    return tuple(sorted(grid))
+
+
+def parse_topology(name: str, num_slices: int = 1) -> Topology:
+    """``v5p-128`` (TensorCores for v4 / v5p, chips for v5e / v6e) or ``v5p:4x4x4`` (the chip grid)."""
+    m = re.fullmatch(r"([a-z0-9]+?)(?:-(\d+)|:(\d+(?:x\d+)+))", name.strip().lower())
+    if not m:
+        raise ValueError(f"--topology={name!r}: expected GEN-N (v5p-128, v4-32, v5e-256, v6e-64) or GEN:AxBxC "
+                         f"(v5p:2x2x2, v5e:4x4)")
+    chip = _chip(m.group(1), name)
+    if m.group(2):
+        cores = int(m.group(2))
+        if cores % chip.cores_per_chip:
+            raise ValueError(f"--topology={name!r}: {chip.name} names count {chip.cores_per_chip} TensorCores "
+                             f"per chip; {cores} is not a multiple")
+        grid = _grid_for(chip, cores // chip.cores_per_chip, name)
+    else:
+        grid = tuple(int(s) for s in m.group(3).split("x"))
+        if len(grid) != chip.ndim:
+            raise ValueError(f"--topology={name!r}: {chip.name} is a {chip.ndim}-D torus; give {chip.ndim} sides")
+    return Topology(name=name, chip=chip, grid=grid, num_slices=num_slices)
+
+
+def topology_devices(topology: Topology) -> list[jax.Device]:
+    """Compile-only devices of ``topology`` (needs libtpu; nothing is attached or allocated)."""
+    from jax.experimental import topologies
+    kwargs = dict(chip_config_name=topology.chip.chip_config, chips_per_host_bounds=topology.chips_per_host,
+                  num_slices=topology.num_slices, wrap=topology.wrap)
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.topology_name, **kwargs)
+    except Exception as e:  # libtpu missing, or a grid libtpu rejects
+        raise RuntimeError(f"--topology={topology.name!r} ({topology.topology_name}, {kwargs}): libtpu could "
+                           f"not describe it ({type(e).__name__}: {e}). Is libtpu installed "
+                           f"(pip install -e '.[tpu]')?") from e
+    return list(desc.devices)
+
+
+def count_collectives(hlo_text: str) -> dict[str, int]:
+    """How often each collective appears as an instruction in (optimized) HLO text.
+
+    Async pairs count once (``all-gather-start`` counts, ``all-gather-done`` does not); collectives inside
+    fusions or async wrappers count where their instruction is written.
+    """
+    counts = {}
+    for op in COLLECTIVES:
+        # An instruction reads `%name = shape op(...)`: the opcode follows a space and precedes "(".
+        counts[op] = len(re.findall(rf"[\s)]{re.escape(op)}(?:-start)?\(", hlo_text))
+    return counts
+
+
+def ideal_step_times(flops_per_device: float, peak_flops: float) -> dict[str, float]:
+    """The step time (s) at 100% and 50% MFU."""
+    t = flops_per_device / peak_flops
+    return {"mfu_100": t, "mfu_50": 2 * t}
+
+
+def compile_report(config, devices: Sequence[jax.Device], *, chip: Chip | None = None,
+                   step_time: float | None = None) -> dict:
+    """Compiles ``config``'s train step on a mesh over ``devices`` and returns the numbers as a dict.
+
+    ``chip`` (the TPU generation of ``devices``) adds HBM use and the ideal step times; ``step_time`` (s,
+    measured or assumed) adds MFU. On fake CPU devices the memory is XLA:CPU's, not a TPU's.
+    """
+    from defi_jax import trainer  # the model zoo loads only when something is compiled
+    mesh = sharding.make_mesh(config.mesh, devices=list(devices))
+    t0 = time.perf_counter()
+    compiled, memory = trainer.compile_train_step(config, mesh)
+    compile_s = time.perf_counter() - t0
+    flops = metrics.compiled_flops(compiled)
+    report = {
+        "platform": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+        "num_devices": len(devices),
+        "num_processes": len({d.process_index for d in devices}),
+        "mesh": dict(mesh.shape),
+        "batch_size": int(config.train.batch_size),
+        "compile_seconds": compile_s,
+        "memory": memory,
+        "flops_per_step_per_device": flops,
+        "flops_per_step": None if flops is None else flops * len(devices),
+        "collectives": count_collectives(compiled.as_text()),
+    }
+    if chip is not None:
+        report["chip"] = chip.name
+        report["peak_flops_per_device"] = chip.peak_flops
+        report["hbm_bytes_per_device"] = chip.hbm_bytes
+        if memory:
+            report["hbm_fraction"] = memory["peak_estimate"] / chip.hbm_bytes
+            report["fits_in_hbm"] = memory["peak_estimate"] <= chip.hbm_bytes
+        if flops is not None:
+            report["ideal_step_time_s"] = ideal_step_times(flops, chip.peak_flops)
+            if step_time is not None:
+                report["step_time_s"] = step_time
+                report["mfu"] = flops / (step_time * chip.peak_flops)
+    return report
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _seconds(t: float) -> str:
+    for unit, size in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if t >= size:
+            return f"{t / size:.3g} {unit}"
+    return f"{t / 1e-9:.3g} ns"
+
+
+def format_report(report: dict) -> str:
+    """The report as the lines ``launch.aot`` prints."""
+    tpu = report["platform"] == "tpu"
+    where = "TPU HBM" if tpu else "CPU memory of fake devices: XLA:CPU's numbers, not a TPU's"
+    lines = [f"devices: {report['num_devices']} x {report['device_kind']} "
+             f"({report['num_processes']} host{'s' if report['num_processes'] > 1 else ''}), "
+             f"mesh " + " ".join(f"{k}={v}" for k, v in report["mesh"].items()),
+             f"compiled in {report['compile_seconds']:.1f} s",
+             f"per-device memory ({where}):"]
+    for key in ("argument", "output", "alias", "temp", "generated_code", "peak_estimate"):
+        if key in report["memory"]:
+            lines.append(f"  {key}: {report['memory'][key]} B ({_bytes(report['memory'][key])})")
+    if "hbm_fraction" in report:
+        verdict = "fits" if report["fits_in_hbm"] else "DOES NOT FIT"
+        lines.append(f"  peak vs HBM: {_bytes(report['memory']['peak_estimate'])} of "
+                     f"{_bytes(report['hbm_bytes_per_device'])} ({100 * report['hbm_fraction']:.1f}%, {verdict})")
+    flops = report["flops_per_step_per_device"]
+    if flops is None:
+        lines.append("FLOPs per step: not reported by this backend")
+    else:
+        lines.append(f"FLOPs per step: {flops:.4g} per device, {report['flops_per_step']:.4g} total")
+    if "ideal_step_time_s" in report:
+        ideal = report["ideal_step_time_s"]
+        lines.append(f"ideal step time at {report['chip']} peak ({report['peak_flops_per_device'] / 1e12:.0f} "
+                     f"TFLOP/s bf16): {_seconds(ideal['mfu_100'])} at 100% MFU, "
+                     f"{_seconds(ideal['mfu_50'])} at 50% MFU")
+    if "mfu" in report:
+        lines.append(f"MFU at a step time of {_seconds(report['step_time_s'])}: {100 * report['mfu']:.3g}%")
+    lines.append("collectives: " + ", ".join(f"{k}={v}" for k, v in report["collectives"].items()))
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""Compile a config's train step ahead of time for a TPU topology (or N fake CPU devices); run nothing.
+
+    python -m launch.aot --config=configs/gfdm.py:svd --topology=v5p-128
+    python -m launch.aot --config=configs/gidm.py:defi --topology=v6e-64 --step_time=0.8 --json=/tmp/aot.json
+    python -m launch.aot --config=configs/toy.py:tiny --topology=v5p:2x2x2 --config.mesh.shape='(1,4,2)'
+    python -m launch.aot --config=configs/toy.py:tiny --fake_devices=8
+
+``--topology`` runs the real TPU compiler on this machine (needs ``pip install -e '.[tpu]'``, i.e. libtpu;
+no TPU attached): names like ``v5p-128`` / ``v4-32`` count TensorCores (two per chip), ``v5e-256`` /
+``v6e-64`` count chips, ``v5p:4x4x4`` gives the chip grid (the mapping is in ``defi_jax/aot.py``).
+``config.mesh.dcn_shape`` with more than one slice compiles for that many slices of the topology.
+Prints per-device memory (arguments, temporaries, peak vs the chip's HBM), FLOPs per step, the ideal step
+time at 100% and 50% MFU (or the MFU at ``--step_time``) and the collectives in the compiled program.
+``--fake_devices=N`` compiles for N CPU devices instead: memory is then XLA:CPU's, not a TPU's.
+The TPU compiler needs several GiB of host RAM for full-size models.
+"""
+
+import json
+import math
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/toy.py:tiny.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology: v5p-128, v4-32, v5e-256, v6e-64 or v5p:2x2x2.")
+_FAKE_DEVICES = flags.DEFINE_integer("fake_devices", None, "Compile for this many fake CPU devices instead.")
+_STEP_TIME = flags.DEFINE_float("step_time", None, "Measured or assumed seconds per step: reports the MFU.")
+_JSON = flags.DEFINE_string("json", None, "Also write the numbers to this JSON file.")
+flags.mark_flags_as_required(["config"])
+flags.mark_flags_as_mutual_exclusive(["topology", "fake_devices"], required=True)
+
+
+def _prepare_environment():
+    """Before jax is imported: compile only, never claim an attached accelerator."""
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if _FAKE_DEVICES.value:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={_FAKE_DEVICES.value}").strip()
+    else:
+        # libtpu describes the machine it loads on before it describes the topology asked for; on a machine
+        # without a TPU these keep it from probing the GCE metadata server and from taking the lock file
+        # that guards real chips (a compile-only client touches none).
+        for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
+                           ("TPU_ACCELERATOR_TYPE", "v5p-8"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                           ("TPU_WORKER_ID", "0")):
+            os.environ.setdefault(key, value)
+
+
+def _parse_flags(argv):
+    if {"-h", "--help", "-?"} & set(argv[1:]):  # absl's own --help exits 1
+        app.usage(shorthelp=True, writeto_stdout=True)
+        sys.exit(0)
+    return app.parse_flags_with_usage(argv)
+
+
+def main(argv):
+    del argv
+    _prepare_environment()
+    import jax
+    jax.config.update("jax_platforms", "cpu")
+    import defi_jax  # noqa: F401  (flax settings)
+    from defi_jax import aot
+
+    config = _CONFIG.value
+    if _TOPOLOGY.value:
+        num_slices = math.prod(config.mesh.get("dcn_shape", None) or (1,))
+        try:
+            topology = aot.parse_topology(_TOPOLOGY.value, num_slices=num_slices)
+            devices, chip = aot.topology_devices(topology), topology.chip
+        except (ValueError, RuntimeError) as e:  # a bad name, or libtpu missing: one line, no traceback
+            sys.exit(f"launch.aot: {e}")
+        print(f"topology: {topology.name} = {topology.topology_name}" +
+              (f" x {num_slices} slices" if num_slices > 1 else ""))
+    else:
+        devices, chip = jax.devices("cpu"), None
+        if len(devices) != _FAKE_DEVICES.value:
+            raise app.UsageError(f"--fake_devices={_FAKE_DEVICES.value}: jax started with {len(devices)} CPU "
+                                 f"devices (XLA_FLAGS was set elsewhere?)")
+    report = aot.compile_report(config, devices, chip=chip, step_time=_STEP_TIME.value)
+    if _TOPOLOGY.value:
+        report |= {"topology": topology.name, "topology_name": topology.topology_name, "num_slices": num_slices}
+    print(aot.format_report(report))
+    if _JSON.value:
+        path = os.path.abspath(_JSON.value)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main, flags_parser=_parse_flags))
