@@ -196,7 +196,7 @@ def test_load_gidm_full_reference_checkpoint(tmp_path):
     dino_kw = dict(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
     t5_kw = dict(vocab_size=50, d_model=20, d_kv=8, d_ff=40, num_layers=1, num_heads=2)
     c = _small(visual_encoder="dinov2", text_encoder="t5", target="features", feature_dim=24, text_dim=20,
-               image_size=28, patch_size=14, reference_mask_order=True)
+               image_size=28, patch_size=14)  # reference_mask_order off: load_gidm turns it on by default
     c.dino = dino_kw
     c.t5 = t5_kw
 
@@ -213,6 +213,7 @@ def test_load_gidm_full_reference_checkpoint(tmp_path):
     sd |= {"lam.text_encoder." + k: v for k, v in hf_t5.state_dict().items()}
     torch.save({"state_dict": sd}, tmp_path / "gidm.ckpt")
     model = defi_torch.load_gidm(tmp_path / "gidm.ckpt", c)
+    assert model.reference_mask_order and not c.reference_mask_order   # the caller's config is not mutated
 
     rs = np.random.default_rng(0)
     frames = rs.integers(0, 256, (2, 2, 28, 28, 3)).astype(np.uint8)

@@ -246,19 +246,23 @@ def infer_gidm_config(state_dict: Mapping[str, np.ndarray], base=None):
     return c
 
 
-def load_gidm(path: str | os.PathLike, config=None, *, skip_encoders: bool = False, seed: int = 0):
+def load_gidm(path: str | os.PathLike, config=None, *, skip_encoders: bool = False, seed: int = 0,
+              reference_mask_order: bool = True):
     """The reference's stage-2 latent action model as our ``LatentActionModel``.
 
     ``config``: a ``config.model`` ConfigDict; default: inferred from the tensors on top of
     ``configs/gidm.py:defi`` (so a 128-entry codebook checkpoint loads without flags).
     ``skip_encoders``: leave DINOv2 / T5 as initialised when the file holds only the trained part.
+    ``reference_mask_order``: the reference's language-mask row order (see ``LatentActionModel``); on by
+    default so that an imported checkpoint computes what it computed in the reference (off: 2.5e-2 relative
+    error on batches of mixed-length instructions).
     """
     import defi_jax  # noqa: F401  (flax sharding flags)
     from defi_jax.gidm.model import LatentActionModel
 
     sd = read_state_dict(path)
-    if config is None:
-        config = infer_gidm_config(sd)
+    config = (infer_gidm_config(sd) if config is None else config).copy_and_resolve_references()
+    config.reference_mask_order = reference_mask_order
     model = LatentActionModel(config, rngs=nnx.Rngs(seed))
     load_gidm_state_dict(model, sd, skip_encoders=skip_encoders)
     return model
