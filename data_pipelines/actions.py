@@ -2,6 +2,7 @@
 
 Position / rotation dims (0..5) map [q01, q99] -> [-1, 1] (clipped); the gripper (dim 6, 1 = open) maps
 {0, 1} -> {-1, 1}. ``unnormalize`` inverts it (what a policy applies to its outputs before acting).
+``action_stats`` / ``compute_action_stats`` give the statistics; they read actions only, never a frame.
 """
 
 from __future__ import annotations
@@ -30,3 +31,35 @@ def unnormalize(actions_T7: np.ndarray, stats: dict) -> np.ndarray:
     a[..., :6] = (np.clip(a[..., :6], -1, 1) + 1) / 2 * (hi - lo) + lo
     a[..., 6] = (np.clip(a[..., 6], -1, 1) + 1) / 2
     return a
+
+
+def compute_action_stats(dataset: str, data_cfg) -> dict:
+    """Statistics (mean, std, q01, q99, min, max, num_steps) of a robot dataset's train-split actions, computed
+    from the actions alone, no frame decoded: ``train_actions.npy`` of a converted RLDS dataset, the
+    ``rel_actions`` of CALVIN's annotated frames (``calvin.compute_stats``)."""
+    from data_pipelines import arrayrecord, calvin, loader, oxe_table
+
+    name = oxe_table.resolve(dataset)
+    path = loader.dataset_dir(name, data_cfg)
+    if name in oxe_table.CALVIN_DATASETS:
+        return calvin.compute_stats(calvin.task_dir(path, oxe_table.CALVIN_DATASETS[name].folder), name)
+    if name in oxe_table.ROBOT_DATASETS:
+        return arrayrecord.compute_stats(path)
+    raise ValueError(f"data: {name!r} has no actions (human video); action statistics need a robot dataset")
+
+
+def action_stats(dataset: str, data_cfg) -> dict:
+    """The statistics ``policy_window`` normalizes with: a converted dataset's cached ``action_stats.json`` while
+    it matches the data beside it (else recomputed from the actions), CALVIN's computed once per process."""
+    from data_pipelines import arrayrecord, loader, oxe_table
+
+    name = oxe_table.resolve(dataset)
+    if name in oxe_table.ROBOT_DATASETS:
+        return arrayrecord.read_stats(loader.dataset_dir(name, data_cfg))
+    path = loader.dataset_dir(name, data_cfg)
+    if path not in _COMPUTED:
+        _COMPUTED[path] = compute_action_stats(name, data_cfg)
+    return _COMPUTED[path]
+
+
+_COMPUTED: dict[str, dict] = {}

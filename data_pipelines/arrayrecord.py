@@ -5,7 +5,9 @@
   ``<split>_index.json``                 {"episodes": [{"start", "length", "instruction", "source"}],
                                           "views": [...], "control_hz": ..., "dataset": ...}
   ``<split>_actions.npy``                float32[total steps, 7] (standardized; memory-mapped when read)
-and ``action_stats.json`` (mean, std, q01, q99, min, max per action dim over the train split).
+and ``action_stats.json`` (mean, std, q01, q99, min, max per action dim over the train split, computed from
+``train_actions.npy`` alone). ``launch.convert_rlds`` writes the whole folder elsewhere and renames it into place
+only once every split and the statistics are complete, so a folder here is always one whole conversion.
 
 Steps are records so that a sampler reads exactly the frames it needs (random access, global shuffle).
 """
@@ -39,13 +41,14 @@ def action_stats(actions_N7: np.ndarray) -> dict:
 
 
 class SplitWriter:
-    """Streams standardized episodes of one split into ArrayRecord shards + index + actions."""
+    """Streams standardized episodes of one split into ArrayRecord shards + index + actions in ``folder`` (the
+    layout folder itself, e.g. a temporary one that ``convert`` renames to ``<dataset dir>/arrayrecord``)."""
 
-    def __init__(self, dataset_dir: str, split: str, dataset: str, control_hz: float):
+    def __init__(self, folder: str, split: str, dataset: str, control_hz: float):
         from array_record.python import array_record_module
 
         self._ar = array_record_module
-        self.dir = layout_dir(dataset_dir)
+        self.dir = folder
         os.makedirs(self.dir, exist_ok=True)
         self.split, self.dataset, self.control_hz = split, dataset, control_hz
         self.episodes: list[dict] = []
@@ -151,6 +154,10 @@ class StepReader:
             self._actions = np.load(os.path.join(self.dir, f"{self.split}_actions.npy"), mmap_mode="r")
         return self._actions
 
+    def describe(self, episode: int, t: int) -> str:
+        ep = self.index["episodes"][episode]
+        return f"{os.path.dirname(self.dir)} episode {ep.get('source') or episode} step {t}"
+
     def records(self, steps: list[int]) -> list[dict]:
         """Steps (global indices) -> their records. One batched read per shard touched, in this thread
         (the grain source's thread pool per call costs more than the read itself)."""
@@ -168,9 +175,30 @@ class StepReader:
         return out
 
 
-def read_stats(dataset_dir: str) -> dict:
-    path = os.path.join(layout_dir(dataset_dir), "action_stats.json")
+def compute_stats(dataset_dir: str) -> dict:
+    """Action statistics of the converted train split, from ``train_actions.npy`` alone (no frame is read)."""
+    path = os.path.join(layout_dir(dataset_dir), "train_actions.npy")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no action statistics at {path}; run python -m launch.convert_rlds")
-    with open(path) as f:
-        return json.load(f)
+        raise FileNotFoundError(f"no converted actions at {path}; run python -m launch.convert_rlds")
+    actions = np.load(path, mmap_mode="r")
+    if not len(actions):
+        raise ValueError(f"{path}: the train split has no steps to compute action statistics from")
+    return action_stats(actions)
+
+
+def read_stats(dataset_dir: str) -> dict:
+    """The cached ``action_stats.json``, or statistics computed from the actions (seconds) where that file is
+    missing or describes another number of steps than the train split beside it (a stale file)."""
+    path = os.path.join(layout_dir(dataset_dir), "action_stats.json")
+    n = None
+    if has_split(dataset_dir, "train"):
+        with open(os.path.join(layout_dir(dataset_dir), "train_index.json")) as f:
+            n = json.load(f)["num_steps"]
+    if os.path.exists(path):
+        with open(path) as f:
+            stats = json.load(f)
+        if stats and (n is None or stats.get("num_steps") == n):
+            return stats
+        logging.warning("%s describes %s steps, the train split has %s: recomputing from train_actions.npy",
+                        path, stats.get("num_steps"), n)
+    return compute_stats(dataset_dir)

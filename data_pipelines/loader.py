@@ -8,7 +8,9 @@ Pipeline per process (all deterministic for a seed, state checkpointable):
   -> read threads -> batch -> worker processes + prefetch.
 A sample that cannot be built (undecodable video, truncated episode, missing key, empty instruction)
 is skipped (grain drops ``None``) and counted per source; above ``max_failure_fraction`` the run stops with an
-error naming the files.
+error naming the files, grouped by cause. Each sample carries how many samples its sampler skipped since its
+previous one (in ``_skips``, removed by ``Loader``), so ``Loader.skip_counts()`` is exact across read threads and
+worker processes.
 """
 
 from __future__ import annotations
@@ -16,31 +18,41 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import string
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from data_pipelines import actions as action_norm
-from data_pipelines import arrayrecord, mixtures, oxe_table, video
+from data_pipelines import arrayrecord, calvin, mixtures, oxe_table, video
+from data_pipelines.failures import FailureLog
 
 SPECS = ("gfdm_clip", "gidm_pair", "policy_window")
-_MAX_LISTED = 50
+_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_instruction(text: str) -> str:
+    """The reference GIDM collator's text (data.normalize_instructions): lower-case, ASCII punctuation removed."""
+    return text.lower().translate(_NO_PUNCTUATION)
 
 
 # ------------------------------------------------------------------------------------------------ sources
 @dataclasses.dataclass
 class RobotSource:
-    """A converted RLDS dataset: items are steps (episode, t) of the kept episodes."""
+    """Robot data with actions, items = steps (episode, t) of the kept episodes: a converted RLDS dataset
+    (``arrayrecord.StepReader``) or CALVIN in its released layout (``calvin.FrameReader``, episode = one annotated
+    segment)."""
 
     name: str
     path: str
-    reader: arrayrecord.StepReader
+    reader: arrayrecord.StepReader | calvin.FrameReader
     episodes: np.ndarray          # int32[E] indices into reader.index["episodes"] kept for this split
     item_ep: np.ndarray           # int32[N] episode (index into reader.index["episodes"]) of each item
     item_t: np.ndarray            # int32[N] step within that episode
     control_hz: float
-    stats: dict | None
+    stats: dict | None            # action statistics (only loaded where actions are normalized)
 
     kind = "robot"
 
@@ -48,8 +60,7 @@ class RobotSource:
         return len(self.item_ep)
 
     def describe(self, i: int) -> str:
-        ep = self.reader.index["episodes"][int(self.item_ep[i])]
-        return f"{self.path} episode {ep.get('source') or int(self.item_ep[i])} step {int(self.item_t[i])}"
+        return self.reader.describe(int(self.item_ep[i]), int(self.item_t[i]))
 
 
 @dataclasses.dataclass
@@ -97,36 +108,54 @@ def _holdout(n: int, split: str, eval_fraction: float, data_fraction: float) -> 
     return np.arange(0, keep)
 
 
-def open_source(name: str, data_cfg, split: str, process_index: int = 0, process_count: int = 1):
-    """Build one source for this process (its disjoint shard of the split)."""
+def _steps(reader, episodes: np.ndarray, tail: int, process_index: int, process_count: int):
+    """(episode, t) of every item: steps 0..length - 1 - tail of each kept episode, this process's shard."""
+    lengths = np.array([max(0, reader.index["episodes"][e]["length"] - tail) for e in episodes], np.int64)
+    item_ep = np.repeat(episodes, lengths).astype(np.int32)
+    item_t = (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)).astype(np.int32)
+    return item_ep[process_index::process_count], item_t[process_index::process_count]
+
+
+def open_source(name: str, data_cfg, split: str, process_index: int = 0, process_count: int = 1, *,
+                with_stats: bool = False):
+    """Build one source for this process (its disjoint shard of the split); ``with_stats`` loads the action
+    statistics of a robot dataset (policy_window with data.normalize_actions)."""
     name = oxe_table.resolve(name)
     path = dataset_dir(name, data_cfg)
     frac = float(data_cfg.get("data_fraction", 1.0))
     if not 0 < frac <= 1:
         raise ValueError(f"data.data_fraction={frac!r} must be in (0, 1]")
     eval_fraction = float(data_cfg.get("eval_fraction", 0.05))
-    if name in oxe_table.ROBOT_DATASETS:
-        row = oxe_table.ROBOT_DATASETS[name]
-        if not arrayrecord.has_split(path, "train"):
-            raise FileNotFoundError(
-                f"data: {name} has no converted data at {arrayrecord.layout_dir(path)}; convert the RLDS "
-                f"dataset once with: python -m launch.convert_rlds --dataset {name} --src {path}")
-        if split == "eval" and arrayrecord.has_split(path, "eval"):
-            reader = arrayrecord.StepReader(path, "eval")
+    if name in oxe_table.ROBOT_DATASETS or name in oxe_table.CALVIN_DATASETS:
+        if name in oxe_table.ROBOT_DATASETS:
+            control_hz, tail = oxe_table.ROBOT_DATASETS[name].control_hz, 0
+            if not arrayrecord.has_split(path, "train"):
+                raise FileNotFoundError(
+                    f"data: {name} has no converted data at {arrayrecord.layout_dir(path)}; convert the RLDS "
+                    f"dataset once with: python -m launch.convert_rlds --dataset {name} --src {path}")
+            has_eval = arrayrecord.has_split(path, "eval")
+            open_split = lambda s: arrayrecord.StepReader(path, s)  # noqa: E731
+        else:
+            row = oxe_table.CALVIN_DATASETS[name]
+            control_hz, tail = row.control_hz, calvin.MIN_WINDOW
+            path = calvin.task_dir(path, row.folder)
+            if not calvin.has_split(path, "train"):
+                raise FileNotFoundError(
+                    f"data: {name} has no CALVIN training split at {os.path.join(path, calvin.SPLITS['train'])} "
+                    f"(with {calvin.ANNOTATIONS}); point data.paths.{name} at the released task folder "
+                    f"({row.folder}/ holding training/ and validation/)")
+            has_eval = calvin.has_split(path, "eval")
+            open_split = lambda s: calvin.FrameReader(path, s, name, control_hz)  # noqa: E731
+        if split == "eval" and has_eval:
+            reader = open_split("eval")
             episodes = np.arange(len(reader.index["episodes"]))
         else:
-            reader = arrayrecord.StepReader(path, "train")
+            reader = open_split("train")
             episodes = _holdout(len(reader.index["episodes"]), split, eval_fraction,
                                 frac if split == "train" else 1.0)
-        lengths = np.array([reader.index["episodes"][e]["length"] for e in episodes], np.int64)
-        item_ep = np.repeat(episodes, lengths).astype(np.int32)
-        item_t = (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)).astype(np.int32)
-        item_ep, item_t = item_ep[process_index::process_count], item_t[process_index::process_count]
-        try:
-            stats = arrayrecord.read_stats(path)
-        except FileNotFoundError:
-            stats = None
-        return RobotSource(name, path, reader, episodes, item_ep, item_t, row.control_hz, stats)
+        item_ep, item_t = _steps(reader, episodes, tail, process_index, process_count)
+        stats = action_norm.action_stats(name, data_cfg) if with_stats else None
+        return RobotSource(name, path, reader, episodes, item_ep, item_t, control_hz, stats)
     if name in oxe_table.VIDEO_DATASETS:
         row = oxe_table.VIDEO_DATASETS[name]
         if row.layout == "ssv2":
@@ -145,71 +174,107 @@ def open_source(name: str, data_cfg, split: str, process_index: int = 0, process
 
 
 # ------------------------------------------------------------------------------------------------ samplers
-def _pair_steps(name: str, data_cfg) -> int:
-    return max(1, int(round(float(data_cfg.get("pair_seconds", 1.0)) * oxe_table.control_hz(name))))
+def _pair_range(name: str, data_cfg) -> tuple[int, int]:
+    """(lo, hi): the steps n between a gidm_pair's two frames are drawn from [lo, hi] (data.pair_spacing)."""
+    spacing = data_cfg.get("pair_spacing", "seconds")
+    if spacing == "reference":
+        lo, hi = oxe_table.reference_pair_window(name)
+        return lo - 1, hi - 1          # first and last frame of a window of W: n = W - 1
+    if spacing != "seconds":
+        raise ValueError(f"data.pair_spacing={spacing!r} must be 'seconds' or 'reference'")
+    n = max(1, int(round(float(data_cfg.get("pair_seconds", 1.0)) * oxe_table.control_hz(name))))
+    return n, n
 
 
 class Sampler:
     """Builds one sample of ``spec`` from item ``i`` of ``source``; picklable (runs in grain workers).
 
-    Returns None (the sample is skipped) when the input is unusable, counting it per source.
+    Returns None (the sample is skipped) when the input is unusable, counting it per source. Every sample it
+    returns carries ``_skips`` int32[num_sources]: at ``source_index`` the samples skipped since its previous one.
     """
 
     def __init__(self, spec: str, source, data_cfg, *, max_pair_actions: int, dataset_id: int,
-                 transform: Callable | None = None, process_index: int = 0, process_count: int = 1):
+                 transform: Callable | None = None, process_index: int = 0, process_count: int = 1,
+                 source_index: int = 0, num_sources: int = 1):
         self.spec, self.source, self.transform = spec, source, transform
         self.process_index, self.process_count = process_index, process_count
+        self.source_index, self.num_sources = source_index, num_sources
         self.size = int(data_cfg.resolution)
         self.num_frames = int(data_cfg.num_frames)
         self.stride = int(data_cfg.frame_stride)
         self.views = tuple(data_cfg.views)
-        self.pair_n = _pair_steps(source.name, data_cfg)
-        self.pair_seconds = float(data_cfg.pair_seconds)
+        self.pair_range = _pair_range(source.name, data_cfg)
         self.max_pair_actions = max_pair_actions
         self.obs_frames = int(data_cfg.obs_frames)
         self.horizon = int(data_cfg.action_horizon)
+        self.normalize_actions = bool(data_cfg.get("normalize_actions", True))
+        self.normalize_instructions = bool(data_cfg.get("normalize_instructions", False))
         self.dataset_id = dataset_id
         self.max_failure_fraction = float(data_cfg.max_failure_fraction)
         self.min_checked = int(data_cfg.min_failures_checked)
         self.attempts = 0
         self.failed = 0
-        self.failures: list[str] = []     # distinct messages, at most _MAX_LISTED (memory stays flat)
+        self.failures = FailureLog()      # grouped by cause, bounded (memory stays flat)
+        self._pending_skips = 0
+        self._lock = threading.Lock()
         self._durations: dict[str, float] = {}
         if spec == "policy_window" and source.kind == "video":
             raise ValueError(f"data.mixture: {source.name} is action-free video; policy_window needs actions")
-        if spec == "policy_window" and source.stats is None:
-            raise FileNotFoundError(f"{source.name}: no action_stats.json under {source.path}; re-run the converter")
+        if spec == "policy_window" and self.normalize_actions and source.stats is None:
+            raise FileNotFoundError(f"{source.name}: no action statistics for {source.path} (data.normalize_actions"
+                                    f"=True); re-run the converter or set data.normalize_actions=False")
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __call__(self, i, rng: np.random.Generator):
         i = int(i)
         self.attempts += 1
         try:
             sample = self._robot(i, rng) if self.source.kind == "robot" else self._video(i, rng)
+            if self.normalize_instructions:
+                sample["instruction"] = normalize_instruction(sample["instruction"])
             if not sample["instruction"].strip():
                 raise ValueError("empty instruction")
             sample["dataset"] = self.source.name
             sample["dataset_id"] = np.int32(self.dataset_id)
             # Shards are [process_index::process_count]: this is the item's index in the whole split.
             sample["item_id"] = np.int32(i * self.process_count + self.process_index)
-            return self.transform(sample) if self.transform is not None else sample
+            if self.transform is not None:
+                sample = self.transform(sample)
         except Exception as e:  # noqa: BLE001 - any bad input is skipped; the fraction check stops runaway loss
             if "interpreter shutdown" in str(e):  # prefetch threads racing the exit: not a data problem
                 return None
             what = self.source.describe(i)
-            self.failed += 1
-            message = f"{what}: {type(e).__name__}: {e}"
-            if len(self.failures) < _MAX_LISTED and message not in self.failures:
-                self.failures.append(message)
+            with self._lock:
+                self.failed += 1
+                self._pending_skips += 1
+                self.failures.add(what, f"{type(e).__name__}: {e}")
             logging.warning("data: skipping %s sample %s (%d/%d failed in this process): %s", self.source.name,
                             what, self.failed, self.attempts, e)
             if self.attempts >= self.min_checked and self.failed / self.attempts > self.max_failure_fraction:
                 raise RuntimeError(
                     f"data: {self.failed} of {self.attempts} samples of {self.source.name} failed "
-                    f"(> max_failure_fraction={self.max_failure_fraction}); files:\n"
-                    + "\n".join(self.failures)) from e
+                    f"(> config.data.max_failure_fraction={self.max_failure_fraction}); by cause:\n"
+                    + str(self.failures)) from e
             return None
+        skips = np.zeros(self.num_sources, np.int32)
+        with self._lock:
+            skips[self.source_index], self._pending_skips = self._pending_skips, 0
+        sample["_skips"] = skips
+        return sample
 
-    # --- robot (converted RLDS)
+    def _pair_steps(self, rng) -> int:
+        lo, hi = self.pair_range
+        return lo if lo == hi else int(rng.integers(lo, hi + 1))
+
+    # --- robot (converted RLDS, CALVIN)
     def _robot_frames(self, ep: dict, ts: list[int], view: str) -> np.ndarray:
         reader = self.source.reader
         uniq = sorted(set(ts))
@@ -218,7 +283,9 @@ class Sampler:
         for t, r in zip(uniq, recs):
             if view not in r:
                 raise KeyError(f"view {view!r} missing (has {sorted(r)})")
-            decoded[t] = video.decode_image(r[view], self.size)
+            image = r[view]      # encoded bytes (ArrayRecord) or uint8[H, W, 3] (CALVIN)
+            decoded[t] = (video.resize_crop(image, self.size) if isinstance(image, np.ndarray)
+                          else video.decode_image(image, self.size))
         return np.stack([decoded[t] for t in ts])
 
     def _robot(self, i: int, rng) -> dict:
@@ -237,7 +304,7 @@ class Sampler:
             return {"frames": self._robot_frames(ep, ts, view), "instruction": instruction}
         if self.spec == "gidm_pair":
             view = "primary" if "primary" in have else have[0]
-            t2 = min(t + self.pair_n, L - 1)
+            t2 = min(t + self._pair_steps(rng), L - 1)
             acts = np.zeros((self.max_pair_actions, 7), np.float32)
             seg = np.asarray(src.reader.actions[ep["start"] + t: ep["start"] + t2], np.float32)
             acts[:len(seg)] = seg
@@ -254,7 +321,7 @@ class Sampler:
         steps = np.minimum(np.arange(t, t + self.horizon), L - 1)
         acts = np.asarray(src.reader.actions[ep["start"] + steps], np.float32)
         return {"frames": np.stack(frames), "instruction": instruction,
-                "actions": action_norm.normalize(acts, src.stats),
+                "actions": action_norm.normalize(acts, src.stats) if self.normalize_actions else acts,
                 "action_mask": np.arange(t, t + self.horizon) < L,
                 "view_mask": np.array([v in have for v in self.views])}
 
@@ -273,7 +340,7 @@ class Sampler:
         if self.spec == "gfdm_clip":
             span = self.num_frames * self.stride / src.fps
         else:
-            span = self.pair_n / src.fps
+            span = self._pair_steps(rng) / src.fps
         if src.layout == "ego4d":
             lo = max(0.0, item["center_s"] - src.window_seconds / 2)
             hi = max(lo, item["center_s"] + src.window_seconds / 2 - span)
@@ -309,6 +376,7 @@ class Loader:
         self._dataset = dataset
         self._samplers = list(samplers)
         self._it = iter(dataset)
+        self._skips = np.zeros(len(sources), np.int64)
         self.sources = sources
         self.weights = weights
         self.batch_size = batch_size
@@ -317,7 +385,9 @@ class Loader:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._it)
+        batch = next(self._it)
+        self._skips += batch.pop("_skips").sum(0)
+        return batch
 
     def get_state(self) -> Any:
         return self._it.get_state()
@@ -326,8 +396,14 @@ class Loader:
         self._it.set_state(state)
 
     def failures(self) -> dict[str, tuple[int, int, list[str]]]:
-        """Per source: (failed, attempted, failed files) in THIS process (workers log their own counts)."""
-        return {s.source.name: (s.failed, s.attempts, list(s.failures)) for s in self._samplers}
+        """Per source: (failed, attempted, one line per cause naming files) in THIS process (workers log their
+        own); ``skip_counts`` counts every process."""
+        return {s.source.name: (s.failed, s.attempts, s.failures.lines()) for s in self._samplers}
+
+    def skip_counts(self) -> dict[str, int]:
+        """Per source name: samples skipped as unusable so far, in this process and its grain workers alike,
+        counted up to the batches this iterator has returned (cheap: for metrics every step)."""
+        return {name: int(n) for name, n in zip(self.sources, self._skips)}
 
     def close(self) -> None:
         close = getattr(self._it, "close", None)
@@ -388,15 +464,17 @@ def make_loader(spec: str, data_cfg, *, global_batch_size: int, process_index: i
                                                   data_cfg.get("human_video_fraction"))
     names = sorted(weights)
     known = oxe_table.known_datasets()
-    max_pair = max(_pair_steps(n, data_cfg) for n in names)
+    max_pair = max(_pair_range(n, data_cfg)[1] for n in names)
+    with_stats = spec == "policy_window" and bool(data_cfg.get("normalize_actions", True))
     sources, samplers = {}, []
-    for name in names:
-        src = open_source(name, data_cfg, split, process_index, process_count)
+    for k, name in enumerate(names):
+        src = open_source(name, data_cfg, split, process_index, process_count, with_stats=with_stats)
         if len(src) == 0:
             raise ValueError(f"data: {name} has no {split} samples for process {process_index} at {src.path}")
         sources[name] = src
         samplers.append(Sampler(spec, src, data_cfg, max_pair_actions=max_pair, dataset_id=known.index(name),
-                                transform=transform, process_index=process_index, process_count=process_count))
+                                transform=transform, process_index=process_index, process_count=process_count,
+                                source_index=k, num_sources=len(names)))
     mixed = mix([len(s) for s in sources.values()], samplers, [weights[n] for n in names], seed)
     local_bs = global_batch_size // process_count
     ds = mixed.to_iter_dataset(grain.ReadOptions(num_threads=int(data_cfg.get("read_threads", 4)),
@@ -411,3 +489,41 @@ def make_loader(spec: str, data_cfg, *, global_batch_size: int, process_index: i
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                          per_worker_buffer_size=int(data_cfg.get("prefetch", 2))))
     return Loader(ds, sources, weights, local_bs, samplers)
+
+
+def check_sources(data_cfg, spec: str, key: str = "config.data") -> None:
+    """Open both splits of every dataset of the mixture as ``make_loader`` would (index and annotation files only,
+    nothing decoded) and raise one FileNotFoundError listing every problem: a missing data folder, a dataset not
+    there or not converted, an empty split, a spec the dataset cannot serve. Call it before the first step."""
+    if spec not in SPECS:
+        raise ValueError(f"unknown data spec {spec!r}; one of {SPECS}")
+    weights = mixtures.apply_human_video_fraction(mixtures.resolve(data_cfg.mixture, key=f"{key}.mixture"),
+                                                  data_cfg.get("human_video_fraction"))
+    problems: list[str] = []
+
+    def missing(p: str) -> bool:
+        return not str(p).startswith("gs://") and not os.path.exists(p)
+
+    root = data_cfg.get("data_dir") or ""
+    paths = dict(data_cfg.get("paths") or {})
+    if root and missing(root):
+        problems.append(f"{key}.data_dir={root!r} does not exist")
+    for name, p in sorted(paths.items()):
+        if p and missing(p):
+            problems.append(f"{key}.paths.{name}={p!r} does not exist")
+    with_stats = spec == "policy_window" and bool(data_cfg.get("normalize_actions", True))
+    for name in sorted(weights):
+        found: dict[str, list[str]] = {}        # problem -> splits (one line when both splits share it)
+        for split in ("train", "eval"):
+            try:
+                src = open_source(name, data_cfg, split, with_stats=with_stats)
+                if len(src) == 0:
+                    raise ValueError(f"no {split} samples at {src.path}")
+                Sampler(spec, src, data_cfg, max_pair_actions=1, dataset_id=0)   # spec vs dataset checks
+            except (OSError, ValueError, KeyError) as e:
+                found.setdefault(str(e).removeprefix("data: "), []).append(split)
+        problems += [f"{name} ({' + '.join(splits)}): {msg}" for msg, splits in found.items()]
+    if problems:
+        raise FileNotFoundError(
+            f"{key}: {len(problems)} problem(s) with the data of mixture {sorted(weights)} (spec {spec}, both "
+            f"splits checked):\n  - " + "\n  - ".join(problems))

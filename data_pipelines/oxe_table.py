@@ -4,7 +4,8 @@ Every robot dataset is described by one :class:`RobotDataset` row: which observa
 (third-person) and wrist cameras, where the language instruction lives, how to assemble a 7-D action
 (3 EEF-delta position, 3 EEF-delta rotation, 1 gripper with 1 = open, 0 = closed), and the control rate.
 The facts follow the Open X-Embodiment dataset sheet and Octo's / OpenVLA's standardization tables; the code
-is ours. DeFI pretraining reads only frames and instructions; the action recipes matter for policy
+is ours. CALVIN in its released layout (read in place, no conversion) has its own small table,
+CALVIN_DATASETS. DeFI pretraining reads only frames and instructions; the action recipes matter for policy
 fine-tuning and the GIDM's action probe (the camera keys were cross-checked against OpenVLA's table; the
 action recipes and gripper conventions of the smaller datasets are best-effort and worth a look with
 ``python -m launch.inspect_data`` before training on them).
@@ -37,6 +38,15 @@ class RobotDataset:
     gripper: str                    # see the module docstring
     control_hz: float               # control rate (actions per second)
     instruction_encoding: str = "text"   # "text" | "utf8_ints" (Language-Table stores UTF-8 codes, 0-padded)
+
+
+@dataclasses.dataclass(frozen=True)
+class CalvinDataset:
+    """CALVIN in its released layout, read in place (``data_pipelines.calvin``): no RLDS conversion."""
+
+    name: str
+    folder: str                     # the released task folder (its training/ and validation/ hold the frames)
+    control_hz: float = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,12 +138,35 @@ ROBOT_DATASETS: dict[str, RobotDataset] = {d.name: d for d in [
                  (("key", "action", 0, 3), ("zeros", 3), ("key", "action", 3, 4)), "signed_closed", 80.0),
 ]}
 
+# data.paths[name] (or <data_dir>/<name>) points at the task folder, e.g. .../task_ABC_D.
+CALVIN_DATASETS: dict[str, CalvinDataset] = {d.name: d for d in [
+    CalvinDataset("calvin_abc_d", "task_ABC_D"),
+    CalvinDataset("calvin_abcd_d", "task_ABCD_D"),
+    CalvinDataset("calvin_d_d", "task_D_D"),
+    CalvinDataset("calvin_debug", "calvin_debug_dataset"),
+]}
+
 VIDEO_DATASETS: dict[str, VideoDataset] = {d.name: d for d in [
     VideoDataset("ssv2", layout="ssv2", fps=12.0),
     VideoDataset("ego4d", layout="ego4d", fps=10.0, window_seconds=4.0),
     # The demo's human-video stand-in: action-free Meta-World videos in the SSv2 layout, at the robot rate.
     VideoDataset("demo_human", layout="ssv2", fps=80.0),
 ]}
+
+# GIDM frame pairs with data.pair_spacing = "reference" (Step2_GIDM/datasets/rlds/dataset.py l.39-50, 360-367): the
+# first and last frame of a window of W steps (so n = W - 1 steps apart), W drawn from [lo, hi]; W = 10 elsewhere.
+# The reference lists toto under both the 3-5 Hz and the 15-30 Hz datasets; its second check (15-20) wins, as here.
+_LOW_RATE, _HIGH_RATE = (3, 5), (15, 20)
+REFERENCE_PAIR_WINDOWS: dict[str, tuple[int, int]] = {
+    "fractal20220817_data": _LOW_RATE, "berkeley_autolab_ur5": _LOW_RATE,
+    "nyu_franka_play_dataset_converted_externally_to_rlds": _LOW_RATE,
+    "ucsd_kitchen_dataset_converted_externally_to_rlds": _LOW_RATE,
+    "dlr_edan_shared_control_converted_externally_to_rlds": _LOW_RATE, "dobbe": _LOW_RATE,
+    "toto": _HIGH_RATE, "utaustin_mutex": _HIGH_RATE, "iamlab_cmu_pickup_insert_converted_externally_to_rlds": _HIGH_RATE,
+    "austin_sailor_dataset_converted_externally_to_rlds": _HIGH_RATE, "viola": _HIGH_RATE, "droid": _HIGH_RATE,
+    "ego4d": (2, 2),
+}
+DEFAULT_PAIR_WINDOW = (10, 10)
 
 # Names in DeFI's tables -> dataset names above.
 ALIASES = {
@@ -144,7 +177,7 @@ ALIASES = {
 
 def known_datasets() -> list[str]:
     """Every dataset name a mixture may use."""
-    return sorted(list(ROBOT_DATASETS) + list(VIDEO_DATASETS))
+    return sorted(list(ROBOT_DATASETS) + list(CALVIN_DATASETS) + list(VIDEO_DATASETS))
 
 
 def resolve(name: str) -> str:
@@ -155,7 +188,20 @@ def control_hz(name: str) -> float:
     name = resolve(name)
     if name in ROBOT_DATASETS:
         return ROBOT_DATASETS[name].control_hz
+    if name in CALVIN_DATASETS:
+        return CALVIN_DATASETS[name].control_hz
     return VIDEO_DATASETS[name].fps
+
+
+def has_actions(name: str) -> bool:
+    """Robot data (RLDS or CALVIN) carries actions; human video does not."""
+    name = resolve(name)
+    return name in ROBOT_DATASETS or name in CALVIN_DATASETS
+
+
+def reference_pair_window(name: str) -> tuple[int, int]:
+    """(lo, hi) window length W of the reference's frame pairs for ``name`` (see REFERENCE_PAIR_WINDOWS)."""
+    return REFERENCE_PAIR_WINDOWS.get(resolve(name), DEFAULT_PAIR_WINDOW)
 
 
 def is_human_video(name: str) -> bool:
