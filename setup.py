@@ -32,5 +32,6 @@ setup(
                 "tensorflow-cpu>=2.18"],
         "torch": ["torch>=2.4", "safetensors>=0.4"],
         "sim": ["metaworld>=3.0", "mujoco>=3.2"],
+        "tpu": ["jax[tpu]>=0.10,<0.11"],  # libtpu at the version jax pins (TPU VMs; launch.aot --topology)
     },
 )
