@@ -1,16 +1,25 @@
 """Train any stage: ``python -m launch.train --config=configs/toy.py:tiny --workdir=DIR [--config.x=y]``.
 
-Resumes from DIR's latest checkpoint by itself. Multi-host: see ``defi_jax/distributed.py`` for the
-coordinator environment variables (none are needed on Cloud TPU pods). SIGTERM saves and exits 0.
+DIR may be a local folder or gs://bucket/path. The run resumes from DIR's latest checkpoint by itself.
+Multi-host: see ``defi_jax/distributed.py`` for the coordinator environment variables (none are needed on
+Cloud TPU pods). SIGTERM saves and exits 0. A bad flag, config key or value stops the run before anything
+is built, with one line naming it (exit code 2).
 """
 
-import sys
+import os
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow (RLDS readers)
+
+import sys  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from defi_jax import config_validation, paths  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/toy.py:tiny.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and summaries.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints, metrics and "
+                               "summaries; a relative path is made absolute.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -18,17 +27,34 @@ def main(argv):
     del argv
     import logging as py_logging
     py_logging.getLogger("absl").setLevel(py_logging.WARNING)  # Orbax logs every file it writes at INFO
+    py_logging.getLogger("jax").setLevel(py_logging.WARNING)   # "Unable to initialize backend 'tpu'" etc.
+    config, workdir = _CONFIG.value, paths.abspath(_WORKDIR.value)
+    spec = config_flags.get_config_filename(flags.FLAGS["config"])
+    print(f"launch.train: {spec} (stage {config.stage}, {config.train.num_steps} steps) -> {workdir}", flush=True)
+
     from defi_jax import distributed
     distributed.initialize()  # before anything touches jax.devices()
-
-    import defi_jax  # noqa: F401  (flax settings)
     from defi_jax import trainer
-    result = trainer.train(_CONFIG.value, _WORKDIR.value)
+    try:
+        result = trainer.train(config, workdir)
+    except config_validation.ConfigError as e:
+        print(f"launch.train: {e}", file=sys.stderr)
+        return 2
+    if not distributed.is_primary():
+        return 0
+    outputs = [f"checkpoints {paths.join(workdir, 'checkpoints')}", f"metrics {paths.join(workdir, 'metrics.jsonl')}",
+               f"TensorBoard {paths.join(workdir, 'tensorboard')}"]
+    if paths.exists(paths.join(workdir, "samples")):
+        outputs.append(f"samples {paths.join(workdir, 'samples')}")
     if result.status == "preempted":
         logging.warning("stopped by preemption at step %d; rerun the same command to resume", result.step)
+        print(f"launch.train: preempted at step {result.step}; {'; '.join(outputs)}", flush=True)
     else:
-        logging.info("finished at step %d: %s", result.step, result.metrics)
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()
+                          if (k == "loss" or k.startswith("eval_")) and isinstance(v, (int, float)))
+        print(f"launch.train: done at step {result.step} ({shown}); {'; '.join(outputs)}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    sys.exit(app.run(main, flags_parser=config_validation.parse_flags))
