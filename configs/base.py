@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from defi_jax import weights
+
 
 def logical_axis_rules(strategy: str = "fsdp") -> tuple:
     """Logical axis -> mesh axes. ``fsdp`` shards weights over fsdp and tensor-parallel dims over tensor."""
@@ -29,6 +31,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.model = ml_collections.ConfigDict()
     c.data = ml_collections.ConfigDict()
+    # Pretrained weights: config.init.sources.<name> = weights.source(target regex, kind, path, ...); see
+    # defi_jax/weights.py. allow_random=True lets a frozen pretrained tower start random (tests, debugging).
+    c.init = weights.init_config()
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (1, -1, 1)          # (data, fsdp, tensor) within a slice; one -1 is filled in

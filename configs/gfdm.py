@@ -20,6 +20,7 @@ Precomputed latents (the released recipe's input): ``python -m launch.precompute
 import ml_collections
 
 from configs.base import get_base_config
+from defi_jax import weights
 from data_pipelines.config import default_data_config
 
 
@@ -77,10 +78,14 @@ def get_config(arg: str | None = None):
     m.decode_chunk_size = 7
     m.unet_remat = True                # per-block rematerialization in the UNet (gradient checkpointing)
 
-    c.init = ml_collections.ConfigDict()
-    c.init.svd_path = ""               # diffusers SVD folder (unet/, vae/): published weights to start from
+    # Published weights (defi_jax/weights.py). svd_path / clip_path fill the sources below whose own path
+    # is empty: <svd_path>/unet, <svd_path>/vae, clip_path; a source's path can also be set on its own.
+    c.init.svd_path = ""               # diffusers SVD folder (unet/, vae/)
     c.init.clip_path = ""              # transformers CLIP folder: text tower weights + tokenizer vocabulary
     c.init.tokenizer_path = ""         # overrides the tokenizer folder (defaults to clip_path)
+    c.init.sources.unet = weights.source("^unet/", "diffusers_unet")
+    c.init.sources.vae = weights.source("^vae/", "diffusers_vae")
+    c.init.sources.text_encoder = weights.source("^text_encoder/", "hf_clip_text")
     c.attention_impl = ml_collections.FieldReference(None, field_type=str)  # None = XLA; "cudnn" on GPU
 
     c.data = default_data_config()
@@ -136,6 +141,7 @@ def get_config(arg: str | None = None):
                               eos_token_id=2)
         m.num_frames = 4
         m.sample_steps = 8
+        c.init.allow_random = True     # no weights ship: the frozen VAE and text encoder start random
         m.decode_chunk_size = 0
         c.data.mixture = "demo"
         c.data.data_dir = ""

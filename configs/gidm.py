@@ -1,13 +1,18 @@
 """GIDM pretraining (DeFI stage 2): the latent action model on frame pairs, no actions used.
 
     python -m launch.train --config=configs/gidm.py:tiny --workdir=/tmp/gidm
-    python -m launch.train --config=configs/gidm.py:defi --workdir=gs://bucket/gidm --config.data.data_dir=...
+    python -m launch.train --config=configs/gidm.py:defi --workdir=gs://bucket/gidm --config.data.data_dir=... \
+        --config.init.sources.dinov2.path=/ckpt/dinov2-with-registers-base \
+        --config.init.sources.t5.path=/ckpt/t5-base --config.model.tokenizer_path=/ckpt/t5-base
     python -m launch.describe --config=configs/gidm.py:defi
 
 Variants:
   defi   the released recipe: frozen DINOv2-B/14-reg (224 px -> 256 patch tokens) and T5-base, 768 wide,
          12 encoder + 12 decoder blocks, 12 heads, latent 128, codebook 16 (``model.num_latents=128`` is
          the paper's table), AdamW lr 1e-4, weight decay 1e-2, grad clip 0.1, constant lr, batch 64 x 8.
+         The towers' weights: ``config.init.sources.dinov2`` (a transformers folder, or
+         ``--config.init.sources.dinov2.kind=torch_hub_dinov2`` with the hub's .safetensors / .pth file) and
+         ``config.init.sources.t5``; validation refuses the frozen towers without them.
   tiny   minutes on a CPU: a patch encoder trained from scratch, byte-level instruction embeddings,
          predicts normalized pixel patches of the future frame; with no data flags it trains on the
          embedded demo data (written on first use).
@@ -30,6 +35,7 @@ model keys:
 import ml_collections
 
 from configs.base import get_base_config
+from defi_jax import weights
 
 
 def model_config(variant: str = "defi") -> ml_collections.ConfigDict:
@@ -90,6 +96,9 @@ def get_config(arg: str | None = None):
     c = get_base_config()
     c.stage = "gidm"
     c.model = model_config(variant)
+    # The frozen towers' published weights (defi_jax/weights.py): set the path on the command line.
+    c.init.sources.dinov2 = weights.source("^dino_encoder/", "hf_dinov2")   # or kind "torch_hub_dinov2"
+    c.init.sources.t5 = weights.source("^text_encoder/", "hf_t5_encoder")
 
     from data_pipelines.config import default_data_config
     c.data = default_data_config()

@@ -1,9 +1,13 @@
 """Orbax checkpoints: train state, data-iterator state and config saved together in one step.
 
-Layout: ``WORKDIR/checkpoints/<step>/{state, data, config}``. ``state`` is the train-state pytree (sharded
-arrays, written by every process), ``data`` one JSON file per process with its iterator state, ``config``
-the experiment config as JSON. Orbax writes each step into a temporary directory and renames it when
-complete, so a save killed half-way never replaces (or is mistaken for) the last good checkpoint.
+Layout: ``WORKDIR/checkpoints/<step>/{params, frozen, extra, opt_state, ema, counters, data, config}``.
+Each part of the train state is its own Orbax item (sharded arrays, written by every process): the trainable
+``params``, the ``frozen`` ones, the model's non-parameter variables (``extra``), the optimizer moments
+(``opt_state``), the ``ema`` (absent without EMA) and the scalar ``counters`` (step, rng, skip counts).
+So reading a stage's parameters (:func:`restore_params`: the policy, export, another stage's init) reads
+those items only, never the optimizer moments. ``data`` is one JSON file per process with its iterator
+state, ``config`` the experiment config as JSON. Orbax writes each step into a temporary directory and
+renames it when complete, so a save killed half-way never replaces (or is mistaken for) the last good one.
 """
 
 from __future__ import annotations
@@ -12,13 +16,17 @@ import base64
 import dataclasses
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 _log = logging.getLogger(__name__)
+
+COUNTERS = "counters"   # the item holding the state's top-level array leaves (step, rng, ...)
 
 
 class DataStateHandler(ocp.CheckpointHandler):
@@ -68,14 +76,24 @@ class DataStateRestore(ocp.args.CheckpointArgs):
     pass
 
 
+def _is_part(value) -> bool:
+    """A sub-tree of the state (its own item), as opposed to a top-level array (a counter)."""
+    return isinstance(value, (Mapping, list, tuple))
+
+
+def _restore_args(abstract):
+    return ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+
+
 class Checkpointer:
     """Keep-N, asynchronous checkpoints of one run under ``workdir/checkpoints``."""
 
-    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
         self.directory = epath.Path(workdir) / "checkpoints"
+        # read_only: another run may be writing this workdir; leave its temporary directories alone.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True)
+            max_to_keep=keep, create=not read_only, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=not read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -84,21 +102,69 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, data_state: Any, config_json: str) -> bool:
-        """Starts saving; returns once arrays are copied off the devices (writing continues async)."""
-        items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(json.loads(config_json)))
+    def save(self, step: int, state: Mapping[str, Any], data_state: Any, config_json: str) -> bool:
+        """Starts saving; returns once arrays are copied off the devices (writing continues async).
+
+        ``state``: name -> sub-tree (each non-empty one its own item) or array (gathered in ``counters``).
+        """
+        items = {name: ocp.args.PyTreeSave(part) for name, part in state.items()
+                 if _is_part(part) and jax.tree.leaves(part)}
+        items[COUNTERS] = ocp.args.PyTreeSave({k: v for k, v in state.items() if not _is_part(v)})
+        items["config"] = ocp.args.JsonSave(json.loads(config_json))
         if data_state is not None:
             items["data"] = DataStateSave(data_state)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore(self, step: int, abstract_state: Any, *, data: bool = True) -> tuple[Any, Any]:
-        """Restores ``state`` onto the shardings in ``abstract_state`` (any mesh / device count)."""
-        items = dict(state=ocp.args.StandardRestore(abstract_state))
+    def restore(self, step: int, abstract_state: Mapping[str, Any], *, data: bool = True) -> tuple[dict, Any]:
+        """Restores every part of ``state`` onto the shardings in ``abstract_state`` (any mesh / device count)."""
+        items, empty = {}, {}
+        for name, part in abstract_state.items():
+            if not _is_part(part):
+                continue
+            if jax.tree.leaves(part):
+                items[name] = _restore_args(part)
+            else:
+                empty[name] = part
+        counters = {k: v for k, v in abstract_state.items() if not _is_part(v)}
+        if counters:
+            items[COUNTERS] = _restore_args(counters)
         has_data = (self.directory / str(step) / "data").exists()
         if data and has_data:
             items["data"] = DataStateRestore()
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return out["state"], (out["data"] if data and has_data else None)
+        state = {name: out[name] for name in abstract_state if name in items} | empty
+        state |= dict(out[COUNTERS]) if counters else {}
+        return state, (out["data"] if data and has_data else None)
+
+    def item_shapes(self, step: int, name: str) -> dict[str, jax.ShapeDtypeStruct] | None:
+        """``{"a/b/kernel": ShapeDtypeStruct}`` of one saved item (metadata only), None when absent."""
+        directory = self.directory / str(step) / name
+        if not directory.exists():
+            return None
+        tree = ocp.PyTreeCheckpointHandler().metadata(directory).tree
+        flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+        return {_path_str(p): jax.ShapeDtypeStruct(tuple(m.shape), m.dtype) for p, m in flat}
+
+    def restore_flat(self, step: int, name: str, wanted: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, Any]:
+        """Reads only the leaves ``wanted`` of item ``name`` (``path -> ShapeDtypeStruct``: with a sharding,
+        restored into it; without, as host numpy): nothing else of the step is read."""
+        tree, args = {}, {}
+        for path, like in wanted.items():
+            keys = path.split("/")
+            node, anode = tree, args
+            for k in keys[:-1]:
+                node, anode = node.setdefault(k, {}), anode.setdefault(k, {})
+            if getattr(like, "sharding", None) is None:
+                node[keys[-1]] = like
+                anode[keys[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
+            else:
+                node[keys[-1]] = like
+                anode[keys[-1]] = ocp.ArrayRestoreArgs(sharding=like.sharding, global_shape=like.shape,
+                                                       dtype=like.dtype)
+        restore = ocp.args.PyTreeRestore(item=tree, restore_args=args, partial_restore=True)
+        out = self.manager.restore(step, args=ocp.args.Composite(**{name: restore}))[name]
+        flat, _ = jax.tree_util.tree_flatten_with_path(out)
+        return {_path_str(p): v for p, v in flat}
 
     def restore_config(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
@@ -110,3 +176,48 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def restore_params(workdir: str, step: int | None = None, *, ema: bool = False, prefix: str = "",
+                   target: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A stage's parameters from a checkpoint, reading only them (never the optimizer moments).
+
+    Returns ``{"encoder/conv_in/kernel": array, ...}`` flat over the trainable and the frozen parameters
+    (``ema=True``: the EMA in place of the trainable ones). ``prefix`` keeps the paths under it (returned
+    without it); ``target`` (``path -> ShapeDtypeStruct`` with a sharding, paths relative to ``prefix``)
+    restores those leaves straight into their shardings, else host numpy arrays are returned.
+    """
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{workdir}/checkpoints: no finished checkpoint")
+        where: dict[str, tuple[str, str, jax.ShapeDtypeStruct]] = {}   # relative path -> (item, path, shape)
+        for name in ("ema" if ema else "params", "frozen"):
+            shapes = ckpt.item_shapes(step, name)
+            if shapes is None and name == "ema":
+                raise ValueError(f"{ckpt.directory / str(step)}: no EMA saved (config.train.ema_decay was 0); "
+                                 f"restore with ema=False")
+            where |= {p[len(prefix):]: (name, p, s) for p, s in (shapes or {}).items() if p.startswith(prefix)}
+        if target is not None:
+            missing = [f"{prefix}{rel} {tuple(t.shape)}" for rel, t in target.items() if rel not in where]
+            bad = [f"{prefix}{rel}: checkpoint {tuple(where[rel][2].shape)}, expected {tuple(t.shape)}"
+                   for rel, t in target.items() if rel in where and tuple(where[rel][2].shape) != tuple(t.shape)]
+            if missing or bad:
+                raise ValueError(f"{ckpt.directory / str(step)}: cannot load the parameters under {prefix!r}: " +
+                                 "; ".join(([f"{len(missing)} missing: " + ", ".join(missing)] if missing else []) +
+                                           ([f"{len(bad)} mis-shaped: " + ", ".join(bad)] if bad else [])))
+            where = {rel: w for rel, w in where.items() if rel in target}
+        out: dict[str, Any] = {}
+        for name in {w[0] for w in where.values()}:
+            rels = {w[1]: rel for rel, w in where.items() if w[0] == name}
+            got = ckpt.restore_flat(step, name, {p: where[rel][2] if target is None else target[rel]
+                                                 for p, rel in rels.items()})
+            out |= {rel: got[p] for p, rel in rels.items()}
+        return out
+    finally:
+        ckpt.close()

@@ -32,7 +32,10 @@ class Stage:
     """What a stage gives the trainer.
 
     build_model(config, rngs) -> nnx.Module
-        Constructs the model from ``config.model`` (its params carry logical axis names).
+        Constructs the model from ``config.model`` (its params carry logical axis names). Pure construction:
+        it reads no file (the trainer traces it abstractly and inside its jitted init); pretrained weights
+        come in through ``config.init`` sources (:mod:`defi_jax.weights`), which the stage's ``validate``
+        requires for frozen pretrained towers (``weights.require_sources``).
     loss_fn(model, batch, rng, config) -> (scalar loss, dict of scalar metrics)
         Training loss on one device-resident batch; ``rng`` is a fresh key per step.
     make_data(config, process_index, process_count, split) -> DataIterator

@@ -2,10 +2,12 @@
 
 How a stage plugs in: ``config.stage`` names a :class:`defi_jax.stage.Stage` (``build_model``, ``loss_fn``,
 ``make_data``, optional ``evaluate`` / ``validate``). The trainer validates the config, builds the mesh
-from ``config.mesh``, builds the model abstractly (``nnx.eval_shape``) and splits it into trainable
-params, frozen params (``config.train.frozen`` regexes over paths like ``encoder/conv_in/kernel``) and
-other variables; every leaf is sharded from its logical axis names through
-``config.sharding.logical_axis_rules``. The train step (one ``jax.jit`` with in/out shardings and the
+from ``config.mesh`` and lays the train state out (:class:`StateLayout`: the model built abstractly with
+``nnx.eval_shape``, split into trainable params, frozen params (``config.train.frozen`` regexes over paths
+like ``encoder/conv_in/kernel``) and other variables; every leaf sharded from its logical axis names through
+``config.sharding.logical_axis_rules``). A fresh state is made by one jitted init that takes the pretrained
+weights of ``config.init`` (:mod:`defi_jax.weights`, read on the host, already sharded) as arguments and
+initialises the rest randomly. The train step (one ``jax.jit`` with in/out shardings and the
 state donated) rebuilds the model with ``nnx.merge`` from params cast to ``compute_dtype``, calls the
 stage's ``loss_fn`` under the sharding rules (so ``sharding.constrain`` in model code applies), averages
 gradients over ``grad_accum_steps`` microbatches, clips, applies AdamW to the trainable params only
@@ -13,8 +15,9 @@ gradients over ``grad_accum_steps`` microbatches, clips, applies AdamW to the tr
 loss or the gradient norm is not finite (``config.train.max_nonfinite_steps`` in a row stop the run).
 
 What lands in ``WORKDIR``:
-  checkpoints/<step>/   Orbax: ``state`` (params, opt state, EMA, step, rng, skip counters), ``data``
-                        (each process's data-iterator state) and ``config`` (JSON); keep-N, async.
+  checkpoints/<step>/   Orbax: the train state as items ``params``, ``frozen``, ``extra``, ``opt_state``,
+                        ``ema``, ``counters`` (so parameters are read without the optimizer state),
+                        ``data`` (each process's data-iterator state) and ``config`` (JSON); keep-N, async.
   metrics.jsonl         one JSON object per logged step: step, loss, grad_norm, lr, skipped updates,
                         the stage's metrics, steps/s, examples/s, MFU (where the peak is known).
   tensorboard/          the same scalars as TensorBoard events.
@@ -23,7 +26,7 @@ A run resumes from the latest checkpoint in its workdir by itself (on any mesh /
 saves a checkpoint at the current step and returns with ``status="preempted"`` (multi-process: JAX's
 preemption notifier catches the signal and every process stops at the same step).
 
-Public: :func:`train`, :class:`Trainer`, :func:`restore_model`, :func:`checkpoint_config`,
+Public: :func:`train`, :class:`Trainer`, :class:`StateLayout`, :func:`restore_model`, :func:`checkpoint_config`,
 :func:`compile_train_step`, :func:`param_counts`, :func:`state_bytes_per_device`.
 """
 
@@ -106,91 +109,200 @@ def _remat(fn, policy: str):
     return jax.checkpoint(fn, policy=getattr(jax.checkpoint_policies, policy))
 
 
-class Trainer:
-    """Builds the sharded state and the jitted step for ``config``; :meth:`fit` runs the loop.
+class StateLayout:
+    """The train state of ``config`` on ``mesh``, apart from the loop: the model's structure, the split into
+    trainable params / frozen params (``config.train.frozen`` regexes over paths like ``encoder/conv_in/kernel``)
+    / other variables, every leaf's sharding (logical axis names through ``config.sharding.logical_axis_rules``),
+    the abstract state, and restore (whole state, or parameters only). Restore, describe and export use it
+    without building a trainer; nothing is allocated and no weight file is read.
 
     ``mesh`` defaults to ``sharding.make_mesh(config.mesh)`` over all devices.
     """
 
-    def __init__(self, config, *, mesh=None, validate: bool = True):
-        if validate:
-            config_validation.validate(config, num_devices=None if mesh is None else mesh.devices.size)
+    def __init__(self, config, *, mesh=None):
         self.config = config
         self.stage = stage_lib.get(config.stage)
         self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
         self.rules = dict(config.sharding.logical_axis_rules)
         t = config.train
         self.param_dtype = _DTYPES[t.param_dtype]
-        self.compute_dtype = _DTYPES[t.compute_dtype]
         self.tx, self.schedule = optim.optimizer(t)
-        # XLA options for every compile of this run (e.g. {"xla_backend_optimization_level": 0} makes CPU
-        # test compiles ~5x faster); empty by default.
-        opts = t.get("compiler_options", None)
-        self._jit_kwargs = {"compiler_options": dict(opts)} if opts else {}
-
         frozen_res = [re.compile(p) for p in t.frozen]
 
         def trainable(path, x):
             return isinstance(x, nnx.Param) and not any(r.search(_path_str(path)) for r in frozen_res)
 
-        self._filters = (trainable, nnx.Param, ...)
-        abstract = nnx.eval_shape(lambda: self.stage.build_model(config, nnx.Rngs(config.seed)))
-        self.graphdef, a_train, a_frozen, a_extra = nnx.split(abstract, *self._filters)
-        if not jax.tree.leaves(a_train):
-            raise config_validation.ConfigError(
-                f"config.train.frozen={tuple(t.frozen)!r}: every parameter is frozen, nothing to train")
-        self._logical = dict(params=a_train, frozen=a_frozen, extra=a_extra)
-        self.state_shardings = self._make_state_shardings()
-        self.compiled = self._init_fn = None
-        self._sigterm = False
+        self.filters = (trainable, nnx.Param, ...)
+        abstract = nnx.eval_shape(lambda: self.build_model())
+        self.graphdef, a_train, a_frozen, a_extra = nnx.split(abstract, *self.filters)
+        self.logical = dict(params=a_train, frozen=a_frozen, extra=a_extra)
+        self.shardings = self._make_shardings()
+        self._abstract = None
 
-    # ------------------------------------------------------------------ state
+    def build_model(self, seed: int | None = None) -> nnx.Module:
+        """The stage's model, randomly initialised (pure construction: no file is read)."""
+        return self.stage.build_model(self.config, nnx.Rngs(self.config.seed if seed is None else seed))
+
     def _shardings_of(self, abstract_state: nnx.State):
         return nnx.to_pure_dict(sharding.state_shardings(abstract_state, self.mesh, self.rules))
 
-    def _make_state_shardings(self) -> TrainState:
+    def _make_shardings(self) -> TrainState:
         rep = NamedSharding(self.mesh, P())
-        params_sh = self._shardings_of(self._logical["params"])
+        params_sh = self._shardings_of(self.logical["params"])
         abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, self.param_dtype),
-                                       nnx.to_pure_dict(self._logical["params"]))
+                                       nnx.to_pure_dict(self.logical["params"]))
         abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
         # Optimizer moments shard like their parameters; counters and the like are replicated.
         opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, params_sh,
                                        transform_non_params=lambda _: rep)
         return TrainState(
-            step=rep, params=params_sh, frozen=self._shardings_of(self._logical["frozen"]),
-            extra=self._shardings_of(self._logical["extra"]), opt_state=opt_sh,
+            step=rep, params=params_sh, frozen=self._shardings_of(self.logical["frozen"]),
+            extra=self._shardings_of(self.logical["extra"]), opt_state=opt_sh,
             ema=params_sh if self.config.train.ema_decay > 0 else {}, rng=rep, nonfinite=rep, skipped=rep)
 
-    def _init(self) -> TrainState:
-        c = self.config
-        model = self.stage.build_model(c, nnx.Rngs(c.seed))
-        _, params, frozen, extra = nnx.split(model, *self._filters)
-        params = _cast(nnx.to_pure_dict(params), self.param_dtype)
-        frozen = _cast(nnx.to_pure_dict(frozen), self.param_dtype)
+    def assemble(self, params, frozen, extra) -> TrainState:
+        """A fresh train state around initial parameters (pure dicts, already in ``param_dtype``)."""
         zero = jnp.zeros((), jnp.int32)
         return TrainState(
-            step=zero, params=params, frozen=frozen, extra=nnx.to_pure_dict(extra),
-            opt_state=self.tx.init(params), ema=params if c.train.ema_decay > 0 else {},
-            rng=jax.random.PRNGKey(c.seed + 1), nonfinite=zero, skipped=zero)
-
-    def init_state(self) -> TrainState:
-        """A freshly initialized train state, created directly in its sharded layout."""
-        if self._init_fn is None:
-            self._init_fn = jax.jit(self._init, out_shardings=self.state_shardings, **self._jit_kwargs)
-        with sharding.use_rules(self.mesh, self.rules):
-            return self._init_fn()
+            step=zero, params=params, frozen=frozen, extra=extra, opt_state=self.tx.init(params),
+            ema=params if self.config.train.ema_decay > 0 else {},
+            rng=jax.random.PRNGKey(self.config.seed + 1), nonfinite=zero, skipped=zero)
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the restore target and the AOT-compile input."""
-        shapes = jax.eval_shape(self._init)
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            shapes, self.state_shardings)
+        if self._abstract is None:
+            pure = {k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(v))
+                    for k, v in self.logical.items()}
+            shapes = jax.eval_shape(
+                lambda p, f, e: self.assemble(_cast(p, self.param_dtype), _cast(f, self.param_dtype), e),
+                pure["params"], pure["frozen"], pure["extra"])
+            self._abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                          shapes, self.shardings)
+        return self._abstract
+
+    def abstract_params(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """``"encoder/conv_in/kernel" -> ShapeDtypeStruct`` (with sharding) of every parameter, trainable and
+        frozen: what ``config.init`` sources and params-only restores fill."""
+        a = self.abstract_state()
+        return _flat(a.params) | _flat(a.frozen)
+
+    def model(self, state: TrainState, *, ema: bool = False) -> nnx.Module:
+        """The stage's model holding ``state``'s params (the EMA params with ``ema=True``, when kept)."""
+        params = state.ema if ema and state.ema else state.params
+        return nnx.merge(self.graphdef, params, state.frozen, state.extra)
+
+    def restore(self, ckpt: Checkpointer, step: int, *, data: bool = False) -> tuple[TrainState, Any]:
+        """The whole train state of checkpoint ``step`` in this layout (any saved mesh), and the data state."""
+        try:
+            state, data_state = ckpt.restore(step, self.abstract_state().as_dict(), data=data)
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+            raise RuntimeError(
+                f"{ckpt.directory / str(step)}: the checkpoint does not fit this config's train state "
+                f"(model, frozen set, optimizer or EMA changed?). Compare the config.json next to it with the "
+                f"current config, or start in a fresh workdir. Orbax said: {e}") from e
+        return TrainState.from_dict(state), data_state
+
+    def restore_model(self, workdir: str, *, step: int | None = None, ema: bool = False) -> nnx.Module:
+        """The model holding a checkpoint's parameters (EMA or not); reads no optimizer state."""
+        from defi_jax import checkpoint
+        a = self.abstract_state()
+        flat = checkpoint.restore_params(workdir, step, ema=ema, target=self.abstract_params())
+        params, frozen = _unflat(a.params, flat), _unflat(a.frozen, flat)
+        extra = {}
+        if jax.tree.leaves(a.extra):
+            ckpt = Checkpointer(workdir, read_only=True)
+            try:
+                extra = ckpt.restore(step if step is not None else ckpt.latest_step(), {"extra": a.extra},
+                                     data=False)[0]["extra"]
+            finally:
+                ckpt.close()
+        with sharding.use_rules(self.mesh, self.rules):
+            return nnx.merge(self.graphdef, params, frozen, extra)
+
+
+def _flat(tree) -> dict[str, Any]:
+    return {_path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _unflat(like, flat: Mapping[str, Any]):
+    """``like``'s nested structure (its key types included) with the leaves of ``flat``."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: flat[_path_str(p)], like)
+
+
+class Trainer:
+    """Builds the sharded state and the jitted step for ``config``; :meth:`fit` runs the loop.
+
+    ``mesh`` defaults to ``sharding.make_mesh(config.mesh)`` over all devices. The layout of the state is
+    ``self.layout`` (:class:`StateLayout`); ``config.init`` weights are read by :meth:`init_state` only.
+    """
+
+    def __init__(self, config, *, mesh=None, validate: bool = True):
+        if validate:
+            config_validation.validate(config, num_devices=None if mesh is None else mesh.devices.size)
+        self.config = config
+        self.layout = StateLayout(config, mesh=mesh)
+        self.stage, self.mesh, self.rules = self.layout.stage, self.layout.mesh, self.layout.rules
+        self.graphdef, self.state_shardings = self.layout.graphdef, self.layout.shardings
+        self.tx, self.schedule = self.layout.tx, self.layout.schedule
+        t = config.train
+        self.param_dtype = self.layout.param_dtype
+        self.compute_dtype = _DTYPES[t.compute_dtype]
+        # XLA options for every compile of this run (e.g. {"xla_backend_optimization_level": 0} makes CPU
+        # test compiles ~5x faster); empty by default.
+        opts = t.get("compiler_options", None)
+        self._jit_kwargs = {"compiler_options": dict(opts)} if opts else {}
+        if not jax.tree.leaves(self.layout.logical["params"]):
+            raise config_validation.ConfigError(
+                f"config.train.frozen={tuple(t.frozen)!r}: every parameter is frozen, nothing to train")
+        self.compiled = self._init_fn = None
+        self._sigterm = False
+
+    # ------------------------------------------------------------------ state
+    def _init(self, loaded: Mapping[str, jax.Array]) -> TrainState:
+        """Random init of the model with the ``config.init`` weights (``loaded``, arguments) in place."""
+        _, params, frozen, extra = nnx.split(self.layout.build_model(), *self.layout.filters)
+
+        def fill(tree):
+            return jax.tree_util.tree_map_with_path(lambda p, x: loaded.get(_path_str(p), x), tree)
+
+        return self.layout.assemble(fill(_cast(nnx.to_pure_dict(params), self.param_dtype)),
+                                    fill(_cast(nnx.to_pure_dict(frozen), self.param_dtype)),
+                                    nnx.to_pure_dict(extra))
+
+    def _jitted_init(self):
+        if self._init_fn is None:
+            # The loaded weights are donated: each becomes its slot of the state without a second copy.
+            self._init_fn = jax.jit(self._init, out_shardings=self.state_shardings, donate_argnums=0,
+                                    **self._jit_kwargs)
+        return self._init_fn
+
+    def load_init_params(self) -> dict[str, jax.Array]:
+        """The ``config.init`` weights, read now (host, outside any trace) into their shardings."""
+        from defi_jax import weights
+        return weights.load_init_params(self.config, self.layout.abstract_params())
+
+    def lower_init(self):
+        """The lowered (not compiled) init program, on abstract weights: for inspection (no file is read)."""
+        from defi_jax import weights
+        abstract = self.layout.abstract_params()
+        names = {p for s in weights.active_sources(self.config) for p in abstract if re.match(s.target, p)}
+        with sharding.use_rules(self.mesh, self.rules):
+            return self._jitted_init().lower({p: abstract[p] for p in sorted(names)})
+
+    def init_state(self) -> TrainState:
+        """A freshly initialized train state, created directly in its sharded layout, with the ``config.init``
+        weights (read once per call, outside the trace, and passed to the jitted init as arguments)."""
+        loaded = self.load_init_params()
+        with sharding.use_rules(self.mesh, self.rules):
+            return self._jitted_init()(loaded)
+
+    def abstract_state(self) -> TrainState:
+        """ShapeDtypeStructs with shardings: the restore target and the AOT-compile input."""
+        return self.layout.abstract_state()
 
     def model(self, state: TrainState, *, ema: bool = False) -> nnx.Module:
         """The stage's model holding ``state``'s params (the EMA params with ``ema=True``)."""
-        params = state.ema if ema and state.ema else state.params
-        return nnx.merge(self.graphdef, params, state.frozen, state.extra)
+        return self.layout.model(state, ema=ema)
 
     # ------------------------------------------------------------------ step
     def _loss_and_grads(self, state: TrainState, batch, rng):
@@ -317,17 +429,11 @@ class Trainer:
         latest = ckpt.latest_step() if ckpt is not None else None
         if latest is None:
             return self.init_state()
-        try:
-            state, data_state = ckpt.restore(latest, self.abstract_state().as_dict(), data=data_iter is not None)
-        except (ValueError, KeyError, TypeError) as e:
-            raise RuntimeError(
-                f"{ckpt.directory / str(latest)}: the checkpoint does not fit this config's train state "
-                f"(model, frozen set, optimizer or EMA changed?). Compare the config.json next to it with the "
-                f"current config, or start in a fresh workdir. Orbax said: {e}") from e
+        state, data_state = self.layout.restore(ckpt, latest, data=data_iter is not None)
         if data_iter is not None and data_state is not None:
             data_iter.set_state(data_state)
         _log.info("resumed from %s at step %d", ckpt.directory / str(latest), latest)
-        return TrainState.from_dict(state)
+        return state
 
     def fit(self, workdir: str) -> TrainResult:
         """Trains to ``config.train.num_steps``, resuming from ``workdir`` when it holds a checkpoint."""
@@ -465,27 +571,18 @@ def train(config, workdir: str) -> TrainResult:
 def restore_model(config, workdir: str, *, step: int | None = None, ema: bool = False, mesh=None) -> nnx.Module:
     """The stage's model holding the params of a checkpoint in ``workdir`` (latest step by default).
 
-    ``mesh`` defaults to ``config.mesh`` on all devices; the checkpoint may come from any mesh.
+    Reads the parameters (or their EMA) only, never the optimizer state. ``mesh`` defaults to
+    ``config.mesh`` on all devices; the checkpoint may come from any mesh.
     """
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoints in this workdir")
-    tr = Trainer(config, mesh=mesh, validate=False)
-    ckpt = Checkpointer(workdir)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{workdir}/checkpoints: no finished checkpoint")
-        state, _ = ckpt.restore(step, tr.abstract_state().as_dict(), data=False)
-    finally:
-        ckpt.close()
-    with sharding.use_rules(tr.mesh, tr.rules):
-        return tr.model(TrainState.from_dict(state), ema=ema)
+    return StateLayout(config, mesh=mesh).restore_model(workdir, step=step, ema=ema)
 
 
 def checkpoint_config(workdir: str, step: int | None = None):
     """The config a checkpoint was written with, as an ml_collections ConfigDict."""
     import ml_collections
-    ckpt = Checkpointer(workdir)
+    ckpt = Checkpointer(workdir, read_only=True)
     try:
         return ml_collections.ConfigDict(ckpt.restore_config(step))
     finally:
@@ -504,7 +601,7 @@ def compile_train_step(config, mesh=None):
 def param_counts(config) -> dict[str, int]:
     """Parameter count of each top-level sub-module (abstract, nothing allocated) and ``total``."""
     stage = stage_lib.get(config.stage)
-    abstract = nnx.eval_shape(lambda: stage.build_model(config, nnx.Rngs(config.seed)))
+    abstract = nnx.eval_shape(lambda: stage.build_model(config, nnx.Rngs(config.seed)))  # no file is read
     params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     counts = {k: sum(math.prod(x.shape) for x in jax.tree.leaves(v)) for k, v in params.items()}
     counts["total"] = sum(counts.values())
@@ -513,8 +610,7 @@ def param_counts(config) -> dict[str, int]:
 
 def state_bytes_per_device(config, mesh=None) -> dict[str, int]:
     """Bytes one device holds of each part of the sharded train state (largest shard per leaf)."""
-    trainer = Trainer(config, mesh=mesh)
-    abstract = trainer.abstract_state()
+    abstract = StateLayout(config, mesh=mesh).abstract_state()
 
     def nbytes(tree):
         return sum(math.prod(s.sharding.shard_shape(s.shape)) * np.dtype(s.dtype).itemsize

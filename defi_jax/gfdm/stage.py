@@ -28,6 +28,7 @@ from flax import nnx
 
 from defi_jax.gfdm import evaluation
 from defi_jax.gfdm.model import GFDM, GFDMOptions
+from defi_jax import weights
 from defi_jax.stage import Stage
 
 _log = logging.getLogger(__name__)
@@ -82,30 +83,12 @@ class Tokenize:
 
 # ---- model ------------------------------------------------------------------------------------------
 def build_model(config, rngs: nnx.Rngs) -> GFDM:
-    """The GFDM from ``config.model``; ``config.init`` paths load published weights (diffusers SVD folder
-    with ``unet/`` and ``vae/``; transformers CLIP folder) over the random initialisation."""
+    """The GFDM from ``config.model`` (pure construction; published weights come in through ``config.init``:
+    ``svd_path`` / ``clip_path`` or the ``unet`` / ``vae`` / ``text_encoder`` sources, defi_jax/weights.py)."""
     t = config.train
     dtype = None if t.compute_dtype == "float32" else jnp.dtype(t.compute_dtype)
-    model = GFDM(GFDMOptions.from_config(config.model), rngs=rngs, dtype=dtype,
-                 param_dtype=jnp.dtype(t.param_dtype), attention_impl=config.get("attention_impl", None))
-    init = config.get("init", {})
-    if init.get("svd_path", ""):
-        from defi_jax.interop import diffusers_svd
-        _replace_params(model.unet, diffusers_svd.load_unet(os.path.join(init.svd_path, "unet")), "unet")
-        _replace_params(model.vae, diffusers_svd.load_vae(os.path.join(init.svd_path, "vae")), "vae")
-    if init.get("clip_path", ""):
-        from defi_jax.interop import hf_clip
-        _replace_params(model.text_encoder, hf_clip.load_text_encoder(init.clip_path), "text_encoder")
-    return model
-
-
-def _replace_params(target: nnx.Module, loaded: nnx.Module, name: str) -> None:
-    want = jax.tree.map(lambda x: (x.shape, x.dtype), nnx.state(target, nnx.Param))
-    got = jax.tree.map(lambda x: (x.shape, x.dtype), nnx.state(loaded, nnx.Param))
-    if jax.tree.structure(want) != jax.tree.structure(got) or jax.tree.leaves(want) != jax.tree.leaves(got):
-        raise ValueError(f"config.init: the loaded {name} does not match config.model.{name} "
-                         f"(shapes/dtypes differ); make the config match the checkpoint's config.json")
-    nnx.update(target, nnx.state(loaded, nnx.Param))
+    return GFDM(GFDMOptions.from_config(config.model), rngs=rngs, dtype=dtype,
+                param_dtype=jnp.dtype(t.param_dtype), attention_impl=config.get("attention_impl", None))
 
 
 # ---- loss -------------------------------------------------------------------------------------------
@@ -259,6 +242,7 @@ def validate(config) -> None:
                              f"the byte tokenizer used when config.init.clip_path is empty")
     if m.feature_up_blocks < 1 or m.feature_up_blocks > len(unet.get("up_block_types", (0,) * 4)):
         raise ValueError(f"config.model.feature_up_blocks={m.feature_up_blocks} is out of range")
+    weights.require_sources(config, {"unet": "unet/", "vae": "vae/", "text_encoder": "text_encoder/"})
 
 
 def batch_spec(config) -> dict:

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from defi_jax.gidm.model import LatentActionModel, byte_tokenize
+from defi_jax import weights
 from defi_jax.stage import Stage
 
 _TRAIN_KEYS = ("frames", "input_ids", "attention_mask")
@@ -32,6 +33,7 @@ _EVAL_KEYS = _TRAIN_KEYS + ("actions", "has_actions")
 
 
 def build_model(config, rngs: nnx.Rngs) -> LatentActionModel:
+    """Pure construction; the DINOv2 / T5 weights come in through ``config.init.sources`` (dinov2, t5)."""
     return LatentActionModel(config.model, rngs=rngs)
 
 
@@ -214,6 +216,9 @@ def validate(config) -> None:
         raise ValueError(f"config.train.batch_size={config.train.batch_size}: action_info_gap needs >= 2 samples")
     if config.data.get("resolution", m.image_size) != m.image_size:
         raise ValueError(f"config.data.resolution={config.data.resolution} != config.model.image_size={m.image_size}")
+    towers = {"dinov2": "dino_encoder/"} if m.visual_encoder == "dinov2" else {}
+    towers |= {"t5": "text_encoder/"} if m.text_encoder == "t5" else {}
+    weights.require_sources(config, towers)
 
 
 STAGE = Stage(build_model=build_model, loss_fn=loss_fn, make_data=make_data, evaluate=evaluate,

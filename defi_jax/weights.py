@@ -1,0 +1,335 @@
+"""Pretrained weights into a stage's parameters: the ``config.init`` table, read once on the host.
+
+Every stage shares one table. ``config.init.sources.<name>`` maps a sub-tree of the model (``target``, a
+regex matched at the start of parameter paths such as ``unet/conv_in/kernel``) to a source::
+
+    c.init.sources.dinov2 = weights.source("^dino_encoder/", "hf_dinov2")     # path set on the command line
+    python -m launch.train ... --config.init.sources.dinov2.path=/ckpt/dinov2-with-registers-base
+
+An entry with an empty ``path`` is inactive. Kinds (what ``path`` points at):
+
+  diffusers_unet / diffusers_vae   a diffusers folder (``diffusion_pytorch_model.safetensors`` or shards)
+  hf_clip_text                     a transformers CLIPTextModel / CLIPModel folder (text tower)
+  hf_dinov2                        a transformers Dinov2WithRegistersModel folder
+  torch_hub_dinov2                 the facebookresearch/dinov2 state dict (``.safetensors``, or ``.pth``
+                                   read with ``torch.load(weights_only=True)``)
+  hf_t5_encoder                    a transformers T5 / T5EncoderModel folder
+  workdir                          another stage's workdir: its parameters at ``step`` (-1 = latest), the
+                                   EMA with ``ema=True``; ``prefix`` is the sub-tree of that model read
+                                   (the part of our path matched by ``target`` is replaced by ``prefix``)
+
+The name / transpose tables are the interop modules' (``defi_jax.interop``). :func:`load_init_params` reads
+every active source once, outside any trace: safetensors files are memory-mapped and each parameter is put
+straight into its sharding (each process reads only the slices its devices hold), so the trainer passes the
+arrays to its jitted init as arguments and no weight becomes a constant of a compiled program. Missing and
+mis-shaped tensors of all sources are reported together, by name, with both shapes.
+
+``config.init.allow_random`` (False): a stage's validation refuses a frozen pretrained tower (DINOv2, T5,
+the GFDM's VAE / CLIP text) without a source, unless this is set (tests, debugging).
+``config.init.svd_path`` / ``config.init.clip_path`` (the GFDM's README keys) fill the ``unet`` / ``vae``
+(``<svd_path>/unet``, ``<svd_path>/vae``) and ``text_encoder`` sources whose own path is empty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+
+_log = logging.getLogger(__name__)
+
+# Folder keys kept for the README's commands: key -> ((source name, sub-folder), ...).
+FOLDER_KEYS = {"svd_path": (("unet", "unet"), ("vae", "vae")), "clip_path": (("text_encoder", ""),)}
+
+
+def source(target: str, kind: str, path: str = "", *, prefix: str = "", step: int = -1,
+           ema: bool = False) -> ml_collections.ConfigDict:
+    """One ``config.init.sources`` entry (inactive while ``path`` is empty)."""
+    if kind not in KINDS:
+        raise ValueError(f"weights source kind {kind!r} is not one of {sorted(KINDS)}")
+    return ml_collections.ConfigDict(dict(target=target, kind=kind, path=path, prefix=prefix, step=step, ema=ema))
+
+
+def init_config() -> ml_collections.ConfigDict:
+    """``config.init`` of the base config: no sources, random towers refused."""
+    return ml_collections.ConfigDict(dict(allow_random=False, sources=ml_collections.ConfigDict()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Active:
+    """An active source: ``key`` is the config key that set its path (for error messages)."""
+    name: str
+    key: str
+    target: str
+    kind: str
+    path: str
+    prefix: str = ""
+    step: int = -1
+    ema: bool = False
+
+
+def active_sources(config) -> list[Active]:
+    """The entries of ``config.init.sources`` with a path (``svd_path`` / ``clip_path`` filled in)."""
+    init = config.get("init", None) or {}
+    sources = dict(init.get("sources", None) or {})
+    out = []
+    for name, entry in sorted(sources.items()):
+        entry = dict(entry)
+        path, key = entry.get("path", ""), f"config.init.sources.{name}.path"
+        if not path:
+            for folder_key, fills in FOLDER_KEYS.items():
+                for filled, sub in fills:
+                    if filled == name and init.get(folder_key, ""):
+                        path, key = os.path.join(init[folder_key], sub) if sub else init[folder_key], \
+                            f"config.init.{folder_key}"
+        if not path:
+            continue
+        if entry.get("kind") not in KINDS:
+            raise ValueError(f"config.init.sources.{name}.kind={entry.get('kind')!r} is not one of {sorted(KINDS)}")
+        try:
+            re.compile(entry.get("target", ""))
+        except re.error as e:
+            raise ValueError(f"config.init.sources.{name}.target={entry.get('target')!r}: not a regex: {e}") from None
+        out.append(Active(name=name, key=key, target=entry["target"], kind=entry["kind"], path=path,
+                          prefix=entry.get("prefix", ""), step=int(entry.get("step", -1)),
+                          ema=bool(entry.get("ema", False))))
+    return out
+
+
+def require_sources(config, towers: Mapping[str, str]) -> None:
+    """Stage validation: every frozen pretrained tower has a source, unless ``config.init.allow_random``.
+
+    ``towers``: source name -> the tower's path prefix in the model (``{"dinov2": "dino_encoder/"}``).
+    """
+    init = config.get("init", None) or {}
+    if init.get("allow_random", False):
+        return
+    frozen = [re.compile(p) for p in config.train.frozen]
+    covered = [s.target for s in active_sources(config)]
+    for name, prefix in towers.items():
+        if not any(r.search(prefix) for r in frozen) or any(re.match(t, prefix) for t in covered):
+            continue
+        also = [f"config.init.{k}" for k, fills in FOLDER_KEYS.items() if name in (f for f, _ in fills)
+                and k in init]
+        raise ValueError(
+            f"config.init.sources.{name}.path is empty{' (and ' + ', '.join(also) + ')' if also else ''}, but "
+            f"{prefix}* is frozen (config.train.frozen): the run would keep a randomly initialised {name}. "
+            f"Point it at the pretrained weights, or set config.init.allow_random=True (tests, debugging).")
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+def _safetensors_files(path: str, weights_name: str) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    single = os.path.join(path, weights_name + ".safetensors")
+    index = os.path.join(path, weights_name + ".safetensors.index.json")
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        with open(index) as f:
+            return [os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+    found = sorted(os.listdir(path)) if os.path.isdir(path) else "it does not exist"
+    raise FileNotFoundError(f"{path}: no {weights_name}.safetensors or {weights_name}.safetensors.index.json "
+                            f"(found: {found}); only safetensors are read, never pickle")
+
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+              "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def read_safetensors_mmap(file: str) -> dict[str, np.ndarray]:
+    """Every tensor of a ``.safetensors`` file as a read-only view of the memory-mapped file (no copy).
+
+    The format is an 8-byte little-endian header size, a JSON header (dtype, shape, byte offsets per
+    tensor), then the raw bytes; bfloat16 is viewed through ``ml_dtypes``.
+    """
+    import ml_dtypes
+
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    if not header:
+        return {}
+    data = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + n)
+    out = {}
+    for name, info in header.items():
+        dtype = ml_dtypes.bfloat16 if info["dtype"] == "BF16" else _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        out[name] = data[start:end].view(dtype).reshape(info["shape"])
+    return out
+
+
+def _read_torch(file: str) -> dict[str, np.ndarray]:
+    """A torch state-dict file, read with ``weights_only=True`` (tensors only: never a full unpickle)."""
+    import torch
+
+    sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    sd = sd.get("model", sd) if isinstance(sd, dict) else sd
+    return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in sd.items()
+            if isinstance(v, torch.Tensor)}
+
+
+def _read(path: str, weights_name: str) -> dict[str, np.ndarray]:
+    if os.path.isfile(path) and path.endswith((".pth", ".pt", ".bin")):
+        return _read_torch(path)
+    out = {}
+    for file in _safetensors_files(path, weights_name):
+        out.update(read_safetensors_mmap(file))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """How one kind of source is read: tensors (torch names, torch layouts) and the name / transpose rules."""
+    read: Callable[[str], dict[str, np.ndarray]]
+    rules: Callable[[], tuple]
+
+
+def _diffusers(model: str) -> Kind:
+    def rules():
+        from defi_jax.interop import diffusers_svd
+        return diffusers_svd.UNET_RULES if model == "unet" else diffusers_svd.VAE_RULES
+    return Kind(read=lambda p: _read(p, "diffusion_pytorch_model"), rules=rules)
+
+
+def _clip_rules():
+    from defi_jax.interop import hf_clip
+    return hf_clip.RULES
+
+
+def _dinov2_rules():
+    from defi_jax.interop import hf_dinov2
+    return hf_dinov2.RULES
+
+
+def _t5_rules():
+    from defi_jax.interop import hf_t5
+    return hf_t5.RULES
+
+
+def _read_clip(path: str) -> dict[str, np.ndarray]:
+    return {k.removeprefix("text_model."): v for k, v in _read(path, "model").items()}
+
+
+def _read_dinov2(path: str) -> dict[str, np.ndarray]:
+    from defi_jax.interop import hf_dinov2
+    out = {}
+    for k, v in _read(path, "model").items():
+        k = k.removeprefix("dinov2_with_registers.")
+        for pattern, replacement in hf_dinov2._V5_TO_V4:  # transformers 5 names -> the rules' v4 names
+            k = pattern.sub(replacement, k)
+        out[k] = v
+    return out
+
+
+def _read_torch_hub_dinov2(path: str) -> dict[str, np.ndarray]:
+    from defi_jax.interop import hf_dinov2
+    return hf_dinov2.hub_to_hf_names(_read(path, "model"))
+
+
+def _read_t5(path: str) -> dict[str, np.ndarray]:
+    out = _read(path, "model")
+    if "shared.weight" not in out and "encoder.embed_tokens.weight" in out:
+        out["shared.weight"] = out.pop("encoder.embed_tokens.weight")
+    return out
+
+
+KINDS: dict[str, Kind | None] = {
+    "diffusers_unet": _diffusers("unet"),
+    "diffusers_vae": _diffusers("vae"),
+    "hf_clip_text": Kind(read=_read_clip, rules=_clip_rules),
+    "hf_dinov2": Kind(read=_read_dinov2, rules=_dinov2_rules),
+    "torch_hub_dinov2": Kind(read=_read_torch_hub_dinov2, rules=_dinov2_rules),
+    "hf_t5_encoder": Kind(read=_read_t5, rules=_t5_rules),
+    "workdir": None,   # read through defi_jax.checkpoint.restore_params
+}
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+def _place(value: np.ndarray, like: jax.ShapeDtypeStruct) -> jax.Array:
+    """``value`` (host, possibly a memory-mapped view) as a global array in ``like``'s sharding; every
+    process copies only the slices of its own devices."""
+    dtype = np.dtype(like.dtype)
+    return jax.make_array_from_callback(tuple(like.shape), like.sharding,
+                                        lambda index: np.ascontiguousarray(value[index], dtype=dtype))
+
+
+def load_init_params(config, abstract: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+    """Reads every active ``config.init`` source; returns ``path -> array`` in each parameter's sharding.
+
+    ``abstract``: ``"unet/conv_in/kernel" -> ShapeDtypeStruct`` (with sharding and the dtype to store) of
+    every parameter the sources may fill. Raises ``ValueError`` listing every missing / mis-shaped tensor of
+    every source (and parameters claimed by two sources); ``FileNotFoundError`` naming the config key.
+    """
+    from defi_jax.interop._convert import torch_key
+
+    out: dict[str, jax.Array] = {}
+    claimed: dict[str, str] = {}
+    problems: list[str] = []
+    for src in active_sources(config):
+        matched = {}
+        for path, like in abstract.items():
+            m = re.match(src.target, path)
+            if m:
+                matched[path] = (path[m.end():], like)
+        if not matched:
+            problems.append(f"{src.key}: target {src.target!r} matches no parameter of the model")
+            continue
+        twice = sorted(p for p in matched if p in claimed)
+        if twice:
+            problems.append(f"{src.key}: parameters also filled by {claimed[twice[0]]}: {', '.join(twice)}")
+            continue
+        claimed |= {p: src.key for p in matched}
+        if src.kind == "workdir":
+            from defi_jax import checkpoint
+            try:
+                got = checkpoint.restore_params(src.path, None if src.step < 0 else src.step, ema=src.ema,
+                                                prefix=src.prefix, target={rel: like for rel, like in matched.values()})
+            except (FileNotFoundError, ValueError) as e:
+                problems.append(f"{src.key}={src.path!r}: {e}")
+                continue
+            out |= {path: got[rel] for path, (rel, _) in matched.items()}
+            _log.info("init: %d parameters from %s (%s)", len(matched), src.path, src.key)
+            continue
+        kind = KINDS[src.kind]
+        try:
+            tensors = kind.read(src.path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{src.key}={src.path!r} ({src.kind}): {e}") from None
+        rules = kind.rules()
+        missing, bad, used = [], [], set()
+        for path, (rel, like) in matched.items():
+            shape = tuple(like.shape)
+            key, perm = torch_key(rel.replace("/", "."), len(shape), rules)
+            if key not in tensors:
+                missing.append(f"{key} (ours: {path} {shape})")
+                continue
+            used.add(key)
+            value = tensors[key]
+            want = tuple(shape[i] for i in np.argsort(perm)) if perm else shape
+            if tuple(value.shape) != want:
+                bad.append(f"{key}: file {tuple(value.shape)}, expected {want} (ours: {path} {shape})")
+                continue
+            out[path] = _place(np.transpose(value, perm) if perm else value, like)
+        if missing or bad:
+            lines = [f"{src.key}={src.path!r} ({src.kind}):"]
+            lines += [f"  missing {m}" for m in missing] + [f"  mis-shaped {b}" for b in bad]
+            problems.append("\n".join(lines))
+        else:
+            _log.info("init: %d parameters from %s (%s; %d tensors of the source unused)", len(matched), src.path,
+                      src.key, len(tensors) - len(used))
+    if problems:
+        raise ValueError("config.init: cannot load the pretrained weights:\n" + "\n".join(problems))
+    return out
