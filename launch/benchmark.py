@@ -1,7 +1,8 @@
 """Run a benchmark case: ``python -m launch.benchmark CASE [case args] [--out=FILE]``.
 
 A case is a module ``defi_jax/benchmarks/<CASE>.py`` with ``run(args: list[str]) -> list[dict]``. The rows
-are printed as a table and appended, each with a UTC timestamp, to ``benchmark_results.json`` (or FILE).
+are printed as a table and appended, each with a UTC timestamp, to ``benchmark_results.json`` (or FILE, local
+or gs://).
 ``python -m launch.benchmark --list`` names the cases.
 """
 
@@ -11,6 +12,8 @@ import json
 import os
 import pkgutil
 import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow (the data case)
 
 
 def cases() -> list[str]:
@@ -49,16 +52,14 @@ def main(argv: list[str]) -> int:
     if case not in cases():
         print(f"unknown benchmark case {case!r}; cases: {', '.join(cases())}", file=sys.stderr)
         return 2
-    import defi_jax  # noqa: F401
+    from defi_jax import paths
+    out = paths.abspath(out)
+    print(f"launch.benchmark: {case} {' '.join(case_args)}".rstrip() + f" -> {out}", flush=True)
     rows = importlib.import_module(f"defi_jax.benchmarks.{case}").run(case_args)
     print(table(rows))
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    previous = []
-    if os.path.exists(out):
-        with open(out) as f:
-            previous = json.load(f)
-    with open(out, "w") as f:
-        json.dump(previous + [dict(r, timestamp=stamp) for r in rows], f, indent=1)
+    previous = json.loads(paths.read_text(out)) if paths.exists(out) else []
+    paths.write_text(out, json.dumps(previous + [dict(r, timestamp=stamp) for r in rows], indent=1))
     print(f"appended {len(rows)} rows to {out}")
     return 0
 

@@ -12,14 +12,20 @@ Rngs(config.seed))``, which matches the trainer's for the same config (tests, de
 """
 
 import os
-import sys
-import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow (RLDS readers)
+
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from defi_jax import config_validation, paths  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "GFDM config, e.g. configs/gfdm.py:tiny.")
-_OUT = flags.DEFINE_string("out", None, "Output directory for the latent shards.")
+_OUT = flags.DEFINE_string("out", None, "Output directory (local or gs://) for the latent shards; a relative path "
+                           "is made absolute.")
 _SPLITS = flags.DEFINE_list("splits", ["train", "eval"], "Splits to encode.")
 _NUM_CLIPS = flags.DEFINE_integer("num_clips", 256, "Clips per split over all processes (the clip stream is "
                                   "a sampled mixture, so a count, not an epoch, bounds it).")
@@ -85,19 +91,28 @@ def encode_split(config, vae, out_dir: str, split: str, num_clips: int, batch_pe
 
 def main(argv):
     del argv
+    import logging as py_logging
+    py_logging.getLogger("jax").setLevel(py_logging.WARNING)
+    config, out = _CONFIG.value, paths.abspath(_OUT.value)
+    if config.stage != "gfdm":
+        print(f"launch.precompute_latents: --config stage is {config.stage!r}; precompute_latents needs a GFDM "
+              "config (configs/gfdm.py:tiny | svd)", file=sys.stderr)
+        return 2
+    spec = config_flags.get_config_filename(flags.FLAGS["config"])
+    print(f"launch.precompute_latents: {spec}, splits {','.join(_SPLITS.value)}, {_NUM_CLIPS.value} clips each "
+          f"-> {out}", flush=True)
     from defi_jax import distributed
     distributed.initialize()
-    import defi_jax  # noqa: F401  (flax settings)
 
-    config = _CONFIG.value
-    if config.stage != "gfdm":
-        raise app.UsageError(f"--config stage is {config.stage!r}; precompute_latents needs a GFDM config")
     vae = load_vae(config)
     for split in _SPLITS.value:
-        meta = encode_split(config, vae, _OUT.value, split, _NUM_CLIPS.value, _BATCH.value)
+        meta = encode_split(config, vae, out, split, _NUM_CLIPS.value, _BATCH.value)
         logging.info("wrote %s: %s", split, meta)
-        print(f"{split}: {meta['num_records']} clips, latents {meta['latent_shape']} -> {_OUT.value}")
+        print(f"{split}: {meta['num_records']} clips, latents {meta['latent_shape']} -> {out}", flush=True)
+    print(f"launch.precompute_latents: done; train on them with --config.data.source=latents "
+          f"--config.data.latents_dir={out}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    sys.exit(app.run(main, flags_parser=config_validation.parse_flags))

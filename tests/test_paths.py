@@ -1,0 +1,136 @@
+"""defi_jax.paths on local folders and on gs:// (a local stand-in for the object store), and the writers on it."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from etils.epath import backend as epath_backend, gpath
+
+from defi_jax import paths
+
+
+class _LocalBucket:
+    """Stands in for the object store: ``gs://B/P`` is ``ROOT/B/P``; counts the calls that reach it."""
+
+    def __init__(self, root):
+        self.root, self.calls = root, 0
+
+    def _local(self, arg):
+        if isinstance(arg, (str, os.PathLike)) and os.fspath(arg).startswith("gs://"):
+            return os.path.join(self.root, os.fspath(arg)[len("gs://"):])
+        return arg
+
+    def __getattr__(self, name):
+        fn = getattr(epath_backend.os_backend, name)
+
+        def call(*args, **kwargs):
+            self.calls += 1
+            return fn(*(self._local(a) for a in args), **kwargs)
+        return call
+
+
+@pytest.fixture
+def gcs(tmp_path, monkeypatch):
+    """gs:// backed by tmp_path/bucket; the working directory is an empty folder (nothing may land there)."""
+    fake = _LocalBucket(str(tmp_path / "bucket"))
+    real = gpath._GPath._backend
+    monkeypatch.setattr(gpath._GPath, "_backend",
+                        property(lambda self: fake if self._uri_scheme == "gs" else real.fget(self)))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    yield fake
+    assert os.listdir(tmp_path / "cwd") == [], "a gs:// path was written as a local path"
+
+
+def test_abspath_and_join(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert paths.abspath("runs/a") == str(tmp_path / "runs" / "a")
+    assert paths.abspath("gs://b/runs/a") == "gs://b/runs/a"
+    assert paths.abspath("~/x") == os.path.join(os.path.expanduser("~"), "x")
+    assert paths.join("gs://b/runs/", "a", "m.jsonl") == "gs://b/runs/a/m.jsonl"
+    assert paths.join("/r", "a") == "/r/a"
+    assert paths.is_remote("gs://b") and not paths.is_remote("/gs/b")
+
+
+def test_local_atomic_write(tmp_path, monkeypatch):
+    target = tmp_path / "new" / "config.json"
+    paths.write_text(target, "{}")                        # creates the folder
+    assert target.read_text() == "{}"
+    paths.write_bytes(target, b'{"a": 1}')
+    assert target.read_bytes() == b'{"a": 1}'
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", killed)              # the run dies between write and rename
+    with pytest.raises(KeyboardInterrupt):
+        paths.write_text(target, "half")
+    assert target.read_text() == '{"a": 1}'                 # the old file is intact,
+    assert paths.listdir(target.parent) == ["config.json"]  # and no temporary file is left
+
+
+def test_gs_roundtrip(gcs, tmp_path):
+    root = "gs://bucket/run"
+    assert not paths.exists(root)
+    paths.makedirs(paths.join(root, "samples"))
+    paths.write_text(paths.join(root, "config.json"), '{"x": 1}')
+    with paths.open(paths.join(root, "samples", "a.bin"), "wb") as f:
+        f.write(b"\x00\x01")
+    local = tmp_path / "local.txt"
+    local.write_text("copied")
+    paths.copy(str(local), paths.join(root, "copied.txt"))
+    assert paths.isdir(root) and paths.exists(paths.join(root, "config.json"))
+    assert paths.listdir(root) == ["config.json", "copied.txt", "samples"]
+    assert paths.read_text(paths.join(root, "copied.txt")) == "copied"
+    assert paths.read_bytes(paths.join(root, "samples", "a.bin")) == b"\x00\x01"
+    paths.remove(paths.join(root, "copied.txt"))
+    assert paths.listdir(root) == ["config.json", "samples"]
+    assert (tmp_path / "bucket" / "bucket" / "run" / "config.json").read_text() == '{"x": 1}'
+    assert gcs.calls > 0
+
+
+def _rows(text):
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_metric_writer_on_gs_uploads_and_resumes(gcs, tmp_path):
+    from defi_jax import metrics
+    workdir = "gs://bucket/run"
+    w = metrics.MetricWriter(workdir, sync_every_s=3600.0)
+    for step in (1, 2, 3):
+        w.write(step, {"loss": 1.0 / step})
+    assert not paths.exists(paths.join(workdir, "metrics.jsonl"))  # staged locally until the next sync
+    w.close()
+    assert [r["step"] for r in _rows(paths.read_text(paths.join(workdir, "metrics.jsonl")))] == [1, 2, 3]
+    events = paths.listdir(paths.join(workdir, "tensorboard"))
+    assert len(events) == 1 and events[0].startswith("events.out.tfevents")
+
+    # A resumed run at step 2 drops row 3 (it is redone) and appends; with sync_every_s=0 each row is uploaded.
+    w = metrics.MetricWriter(workdir, resume_step=2, sync_every_s=0.0)
+    w.write(3, {"loss": 0.5})
+    assert [r["step"] for r in _rows(paths.read_text(paths.join(workdir, "metrics.jsonl")))] == [1, 2, 3]
+    assert _rows(paths.read_text(paths.join(workdir, "metrics.jsonl")))[-1]["loss"] == 0.5
+    w.close()
+
+
+def test_metric_writer_local_resume_drops_a_cut_line(tmp_path):
+    from defi_jax import metrics
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')  # killed mid-line
+    w = metrics.MetricWriter(str(tmp_path), resume_step=2)
+    w.write(3, {"loss": 0.25})
+    w.close()
+    assert _rows(path.read_text()) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": 0.25}]
+
+
+def test_sample_gif_on_gs_with_frame_duration(gcs, tmp_path):
+    from PIL import Image
+
+    from defi_jax.gfdm import evaluation
+    rng = np.random.default_rng(0)
+    real, fake = (rng.integers(0, 256, (3, 4, 8, 8, 3), dtype=np.uint8) for _ in range(2))
+    path = "gs://bucket/run/samples/step_00000008.gif"
+    assert evaluation.write_video_grid(path, [real, fake], fps=4.0) == path
+    with paths.open(path, "rb") as f, Image.open(f) as gif:
+        assert gif.n_frames == 4 and gif.size == (3 * 8, 2 * 8)   # clips side by side, (real ; sampled)
+        assert gif.info["duration"] == 250 and gif.info["loop"] == 0
