@@ -239,7 +239,8 @@ class GFDM(nnx.Module):
     # ---- features for the policy ------------------------------------------------------------------
     def one_step_features(self, frame_BHW3: jax.Array, text_BLD: jax.Array, rng: jax.Array | None, *,
                           predict_latents: bool = True, num_frames: int | None = None,
-                          noise_BThwc: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+                          noise_BThwc: jax.Array | None = None,
+                          denoise_steps: int = 1) -> tuple[jax.Array, jax.Array | None]:
         """One denoising step from pure noise at the noisiest sigma of a ``feature_steps`` schedule.
 
         ``frame_BHW3``: current frame in [-1, 1]; ``text_BLD``: ``encode_text(...)`` (zeros = no text).
@@ -248,19 +249,27 @@ class GFDM(nnx.Module):
         to the last one's resolution and concatenated on channels in block order; and, when
         ``predict_latents``, the one-step x0 estimate of the future latents (scaled) [B, T, h, w, 4] (this
         runs the rest of the UNet; without it the UNet stops after ``up_blocks[k-1]``). ``noise_BThwc``
-        (unit Gaussian) replaces the draw from ``rng``.
+        (unit Gaussian) replaces the draw from ``rng``. ``denoise_steps`` > 1 (the paper's multi-step
+        ablation) first runs ``denoise_steps - 1`` Euler steps of the same schedule (no guidance) and takes the
+        features at the next sigma.
         """
         o = self.opts
         b, t = frame_BHW3.shape[0], num_frames or o.num_frames
         cond = self.encode_frames(frame_BHW3)
         sigmas = edm.karras_sigmas(o.feature_steps)
-        sigma = float(sigmas[0])
-        pc = edm.precondition(jnp.float32(sigma))
+        if not 1 <= denoise_steps <= o.feature_steps:
+            raise ValueError(f"denoise_steps={denoise_steps} must be in [1, feature_steps={o.feature_steps}]")
         # diffusers draws latents * init_noise_sigma and scales them by c_in before the UNet.
         if noise_BThwc is None:
             noise_BThwc = jax.random.normal(rng, (b, t, *cond.shape[1:3], self.latent_channels))
         x = noise_BThwc.astype(jnp.float32) * edm.init_noise_scale(sigmas)
         time_ids = self.added_time_ids(b, o.feature_fps, 0.0)
+        for i in range(denoise_steps - 1):   # Euler steps (the ablation's N-step features)
+            pc = edm.precondition(jnp.float32(sigmas[i]))
+            v = self.v_prediction(x * pc.c_in, jnp.full((b,), pc.c_noise), cond, text_BLD, time_ids)
+            x0 = pc.c_skip * x + pc.c_out * v
+            x = x + (x - x0) / float(sigmas[i]) * float(sigmas[i + 1] - sigmas[i])
+        pc = edm.precondition(jnp.float32(sigmas[denoise_steps - 1]))
         sample = self._unet_input(x * pc.c_in, cond)
         c_noise = jnp.full((b,), pc.c_noise)
         k = o.feature_up_blocks
