@@ -103,3 +103,54 @@ def test_trainer_validates_before_building():
     c.train.frozen = (".*",)
     with pytest.raises(ConfigError, match=r"config\.train\.frozen"):
         trainer_lib.Trainer(c)
+
+
+def test_mesh_shape_must_be_integers():
+    c = _config()
+    c.mesh.shape = ("abc",)
+    with pytest.raises(ConfigError, match=r"config\.mesh\.shape=\('abc',\): needs 3 integers"):
+        validate(c, num_devices=8)
+
+
+# --------------------------------------------------------------------------- command-line overrides
+from defi_jax.config_validation import apply_overrides, load_config  # noqa: E402
+
+
+def test_overrides_are_parsed_to_the_declared_types():
+    c = toy.get_config("tiny")
+    apply_overrides(c, [("train.num_steps", "7"), ("train.lr", "1e-3"), ("train.progress_bar", "false"),
+                        ("mesh.shape", "(2,-1,1)"), ("train.frozen", "('encoder/.*',)"), ("stage", "toy"),
+                        ("train.tri_stage", "(0, 0.5, 0.5)"), ("train.ema_decay", "0")])
+    assert (c.train.num_steps, c.train.lr, c.train.progress_bar, c.train.ema_decay) == (7, 1e-3, False, 0.0)
+    assert c.mesh.shape == (2, -1, 1) and c.train.frozen == ("encoder/.*",) and c.train.tri_stage == (0, 0.5, 0.5)
+    apply_overrides(c, [("train.progress_bar", None)])          # the bare boolean form
+    assert c.train.progress_bar is True
+
+
+@pytest.mark.parametrize("key,text,message", [
+    ("train.bogus", "1", r"^config\.train\.bogus: unknown key; config\.train has: b1, b2, batch_size, .*num_steps"),
+    ("train.num_step", "5", r"^config\.train\.num_step: unknown key; did you mean config\.train\.num_steps\b"),
+    ("num_steps", "5", r"^config\.num_steps: unknown key; did you mean config\.train\.num_steps\?"),
+    ("data.nope.x", "1", r"^config\.data\.nope\.x: unknown key; config\.data has: .*num_examples"),
+    ("mesh.shape", "abc", r"^config\.mesh\.shape='abc': expected a tuple of int like \(1, -1, 1\)"),
+    ("mesh.shape", "(2,4.0,1)", r"^config\.mesh\.shape='\(2,4\.0,1\)': expected a tuple of int"),
+    ("train.num_steps", "ten", r"^config\.train\.num_steps='ten': expected an integer; the config has 20"),
+    ("train.num_steps", "1.5", r"^config\.train\.num_steps='1\.5': expected an integer"),
+    ("train.lr", "fast", r"^config\.train\.lr='fast': expected a number"),
+    ("train.progress_bar", "maybe", r"^config\.train\.progress_bar='maybe': expected a bool \(true \| false\)"),
+    ("train.lr", None, r"^config\.train\.lr: needs a value, e\.g\. --config\.train\.lr=0\.003"),
+])
+def test_override_errors_name_the_key(key, text, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(toy.get_config("tiny"), [(key, text)])
+
+
+def test_load_config_errors_name_the_file_and_variants():
+    assert load_config("configs/toy.py:tiny").train.num_steps == 20
+    assert load_config("configs/toy.py").model.width == 32              # get_config() default: small
+    with pytest.raises(ConfigError, match=r"--config=configs/toy\.py:huge: .*unknown variant 'huge' "
+                                          r"\(tiny \| small \| wide\)"):
+        load_config("configs/toy.py:huge")
+    with pytest.raises(ConfigError, match=r"--config=configs/tyo\.py:tiny: no such file 'configs/tyo\.py'; "
+                                          r"configs: .*configs/toy\.py:tiny\|small\|wide"):
+        load_config("configs/tyo.py:tiny")
