@@ -24,17 +24,17 @@ class FailureLog:
                 return
             entry = self._causes[cause] = [0, []]
         entry[0] += 1
-        if len(entry[1]) < self.examples:
+        if len(entry[1]) < self.examples and where not in entry[1]:
             entry[1].append(where)
 
     def __len__(self) -> int:
         return self.total
 
     def lines(self) -> list[str]:
-        """One line per cause, most frequent first: ``"<n> x <cause>: <where>, <where>, ..."``."""
+        """One line per cause, most frequent first: ``"<n> x <cause>: <where>, <where>, ... (e.g.)"``."""
         out = []
         for cause, (n, where) in sorted(self._causes.items(), key=lambda kv: -kv[1][0]):
-            more = f" (+{n - len(where)} more)" if n > len(where) else ""
+            more = ", ..." if n > len(where) else ""
             out.append(f"{n} x {cause}: {', '.join(where)}{more}")
         if self._dropped:
             out.append(f"{self._dropped} x other causes (not listed)")

@@ -149,9 +149,9 @@ def open_source(name: str, data_cfg, split: str, process_index: int = 0, process
         if split == "eval" and has_eval:
             reader = open_split("eval")
             episodes = np.arange(len(reader.index["episodes"]))
-        else:
+        else:  # a dataset without its own eval split holds out the tail of train (eval_fraction)
             reader = open_split("train")
-            episodes = _holdout(len(reader.index["episodes"]), split, eval_fraction,
+            episodes = _holdout(len(reader.index["episodes"]), split, 0.0 if has_eval else eval_fraction,
                                 frac if split == "train" else 1.0)
         item_ep, item_t = _steps(reader, episodes, tail, process_index, process_count)
         stats = action_norm.action_stats(name, data_cfg) if with_stats else None
@@ -401,8 +401,9 @@ class Loader:
         return {s.source.name: (s.failed, s.attempts, s.failures.lines()) for s in self._samplers}
 
     def skip_counts(self) -> dict[str, int]:
-        """Per source name: samples skipped as unusable so far, in this process and its grain workers alike,
-        counted up to the batches this iterator has returned (cheap: for metrics every step)."""
+        """Per source name: samples skipped as unusable so far, in this process and its grain workers alike
+        (cheap: for metrics every step). A skip is reported with the next sample its sampler builds, so the count
+        may run up to a read-ahead window ahead of the batches returned."""
         return {name: int(n) for name, n in zip(self.sources, self._skips)}
 
     def close(self) -> None:

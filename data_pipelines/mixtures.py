@@ -47,7 +47,7 @@ def resolve(mixture, key: str = "data.mixture") -> dict[str, float]:
     if isinstance(mixture, str):
         if mixture in PRESETS:
             mixture = PRESETS[mixture]
-        elif ":" in mixture or "," in mixture or mixture in oxe_table.known_datasets():
+        elif ":" in mixture or "," in mixture or oxe_table.resolve(mixture) in oxe_table.known_datasets():
             parts = [p for p in mixture.split(",") if p]
             mixture = {p.split(":")[0]: float(p.split(":")[1]) if ":" in p else 1.0 for p in parts}
         else:

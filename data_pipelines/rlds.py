@@ -27,6 +27,8 @@ def find_tfds_dir(path: str) -> str:
     """The TFDS version folder (the one holding dataset_info.json) at or below ``path`` (depth <= 2)."""
     import tensorflow as tf  # local: training never imports TensorFlow
 
+    if not tf.io.gfile.isdir(path):
+        raise FileNotFoundError(f"{path} does not exist (expected a TFDS dataset folder)")
     if tf.io.gfile.exists(os.path.join(path, "dataset_info.json")):
         return path
     for sub in sorted(tf.io.gfile.listdir(path), reverse=True):  # newest version first

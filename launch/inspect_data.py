@@ -3,9 +3,10 @@
   python -m launch.inspect_data --dataset bridge --data_dir /data --num 4 --out /tmp/inspect
   python -m launch.inspect_data --dataset demo --num 2 --out /tmp/inspect        # the embedded demo data
 
-NAME is a dataset of the standardization table (an OXE name, calvin, demo), ssv2, ego4d or demo_human.
---data_dir is the root holding <NAME>/ (or that folder itself). Robot datasets are read from their converted
-ArrayRecord copy when there is one, else straight from the RLDS TFRecords with tensorflow-datasets.
+NAME is a dataset of the standardization table (an OXE name, calvin, demo), a CALVIN released-layout task
+(calvin_abc_d, ...: --data_dir = the task folder, e.g. .../task_ABC_D; one sample per annotated segment), ssv2,
+ego4d or demo_human. --data_dir is the root holding <NAME>/ (or that folder itself). Robot datasets are read from
+their converted ArrayRecord copy when there is one, else straight from the RLDS TFRecords with tensorflow-datasets.
 Each JSON line: dataset, source, instruction, the frame shape of each view, the action shape and first row.
 """
 
@@ -53,6 +54,18 @@ def _robot_samples(name, path, num, size):
         yield ep_id, ep["instruction"], views, ep["actions"]
 
 
+def _calvin_samples(name, path, num, size):
+    from data_pipelines import calvin, oxe_table, video
+
+    task = calvin.task_dir(path, oxe_table.CALVIN_DATASETS[name].folder)
+    reader = calvin.FrameReader(task, "train", name)
+    for e, ep in enumerate(reader.index["episodes"][:num]):
+        frames = list(range(ep["start"], ep["start"] + ep["length"]))
+        recs = reader.records(frames)
+        views = {v: np.stack([video.resize_crop(r[v], size) for r in recs]) for v in reader.index["views"]}
+        yield reader.describe(e, 0), ep["instruction"], views, reader.actions[frames]
+
+
 def _video_samples(name, path, num, size):
     from data_pipelines import oxe_table, video
 
@@ -80,26 +93,38 @@ def main(argv=None):
     p.add_argument("--out", default="", help="folder for contact-sheet PNGs (none when empty)")
     p.add_argument("--size", type=int, default=128, help="frame size (short side resize + centre crop)")
     a = p.parse_args(argv)
+    data_dir, out = (d if not d or d.startswith("gs://") else os.path.abspath(d) for d in (a.data_dir, a.out))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from data_pipelines import demo, oxe_table
 
     name = oxe_table.resolve(a.dataset)
     if name not in oxe_table.known_datasets():
-        raise SystemExit(f"--dataset={a.dataset!r} unknown; known: {oxe_table.known_datasets()}")
-    root = a.data_dir or demo.ensure_demo_data()
+        raise SystemExit(f"inspect_data: --dataset={a.dataset!r} unknown; known: {oxe_table.known_datasets()}")
+    if data_dir and not data_dir.startswith("gs://") and not os.path.isdir(data_dir):
+        raise SystemExit(f"inspect_data: --data_dir={data_dir} does not exist")
+    root = data_dir or demo.ensure_demo_data()
     path = os.path.join(root, name) if os.path.isdir(os.path.join(root, name)) else root
-    gen = (_robot_samples if name in oxe_table.ROBOT_DATASETS else _video_samples)(name, path, a.num, a.size)
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-    for k, (source, instruction, views, actions) in enumerate(gen):
-        line = {"dataset": name, "source": source, "instruction": instruction,
-                "frames": {v: list(f.shape) for v, f in views.items()},
-                "actions": None if actions is None else list(actions.shape),
-                "first_action": None if actions is None else [round(float(x), 5) for x in actions[0]]}
-        if a.out:
-            line["contact_sheet"] = os.path.join(a.out, f"{name}_{k:04d}.png")
-            _sheet(views, line["contact_sheet"])
-        print(json.dumps(line), flush=True)
+    if name in oxe_table.ROBOT_DATASETS:
+        sampler = _robot_samples
+    elif name in oxe_table.CALVIN_DATASETS:
+        sampler = _calvin_samples
+    else:
+        sampler = _video_samples
+    gen = sampler(name, path, a.num, a.size)
+    if out:
+        os.makedirs(out, exist_ok=True)
+    try:
+        for k, (source, instruction, views, actions) in enumerate(gen):
+            line = {"dataset": name, "source": source, "instruction": instruction,
+                    "frames": {v: list(f.shape) for v, f in views.items()},
+                    "actions": None if actions is None else list(actions.shape),
+                    "first_action": None if actions is None else [round(float(x), 5) for x in actions[0]]}
+            if out:
+                line["contact_sheet"] = os.path.join(out, f"{name}_{k:04d}.png")
+                _sheet(views, line["contact_sheet"])
+            print(json.dumps(line), flush=True)
+    except (FileNotFoundError, ValueError) as e:   # no dataset there: say so, not a TensorFlow traceback
+        raise SystemExit(f"inspect_data: {name} at {path}: {e}") from None
 
 
 if __name__ == "__main__":

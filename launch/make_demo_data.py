@@ -28,9 +28,10 @@ def main(argv=None):
     os.environ.setdefault("MUJOCO_GL", "egl")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    demo.make_demo_data(a.out, tasks=tuple(a.tasks), human_tasks=tuple(a.human_tasks), episodes=a.episodes,
+    out = os.path.abspath(a.out)
+    demo.make_demo_data(out, tasks=tuple(a.tasks), human_tasks=tuple(a.human_tasks), episodes=a.episodes,
                         human_episodes=a.human_episodes, size=a.size, seed=a.seed, max_steps=a.max_steps)
-    print(a.out)
+    print(out)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,10 @@ def test_demo_rlds_reads_back_with_tfds(demo_data_dir):
         index = json.load(f)
     assert sorted(ep["length"] for ep in index["episodes"]) == sorted(len(e["views"]["primary"]) for e in episodes)
     assert index["views"] == ["primary", "wrist"]
+    # The demo data is generated in a temporary folder and renamed: episode sources must name files that exist.
+    for ep in index["episodes"]:
+        shard = ep["source"].rsplit("[", 1)[0]
+        assert ".demo-" not in ep["source"] and os.path.exists(os.path.join(demo_data_dir, "demo", shard))
     labels = json.load(open(os.path.join(demo_data_dir, "demo_human", "labels", "train.json")))
     assert labels and all(lab["label"] == demo.instruction("drawer-close-v3") for lab in labels)
 

@@ -207,3 +207,36 @@ def test_truncated_episode_at_read_time_is_skipped(bridge_root, tmp_path):
     failed, _, files = it.failures()["bridge"]
     assert failed >= 1 and all("step" in f for f in files)
     assert len(b["frames"]) == 32
+
+
+def test_reference_pair_spacing_and_instruction_text(tmp_path):
+    """data.pair_spacing="reference": fractal pairs are the ends of a random 3-5 step window (n = 2..4 steps apart);
+    data.normalize_instructions: the reference GIDM's lower-case text without punctuation."""
+    def step(e, t):
+        return {"observation": {"image": np.full((16, 16, 3), 20 * t + e, np.uint8),
+                                "natural_language_instruction": f"Pick up the Coke can, #{e}!"},
+                "action": {"world_vector": np.array([t, 0, 0], np.float32), "rotation_delta": np.zeros(3, np.float32),
+                           "gripper_closedness_action": np.zeros(1, np.float32)}}
+    rlds.write_rlds(str(tmp_path), "fractal20220817_data",
+                    {"train": [{"steps": [step(e, t) for t in range(12)]} for e in range(3)]})
+    convert.convert("fractal20220817_data", str(tmp_path / "fractal20220817_data"))
+    cfg = _cfg(tmp_path, "fractal", pair_spacing="reference", normalize_instructions=True, eval_fraction=0.0)
+    assert dp.validate_data_config(cfg) is None
+    it = dp.make_loader("gidm_pair", cfg, global_batch_size=16, seed=2)
+    gaps = []
+    for _ in range(4):
+        b = next(it)
+        assert b["actions"].shape == (16, 4, 7)                          # padded to the largest n: W = 5
+        assert set(b["instruction"]) <= {f"pick up the coke can {e}" for e in range(3)}
+        v = b["frames"].reshape(16, 2, -1).mean(-1)
+        t1, t2 = np.round((v[:, 0] - 1) / 20).astype(int), np.round((v[:, 1] - 1) / 20).astype(int)  # 20 t + e
+        n = b["num_actions"]
+        np.testing.assert_array_equal(t2 - t1, n)
+        last = b["actions"][np.arange(16), np.maximum(n - 1, 0), 0]          # action of step t2 - 1 (x = t)
+        np.testing.assert_array_equal(last[n > 0], (t1 + n - 1)[n > 0])
+        gaps += n[t1 + 4 <= 11].tolist()                                  # windows not clamped at the episode end
+    assert set(gaps) == {2, 3, 4}
+    assert dp.normalize_instruction("Put the Block in the drawer.") == "put the block in the drawer"
+    cfg.pair_spacing = "frames"
+    with pytest.raises(ValueError, match=r"data\.pair_spacing='frames'"):
+        dp.validate_data_config(cfg)
