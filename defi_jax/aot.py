@@ -88,6 +88,11 @@ class Topology:
         return tuple(min(g, b) for g, b in zip(grid, (2, 2, 1)))
 
     @property
+    def hosts(self) -> int:
+        """TPU VM workers (hosts) per slice: 16 for v5p-128, 1 for v5e-8."""
+        return self.chips_per_slice // math.prod(self.chips_per_host)
+
+    @property
     def wrap(self) -> tuple[bool, bool, bool]:
         if self.chip.ndim == 3:
             full = min(self.grid) >= 4
@@ -95,18 +100,18 @@ class Topology:
         return (self.grid[0] == 16, self.grid[1] == 16, False)
 
 
-def _chip(family: str, name: str) -> Chip:
+def _chip(family: str, name: str, flag: str) -> Chip:
     family = _ALIASES.get(family.lower(), family.lower())
     if family not in CHIPS:
-        raise ValueError(f"--topology={name!r}: unknown TPU generation {family!r}; "
+        raise ValueError(f"{flag}={name!r}: unknown TPU generation {family!r}; "
                          f"choose one of {sorted(CHIPS)} (e.g. v5p-128, v6e-64, v5p:2x2x2)")
     return CHIPS[family]
 
 
-def _grid_for(chip: Chip, chips: int, name: str) -> tuple[int, ...]:
+def _grid_for(chip: Chip, chips: int, name: str, flag: str) -> tuple[int, ...]:
     if chips < 1 or chips & (chips - 1):
         example = f"{chip.name}:4x4x12" if chip.ndim == 3 else f"{chip.name}:8x8"
-        raise ValueError(f"--topology={name!r}: {chips} chips is not a power of two; give the chip grid "
+        raise ValueError(f"{flag}={name!r}: {chips} chips is not a power of two; give the chip grid "
                          f"explicitly, e.g. {example}")
     if chip.ndim == 3 and chips == 4:
         return (2, 2, 1)  # one host
@@ -118,23 +123,26 @@ def _grid_for(chip: Chip, chips: int, name: str) -> tuple[int, ...]:
     return tuple(sorted(grid))
 
 
-def parse_topology(name: str, num_slices: int = 1) -> Topology:
-    """``v5p-128`` (TensorCores for v4 / v5p, chips for v5e / v6e) or ``v5p:4x4x4`` (the chip grid)."""
+def parse_topology(name: str, num_slices: int = 1, flag: str = "--topology") -> Topology:
+    """``v5p-128`` (TensorCores for v4 / v5p, chips for v5e / v6e) or ``v5p:4x4x4`` (the chip grid).
+
+    Errors name ``flag``, the command-line flag ``name`` came from.
+    """
     m = re.fullmatch(r"([a-z0-9]+?)(?:-(\d+)|:(\d+(?:x\d+)+))", name.strip().lower())
     if not m:
-        raise ValueError(f"--topology={name!r}: expected GEN-N (v5p-128, v4-32, v5e-256, v6e-64) or GEN:AxBxC "
+        raise ValueError(f"{flag}={name!r}: expected GEN-N (v5p-128, v4-32, v5e-256, v6e-64) or GEN:AxBxC "
                          f"(v5p:2x2x2, v5e:4x4)")
-    chip = _chip(m.group(1), name)
+    chip = _chip(m.group(1), name, flag)
     if m.group(2):
         cores = int(m.group(2))
         if cores % chip.cores_per_chip:
-            raise ValueError(f"--topology={name!r}: {chip.name} names count {chip.cores_per_chip} TensorCores "
+            raise ValueError(f"{flag}={name!r}: {chip.name} names count {chip.cores_per_chip} TensorCores "
                              f"per chip; {cores} is not a multiple")
-        grid = _grid_for(chip, cores // chip.cores_per_chip, name)
+        grid = _grid_for(chip, cores // chip.cores_per_chip, name, flag)
     else:
         grid = tuple(int(s) for s in m.group(3).split("x"))
         if len(grid) != chip.ndim:
-            raise ValueError(f"--topology={name!r}: {chip.name} is a {chip.ndim}-D torus; give {chip.ndim} sides")
+            raise ValueError(f"{flag}={name!r}: {chip.name} is a {chip.ndim}-D torus; give {chip.ndim} sides")
     return Topology(name=name, chip=chip, grid=grid, num_slices=num_slices)
 
 
