@@ -46,6 +46,12 @@ class Stage:
         Extra config checks; raise ValueError naming the key.
     batch_spec(config) -> dict of jax.ShapeDtypeStruct   (optional)
         Global batch shapes, so the train step can be compiled ahead of time without reading data.
+    frozen(config) -> tuple of regexes   (optional)
+        Parameters the stage freezes because of its own config keys (e.g. ``config.policy.finetune``), on top
+        of ``config.train.frozen``; see :func:`frozen_patterns`.
+    assets(config) -> dict of file name -> text   (optional)
+        Files written to ``WORKDIR/assets/`` when a run starts (e.g. a policy's action statistics, which
+        inference reads beside the checkpoint).
     """
 
     build_model: Callable[[Any, nnx.Rngs], nnx.Module]
@@ -54,6 +60,8 @@ class Stage:
     evaluate: Callable[..., dict] | None = None
     validate: Callable[[Any], None] | None = None
     batch_spec: Callable[[Any], Mapping[str, jax.ShapeDtypeStruct]] | None = None
+    frozen: Callable[[Any], tuple[str, ...]] | None = None
+    assets: Callable[[Any], Mapping[str, str]] | None = None
 
 
 _REGISTRY: dict[str, str] = {
@@ -73,3 +81,9 @@ def get(name: str) -> Stage:
 
 def names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def frozen_patterns(config) -> tuple[str, ...]:
+    """Every frozen-parameter regex of a run: ``config.train.frozen`` plus the stage's own (``Stage.frozen``)."""
+    own = get(config.stage).frozen
+    return tuple(config.train.frozen) + (tuple(own(config)) if own is not None else ())

@@ -49,7 +49,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from defi_jax import config_validation, distributed, metrics as metrics_lib, optim, sharding, stage as stage_lib
+from defi_jax import config_validation, distributed, metrics as metrics_lib, optim, paths, sharding, stage as stage_lib
 from defi_jax.checkpoint import Checkpointer
 
 _log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class StateLayout:
         t = config.train
         self.param_dtype = _DTYPES[t.param_dtype]
         self.tx, self.schedule = optim.optimizer(t)
-        frozen_res = [re.compile(p) for p in t.frozen]
+        frozen_res = [re.compile(p) for p in stage_lib.frozen_patterns(config)]
 
         def trainable(path, x):
             return isinstance(x, nnx.Param) and not any(r.search(_path_str(path)) for r in frozen_res)
@@ -441,9 +441,10 @@ class Trainer:
         primary = distributed.is_primary()
         config_json = c.to_json_best_effort(sort_keys=True)
         if primary:
-            os.makedirs(workdir, exist_ok=True)
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(config_json)
+            paths.makedirs(workdir)
+            paths.write_text(paths.join(workdir, "config.json"), config_json)
+            for name, text in (self.stage.assets(c) if self.stage.assets is not None else {}).items():
+                paths.write_text(paths.join(workdir, "assets", name), text)   # atomic, local or gs://
         ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.get("async_checkpointing", True))
         data_iter = self.stage.make_data(c, jax.process_index(), jax.process_count(), "train")
         try:

@@ -111,17 +111,21 @@ def require_sources(config, towers: Mapping[str, str]) -> None:
     init = config.get("init", None) or {}
     if init.get("allow_random", False):
         return
-    frozen = [re.compile(p) for p in config.train.frozen]
+    from defi_jax import stage as stage_lib
+    frozen = [re.compile(p) for p in stage_lib.frozen_patterns(config)]
     covered = [s.target for s in active_sources(config)]
+    lines = []
     for name, prefix in towers.items():
         if not any(r.search(prefix) for r in frozen) or any(re.match(t, prefix) for t in covered):
             continue
         also = [f"config.init.{k}" for k, fills in FOLDER_KEYS.items() if name in (f for f, _ in fills)
                 and k in init]
-        raise ValueError(
-            f"config.init.sources.{name}.path is empty{' (and ' + ', '.join(also) + ')' if also else ''}, but "
-            f"{prefix}* is frozen (config.train.frozen): the run would keep a randomly initialised {name}. "
-            f"Point it at the pretrained weights, or set config.init.allow_random=True (tests, debugging).")
+        lines.append(f"config.init.sources.{name}.path is empty{' (and ' + ', '.join(also) + ')' if also else ''}, "
+                     f"but {prefix}* is frozen (config.train.frozen): the run would keep a randomly initialised "
+                     f"{name}")
+    if lines:
+        raise ValueError("; ".join(lines) + ". Point the source at the pretrained weights, or set "
+                         "config.init.allow_random=True (tests, debugging).")
 
 
 # ------------------------------------------------------------------------------------------ reading
