@@ -2,13 +2,17 @@
 
 import ml_collections
 
+from data_pipelines import oxe_table
+
 
 def default_data_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # A preset name (data_pipelines.mixtures.PRESETS), "name:weight,name:weight", or a dict {dataset: weight}.
     c.mixture = ml_collections.FieldReference("demo", field_type=object)
     c.data_dir = ""                    # root: <data_dir>/<dataset>/...; "" = the embedded demo data
-    c.paths = ml_collections.ConfigDict()   # dataset -> folder, overrides <data_dir>/<dataset>
+    # dataset -> folder, overrides <data_dir>/<dataset> ("" = not set). Every known dataset has a key, so that
+    # --config.data.paths.<dataset>=... works from the command line (CALVIN: the task folder, e.g. task_ABC_D).
+    c.paths = ml_collections.ConfigDict({name: "" for name in oxe_table.known_datasets()})
     c.human_video_fraction = ml_collections.config_dict.placeholder(float)  # None = the table's own share
     c.data_fraction = 1.0              # keep the first X of each dataset's train episodes / videos
     c.eval_fraction = 0.05             # held-out tail of episodes where a dataset has no eval split
@@ -40,8 +44,7 @@ def calvin_data_config(task_dir: str = "", dataset: str = "calvin_abc_d") -> ml_
     .../task_ABC_D), static + gripper views, one observation frame, 10 raw rel_actions."""
     c = default_data_config()
     c.mixture = dataset
-    if task_dir:
-        c.paths = {dataset: task_dir}
+    c.paths[dataset] = task_dir
     c.views = ("primary", "wrist")     # rgb_static, rgb_gripper
     c.obs_frames = 1
     c.action_horizon = 10

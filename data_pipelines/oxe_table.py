@@ -162,7 +162,8 @@ REFERENCE_PAIR_WINDOWS: dict[str, tuple[int, int]] = {
     "nyu_franka_play_dataset_converted_externally_to_rlds": _LOW_RATE,
     "ucsd_kitchen_dataset_converted_externally_to_rlds": _LOW_RATE,
     "dlr_edan_shared_control_converted_externally_to_rlds": _LOW_RATE, "dobbe": _LOW_RATE,
-    "toto": _HIGH_RATE, "utaustin_mutex": _HIGH_RATE, "iamlab_cmu_pickup_insert_converted_externally_to_rlds": _HIGH_RATE,
+    "toto": _HIGH_RATE, "utaustin_mutex": _HIGH_RATE,
+    "iamlab_cmu_pickup_insert_converted_externally_to_rlds": _HIGH_RATE,
     "austin_sailor_dataset_converted_externally_to_rlds": _HIGH_RATE, "viola": _HIGH_RATE, "droid": _HIGH_RATE,
     "ego4d": (2, 2),
 }

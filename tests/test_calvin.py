@@ -126,8 +126,12 @@ def test_clip_and_pair_specs_stay_inside_the_segment(task_dir):
 def test_missing_or_partial_layout_names_the_folder(task_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data\.paths\.calvin_abc_d.*task_ABC_D"):
         dp.make_loader("policy_window", _cfg(tmp_path / "nowhere"), global_batch_size=2)
-    # A root that holds the task folder works as well as the task folder itself.
-    cfg = _cfg(os.path.dirname(task_dir))
+    # A root that holds the task folder works as well as the task folder itself; the paths key exists already, so
+    # a locked config (what --config.data.paths.calvin_abc_d=... overrides) takes it.
+    cfg = dp.default_data_config()
+    cfg.mixture, cfg.resolution, cfg.normalize_actions = "calvin_abc_d", 16, False
+    cfg.lock()
+    cfg.paths.calvin_abc_d = os.path.dirname(task_dir)
     assert len(dp.make_loader("policy_window", cfg, global_batch_size=2).sources["calvin_abc_d"]) == 29
 
 
