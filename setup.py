@@ -25,6 +25,8 @@ setup(
         "tensorboardX>=2.6",
         "numpy>=1.26",
         "pillow>=10",
+        "websockets>=13",              # launch.serve: openpi's websocket + msgpack policy protocol
+        "msgpack>=1.0",
     ],
     extras_require={
         # Parity tests use the real reference libraries on random weights; TFRecord RLDS needs TensorFlow.
