@@ -215,7 +215,7 @@ def config_variants(module) -> tuple[str, ...]:
         return tuple(module.VARIANTS)
     try:
         module.get_config("?")
-    except ValueError as e:
+    except Exception as e:  # noqa: BLE001  (a probe: any config may fail its own way)
         m = re.search(r"\(([\w\s|]+)\)\s*$", str(e))
         if m:
             return tuple(v.strip() for v in m.group(1).split("|"))
@@ -229,7 +229,10 @@ def known_configs() -> dict[str, tuple[str, ...]]:
         for fname in sorted(os.listdir(folder)):
             if not fname.endswith(".py") or fname.startswith("_") or fname == "base.py":
                 continue
-            module = importlib.import_module(f"configs.{fname[:-3]}")
+            try:
+                module = importlib.import_module(f"configs.{fname[:-3]}")
+            except Exception:  # noqa: BLE001  (a broken config must not break --help of the others)
+                continue
             if callable(getattr(module, "get_config", None)):
                 out[f"configs/{fname}"] = config_variants(module)
     return out

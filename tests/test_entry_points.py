@@ -73,8 +73,8 @@ def test_precompute_latents_usage_errors():
 def test_train_relative_workdir_first_and_closing_lines(tmp_path):
     """A relative --workdir is made absolute (Orbax needs it); stdout says what runs where, then where things
     landed; no TensorFlow banner or traceback on stderr."""
-    out = _run("launch.train", f"--config={ROOT}/configs/toy.py:tiny", "--workdir=runs/toy", "--config.mesh.shape=(8,1,1)",
-               "--config.train.num_steps=2", "--config.train.log_every=1", "--config.train.progress_bar=false",
+    out = _run("launch.train", f"--config={ROOT}/configs/toy.py:tiny", "--workdir=runs/toy",
+               "--config.mesh.shape=(8,1,1)", "--config.train.num_steps=2", "--config.train.log_every=1", "--config.train.progress_bar=false",
                cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     workdir = tmp_path / "runs" / "toy"
