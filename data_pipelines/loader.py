@@ -9,13 +9,14 @@ Pipeline per process (all deterministic for a seed, state checkpointable):
 A sample that cannot be built (undecodable video, truncated episode, missing key, empty instruction)
 is skipped (grain drops ``None``) and counted per source; above ``max_failure_fraction`` the run stops with an
 error naming the files, grouped by cause. Each sample carries how many samples its sampler skipped since its
-previous one (in ``_skips``, removed by ``Loader``), so ``Loader.skip_counts()`` is exact across read threads and
-worker processes.
+previous one (in ``_skips``, removed by ``Loader``), so ``Loader.skip_counts()`` counts the skips of every read
+thread and worker process.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import string
@@ -134,7 +135,7 @@ def open_source(name: str, data_cfg, split: str, process_index: int = 0, process
                     f"data: {name} has no converted data at {arrayrecord.layout_dir(path)}; convert the RLDS "
                     f"dataset once with: python -m launch.convert_rlds --dataset {name} --src {path}")
             has_eval = arrayrecord.has_split(path, "eval")
-            open_split = lambda s: arrayrecord.StepReader(path, s)  # noqa: E731
+            open_split = functools.partial(arrayrecord.StepReader, path)
         else:
             row = oxe_table.CALVIN_DATASETS[name]
             control_hz, tail = row.control_hz, calvin.MIN_WINDOW
@@ -145,7 +146,7 @@ def open_source(name: str, data_cfg, split: str, process_index: int = 0, process
                     f"(with {calvin.ANNOTATIONS}); point data.paths.{name} at the released task folder "
                     f"({row.folder}/ holding training/ and validation/)")
             has_eval = calvin.has_split(path, "eval")
-            open_split = lambda s: calvin.FrameReader(path, s, name, control_hz)  # noqa: E731
+            open_split = functools.partial(calvin.FrameReader, path, dataset=name, control_hz=control_hz)
         if split == "eval" and has_eval:
             reader = open_split("eval")
             episodes = np.arange(len(reader.index["episodes"]))
