@@ -1,0 +1,137 @@
+"""DeFI policy fine-tuning (stage 3): frozen GFDM + GIDM adapter + EDM diffusion-transformer action head.
+
+    python -m launch.train --config=configs/policy.py:tiny --workdir=/tmp/policy    # after make demo's GFDM / GIDM
+    python -m launch.train --config=configs/policy.py:defi --workdir=gs://bucket/policy \\
+        --config.init.sources.gfdm.path=gs://bucket/gfdm --config.init.sources.gidm.path=gs://bucket/gidm \\
+        --config.init.sources.goal_text.path=/ckpt/clip-vit-base-patch32 \\
+        --config.data.mixture=calvin_abc_d --config.data.paths.calvin_abc_d=/data/calvin/task_ABC_D
+
+Variants:
+  defi  the reference's stage 3: the full GFDM (SVD UNet at 256 px, 16 frames, 2560-wide one-step features), the
+        full GIDM encoder (768 wide, 12 blocks, VQ 16 x 128), Video Former 384 wide x depth 6 (16 frames x 14
+        queries), head 384 wide, 4 + 4 layers, 8 heads, 10 x 7 actions; AdamW (0.9, 0.9), wd 0.05, constant lr
+        1e-4, no clipping, batch 32; static + wrist views.
+  tiny  minutes on a CPU: the demo's tiny GFDM and GIDM (``configs/gfdm.py:tiny``, ``configs/gidm.py:tiny``)
+        loaded from ``workdirs/demo/{gfdm,gidm}`` (``make demo`` trains them), a small adapter and head, the
+        embedded Meta-World demo data.
+
+Keys beyond the stage configs':
+  policy.finetune        gidm_adapter (default) | adapter_only | all      (what is trained: paper Table 9)
+  policy.gfdm_init       pretrained (init.sources.gfdm: a GFDM workdir) | initial (the un-fine-tuned weights:
+                         init.sources.svd_unet / svd_vae / svd_clip, or random in tiny)
+  policy.gidm_init       pretrained (init.sources.gidm: a GIDM workdir) | random
+  model.latent_action    vq (default) | continuous | binning | gmm        (the latent-action ablation)
+  model.gfdm_steps       GFDM denoising steps before the features (1 = the paper's default; 5 = its ablation)
+  model.cross_attention  inside model.head: causal (the reference's quirk) | full
+  data.normalize_actions False = raw actions (the reference on CALVIN); True = [-1, 1] by dataset statistics
+  train.schedule         constant (the released run) | tri_stage (the configured but unused schedule)
+"""
+
+import os
+
+import ml_collections
+
+from configs import gfdm as gfdm_configs
+from configs import gidm as gidm_configs
+from configs.base import get_base_config
+from defi_jax import weights
+
+
+def _clip_goal(variant: str) -> dict:
+    if variant == "tiny":   # byte-tokenized like the tiny GFDM's text tower
+        return dict(vocab_size=260, hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=1,
+                    num_attention_heads=2, max_position_embeddings=32, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                    pad_token_id=2, bos_token_id=1, eos_token_id=2)
+    return gfdm_configs._clip_text()   # OpenAI CLIP ViT-B/32 text tower (+ its 512 projection), context 77
+
+
+def get_config(arg: str | None = None):
+    variant = arg or "tiny"
+    if variant not in ("tiny", "defi"):
+        raise ValueError(f"configs/policy.py: unknown variant {variant!r} (tiny | defi)")
+    gf = gfdm_configs.get_config("tiny" if variant == "tiny" else "svd")
+    gi = gidm_configs.get_config("tiny" if variant == "tiny" else "defi")
+
+    c = get_base_config()
+    c.stage = "policy"
+    m = c.model
+    m.gfdm = gf.model
+    m.gidm = gi.model
+    m.goal_text = _clip_goal(variant)
+    m.num_views = 2                         # static (primary) first, then the wrist camera
+    m.gfdm_steps = 1
+    m.latent_action = "vq"
+    m.latent_bins = 8                       # binning: levels per latent dimension
+    m.latent_gmm_temperature = 1.0          # gmm: softmax temperature over squared codebook distances
+    m.latent_action_frames = (0, 5)         # predicted frames the GIDM reads (static view)
+    m.video_former = dict(dim=384, depth=6, queries_per_frame=14, heads=8, dim_head=64, temporal_heads=8)
+    m.head = dict(dim=384, enc_layers=4, dec_layers=4, heads=8, cross_attention="causal", attn_pdrop=0.3,
+                  resid_pdrop=0.1, mlp_pdrop=0.05, sigma_data=0.5, sigma_min=1e-3, sigma_max=80.0)
+    m.action_dim = 7
+    m.horizon = 10
+    m.sample_steps = 10                     # DDIM (DPM-Solver-1) steps at inference
+    m.sample_sigma_min = 1.0                # the released evaluation's sigma_min (training draws from 1e-3)
+
+    c.policy = ml_collections.ConfigDict()
+    c.policy.finetune = "gidm_adapter"
+    c.policy.gfdm_init = "pretrained"
+    c.policy.gidm_init = "pretrained"
+    c.policy.action_stats_dataset = ""      # whose statistics inference unnormalizes with ("" = largest in the mix)
+
+    c.init = weights.init_config()
+    s = c.init.sources
+    s.gfdm = weights.source("^gfdm/", "workdir")                     # a GFDM workdir (latest step)
+    s.gidm = weights.source("^latent_actions/lam/", "workdir")       # a GIDM workdir: encoder, VQ, text tower
+    s.goal_text = weights.source("^goal_text/", "hf_clip_text")      # transformers CLIP (with projection)
+    s.svd_unet = weights.source("^gfdm/unet/", "diffusers_unet")     # gfdm_init=initial: published SVD
+    s.svd_vae = weights.source("^gfdm/vae/", "diffusers_vae")
+    s.svd_clip = weights.source("^gfdm/text_encoder/", "hf_clip_text")
+    c.init.tokenizer_path = ""              # CLIP BPE vocabulary folder (GFDM text and goal); "" = byte tokenizer
+
+    c.data = gi.data.copy_and_resolve_references()
+    c.data.mixture = "demo_robot"
+    c.data.views = ("primary", "wrist")
+    c.data.resolution = 256
+    c.data.obs_frames = 1
+    c.data.action_horizon = 10
+    c.data.normalize_actions = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batches = 4
+
+    t = c.train
+    t.batch_size = 32
+    t.num_steps = 50_000
+    t.lr = 1e-4
+    t.schedule = "constant"                 # the released script trains at a constant 1e-4 (see REFERENCE.md)
+    t.warmup_steps = 0
+    t.b1, t.b2 = 0.9, 0.9
+    t.weight_decay = 0.05
+    t.grad_clip = 0.0
+    t.ema_decay = 0.0
+    t.frozen = ()                           # + configs' policy.finetune (defi_jax.policy.stage.frozen_patterns)
+    t.log_every = 100
+    t.eval_every = 5000
+    t.save_every = 5000
+
+    if variant == "tiny":
+        m.latent_action_frames = (0, 3)     # the tiny GFDM predicts 4 frames
+        m.video_former = dict(dim=32, depth=1, queries_per_frame=2, heads=2, dim_head=16, temporal_heads=2)
+        m.head = dict(m.head, dim=32, enc_layers=1, dec_layers=1, heads=2)
+        m.sample_steps = 10
+        demo = os.path.abspath(os.path.join("workdirs", "demo"))
+        s.gfdm.path = os.path.join(demo, "gfdm")
+        s.gidm.path = os.path.join(demo, "gidm")
+        c.init.allow_random = True          # the tiny goal tower is random (no CLIP weights ship)
+        c.data.mixture = "demo_robot"
+        c.data.resolution = 32
+        c.data.num_workers = 0
+        c.eval.batches = 2
+        t.batch_size = 8
+        t.num_steps = 200
+        t.lr = 1e-3
+        t.compiler_options = {"xla_backend_optimization_level": 0}  # CPU: compiles dominate a tiny run
+        t.log_every = 20
+        t.eval_every = 0
+        t.save_every = 100
+    return c

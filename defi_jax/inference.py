@@ -1,0 +1,381 @@
+"""DeFI policy inference: one compiled ``act`` from a policy checkpoint; serialized with ``jax.export``.
+
+    from defi_jax.inference import DeFIPolicy, load_exported
+    policy = DeFIPolicy.from_checkpoint("/tmp/policy")                 # latest step of a policy workdir
+    actions = policy.act({"primary": rgb_HW3, "wrist": wrist_HW3}, "open the drawer")   # float32 [10, 7]
+    batch = policy.act_batch([obs_a, obs_b], ["push the block", "close the drawer"])   # [2, 10, 7]
+    policy.export("/tmp/policy_exported")                             # jax.export artifact + weights
+    exported = load_exported("/tmp/policy_exported")                  # jax + numpy only, no model code
+    actions = exported.act({"primary": rgb_HW3, "wrist": wrist_HW3}, "open the drawer")
+
+``act`` runs the frozen GFDM for ``model.gfdm_steps`` denoising steps (1 by default), computes the action
+head's encoder once and reuses it across the sampler's steps (``model.sample_steps``, sigma_min
+``model.sample_sigma_min``), and unnormalizes with the action statistics stored beside the checkpoint
+(``WORKDIR/assets/action_stats.json``). Instructions are tokenized and encoded by the three text towers once
+per distinct string (cached). Images are uint8 [H, W, 3], resized to the training resolution when they differ.
+Calls are deterministic for a seed: the i-th call of a policy built with ``seed`` draws the same noise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+_log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = 1
+
+
+def _resize(image: np.ndarray, size: int, name: str) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image {name!r}: expected uint8 [H, W, 3], got {image.dtype} {list(image.shape)}")
+    if image.shape[:2] == (size, size):
+        return image
+    from PIL import Image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+def stack_views(observations: Sequence[Mapping[str, np.ndarray]], views: Sequence[str], size: int) -> np.ndarray:
+    """[B, V, size, size, 3] uint8 from one ``{view: uint8[H, W, 3]}`` per robot; names the missing view."""
+    out = []
+    for i, obs in enumerate(observations):
+        missing = [v for v in views if v not in obs]
+        if missing:
+            raise KeyError(f"observation {i}: missing view(s) {missing}; the policy reads {list(views)}")
+        out.append(np.stack([_resize(obs[v], size, v) for v in views]))
+    return np.stack(out)
+
+
+def unnormalize(actions: np.ndarray, stats_asset: Mapping) -> np.ndarray:
+    """Model outputs -> robot actions with the checkpoint's statistics asset (identity for raw actions)."""
+    if not stats_asset.get("normalized", False):
+        return np.asarray(actions, np.float32)
+    from data_pipelines import actions as actions_lib
+    return actions_lib.unnormalize(actions, stats_asset["stats"])
+
+
+class DeFIPolicy:
+    """A policy checkpoint ready to act; build with :meth:`from_checkpoint`."""
+
+    def __init__(self, config, model, stats_asset: Mapping, *, seed: int = 0):
+        import jax
+        from flax import nnx
+
+        from defi_jax.policy import stage as policy_stage
+
+        self.config = config
+        self.views = tuple(config.data.views)
+        self.resolution = int(config.data.resolution)
+        self.stats_asset = dict(stats_asset)
+        self.num_steps = int(config.model.sample_steps)
+        self.sigma_min = float(config.model.sample_sigma_min)
+        self._graphdef, self._state = nnx.split(model)
+        self._tokenizers = policy_stage.tokenizers(config)
+        self._key = jax.random.key(seed)
+        self._calls = 0
+        self._text_cache: dict[str, dict] = {}
+        self._act_fns: dict[int, object] = {}
+        graphdef = self._graphdef
+
+        @jax.jit
+        def encode(state, ids):
+            return nnx.merge(graphdef, state).encode_instruction(*ids)
+
+        self._encode = encode
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, workdir: str, *, step: int | None = None, ema: bool = False, seed: int = 0,
+                        gfdm_steps: int | None = None, sample_steps: int | None = None) -> DeFIPolicy:
+        """Reads only the parameters of ``workdir``'s checkpoint (latest ``step``), its config and assets."""
+        from defi_jax import paths, trainer
+
+        workdir = paths.abspath(workdir)
+        config = trainer.checkpoint_config(workdir, step)
+        if config.get("stage") != "policy":
+            raise ValueError(f"{workdir}: a {config.get('stage')!r} checkpoint, not a policy (configs/policy.py)")
+        if gfdm_steps is not None:
+            config.model.gfdm_steps = gfdm_steps
+        if sample_steps is not None:
+            config.model.sample_steps = sample_steps
+        asset = paths.join(workdir, "assets", "action_stats.json")
+        if not paths.exists(asset):
+            raise FileNotFoundError(f"{asset}: the policy's action statistics are missing (written when training "
+                                    f"starts); without them actions cannot be unnormalized")
+        stats = json.loads(paths.read_text(asset))
+        model = trainer.restore_model(config, workdir, step=step, ema=ema)
+        return cls(config, model, stats, seed=seed)
+
+    # ---- acting ---------------------------------------------------------------------------------
+    def encode_instructions(self, instructions: Sequence[str]) -> dict:
+        """Text-tower outputs for a batch of instructions, each string encoded once and cached."""
+        import jax.numpy as jnp
+
+        rows = []
+        for text in instructions:
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"instruction must be a non-empty string, got {text!r}")
+            if text not in self._text_cache:
+                ids = []
+                for tok in self._tokenizers:
+                    i, m = tok(text)
+                    ids += [np.asarray(i, np.int32)[None], np.asarray(m, np.int32)[None]]
+                self._text_cache[text] = self._encode(self._state, tuple(ids))
+            rows.append(self._text_cache[text])
+        return {k: jnp.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+    def _act_fn(self, batch: int):
+        if batch not in self._act_fns:
+            import jax
+            from flax import nnx
+
+            graphdef, steps, sigma_min = self._graphdef, self.num_steps, self.sigma_min
+
+            def act(state, frames, text, key):
+                return nnx.merge(graphdef, state).act(frames, text, key, num_steps=steps, sigma_min=sigma_min)
+
+            frames = jax.ShapeDtypeStruct((batch, len(self.views), self.resolution, self.resolution, 3), np.uint8)
+            text = jax.eval_shape(lambda: self.encode_instructions(["a"] * batch))
+            self._act_fns[batch] = jax.jit(act).lower(self._state, frames, text, self._key).compile()
+        return self._act_fns[batch]
+
+    def next_key(self):
+        import jax
+        key = jax.random.fold_in(self._key, self._calls)
+        self._calls += 1
+        return key
+
+    def act_batch(self, observations: Sequence[Mapping[str, np.ndarray]], instructions: Sequence[str],
+                  *, normalized: bool = False) -> np.ndarray:
+        """float32 [B, horizon, action_dim]: one chunk per robot (``normalized=True``: the model's units)."""
+        if len(observations) != len(instructions):
+            raise ValueError(f"{len(observations)} observations but {len(instructions)} instructions")
+        frames = stack_views(observations, self.views, self.resolution)
+        text = self.encode_instructions(instructions)
+        out = np.asarray(self._act_fn(len(frames))(self._state, frames, text, self.next_key()), np.float32)
+        return out if normalized else unnormalize(out, self.stats_asset)
+
+    def act(self, images: Mapping[str, np.ndarray], instruction: str) -> np.ndarray:
+        """float32 [horizon, action_dim] unnormalized actions for one observation."""
+        return self.act_batch([images], [instruction])[0]
+
+    # ---- serialization --------------------------------------------------------------------------
+    def export(self, path: str, *, platforms: Sequence[str] | None = None) -> dict:
+        """Writes a ``jax.export`` artifact: ``act.jax`` (symbolic batch), ``encode.jax`` (one instruction's
+        text towers), ``weights.npz``, the tokenizer files, the statistics and ``manifest.json``. The folder is
+        written under a temporary name and renamed when complete. Returns the manifest."""
+        import datetime
+        import shutil
+        import tempfile
+
+        import jax
+        from jax import export as jax_export
+
+        platforms = tuple(platforms or _default_platforms())
+        leaves, treedef = jax.tree.flatten(self._state)
+        graphdef, steps, sigma_min, merge = self._graphdef, self.num_steps, self.sigma_min, _merge
+        tree = treedef
+
+        to_robot = _unnormalizer(self.stats_asset)
+
+        def act(flat, frames, text, key):
+            model = merge(graphdef, tree, flat)
+            return to_robot(model.act(frames, text, jax.random.wrap_key_data(key), num_steps=steps,
+                                      sigma_min=sigma_min))
+
+        def encode(flat, ids):
+            return merge(graphdef, tree, flat).encode_instruction(*ids)
+
+        flat_spec = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+        (b,) = jax_export.symbolic_shape("b")
+        r, V = self.resolution, len(self.views)
+        text1 = jax.eval_shape(lambda: self.encode_instructions(["a"]))
+        text_spec = {k: jax.ShapeDtypeStruct((b, *v.shape[1:]), v.dtype) for k, v in text1.items()}
+        frames_spec = jax.ShapeDtypeStruct((b, V, r, r, 3), np.uint8)
+        key_spec = jax.ShapeDtypeStruct((2,), np.uint32)
+        ids_spec = tuple(jax.ShapeDtypeStruct((1, len(np.asarray(t("a")[0]))), np.int32)
+                         for t in self._tokenizers for _ in range(2))
+        exp_act = jax_export.export(jax.jit(act), platforms=platforms)(flat_spec, frames_spec, text_spec, key_spec)
+        exp_enc = jax_export.export(jax.jit(encode), platforms=platforms)(flat_spec, ids_spec)
+
+        final = os.path.abspath(path)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=os.path.dirname(final))
+        try:
+            with open(os.path.join(tmp, "act.jax"), "wb") as f:
+                f.write(exp_act.serialize())
+            with open(os.path.join(tmp, "encode.jax"), "wb") as f:
+                f.write(exp_enc.serialize())
+            np.savez(os.path.join(tmp, "weights.npz"), **{f"p{i:05d}": np.asarray(x) for i, x in enumerate(leaves)})
+            manifest = {
+                "format": EXPORT_FORMAT, "what": "defi-jax DeFI policy", "jax_version": jax.__version__,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "platforms": list(platforms), "views": list(self.views), "resolution": r,
+                "horizon": int(self.config.model.horizon), "action_dim": int(self.config.model.action_dim),
+                "num_weights": len(leaves), "text_keys": sorted(text1),
+                "tokenizers": _tokenizer_spec(self.config), "action_stats": self.stats_asset,
+            }
+            with open(os.path.join(tmp, "manifest.json"), "w") as f:
+                json.dump(manifest, f, indent=1)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return manifest
+
+
+def _unnormalizer(stats_asset: Mapping):
+    """``data_pipelines.actions.unnormalize`` in jnp, so the exported computation returns robot actions."""
+    import jax.numpy as jnp
+
+    if not stats_asset.get("normalized", False):
+        return lambda a: a
+    lo = jnp.asarray(stats_asset["stats"]["q01"], jnp.float32)[:6]
+    hi = jnp.asarray(stats_asset["stats"]["q99"], jnp.float32)[:6]
+
+    def to_robot(a):
+        pos = (jnp.clip(a[..., :6], -1, 1) + 1) / 2 * (hi - lo) + lo
+        grip = (jnp.clip(a[..., 6:], -1, 1) + 1) / 2
+        return jnp.concatenate([pos, grip], axis=-1)
+
+    return to_robot
+
+
+def _merge(graphdef, treedef, flat):
+    import jax
+    from flax import nnx
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, list(flat)))
+
+
+def _default_platforms() -> list[str]:
+    """cpu, cuda and tpu lowerings in one artifact where this jax can lower them."""
+    return ["cpu", "cuda", "tpu"]
+
+
+def _tokenizer_spec(config) -> list[dict]:
+    """How the exported artifact tokenizes: one entry per text tower (gfdm, goal, gidm)."""
+    m = config.model
+    init = config.get("init", {})
+    clip = init.get("tokenizer_path", "") or init.get("clip_path", "")
+    goal_len = int(dict(m.goal_text)["max_position_embeddings"])
+    clip_kind = {"kind": "clip_bpe", "path": clip} if clip else {"kind": "clip_bytes"}
+    gidm = ({"kind": "gidm_bytes"} if m.gidm.text_encoder == "bytes"
+            else {"kind": "t5_sentencepiece", "path": m.gidm.tokenizer_path})
+    return [dict(clip_kind, max_length=int(m.gfdm.text_tokens)), dict(clip_kind, max_length=goal_len),
+            dict(gidm, max_length=int(m.gidm.max_text_len))]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading an exported artifact: jax + numpy only (no flax, no model code)
+# ---------------------------------------------------------------------------------------------------------
+
+def _clip_bytes(text: str, max_length: int):
+    """The byte tokenizer of tiny configs (``defi_jax.gfdm.stage.ByteTokenizer``): bos 1, eos = pad 2."""
+    seq = [1, *(b + 3 for b in " ".join(text.split()).lower().encode()), 2]
+    if len(seq) > max_length:
+        seq = seq[:max_length - 1] + [2]
+    ids = np.full((max_length,), 2, np.int32)
+    mask = np.zeros((max_length,), np.int32)
+    ids[:len(seq)], mask[:len(seq)] = seq, 1
+    return ids, mask
+
+
+def _gidm_bytes(text: str, max_length: int):
+    """``defi_jax.gidm.model.byte_tokenize``: id = byte + 1, 0 = pad."""
+    raw = text.encode("utf-8")[:max_length] or b" "
+    ids = np.zeros((max_length,), np.int32)
+    ids[:len(raw)] = np.frombuffer(raw, np.uint8).astype(np.int32) + 1
+    return ids, (ids > 0).astype(np.int32)
+
+
+def _make_tokenizer(spec: dict):
+    n = int(spec["max_length"])
+    if spec["kind"] == "clip_bytes":
+        return lambda t: _clip_bytes(t, n)
+    if spec["kind"] == "gidm_bytes":
+        return lambda t: _gidm_bytes(t, n)
+    if spec["kind"] == "clip_bpe":
+        from defi_jax.models.clip_tokenizer import CLIPTokenizer   # pure Python
+        tok = CLIPTokenizer.from_folder(spec["path"])
+        return lambda t: tuple(a[0] for a in tok([t], max_length=n))
+    if spec["kind"] == "t5_sentencepiece":
+        from defi_jax.models.t5_tokenizer import T5Tokenizer       # sentencepiece
+        tok = T5Tokenizer(spec["path"])
+        return lambda t: tuple(np.asarray(a, np.int32) for a in tok.encode_padded(t, n))
+    raise ValueError(f"unknown tokenizer kind {spec['kind']!r} in the export manifest")
+
+
+class ExportedPolicy:
+    """An exported policy folder, runnable with jax and numpy only (see :func:`load_exported`)."""
+
+    def __init__(self, path: str):
+        import jax
+        from jax import export as jax_export
+
+        self.path = path
+        manifest_file = os.path.join(path, "manifest.json")
+        if not os.path.isfile(manifest_file):
+            raise FileNotFoundError(f"{manifest_file}: not a defi-jax exported policy (no manifest.json)")
+        with open(manifest_file) as f:
+            self.manifest = json.load(f)
+        if self.manifest.get("format") != EXPORT_FORMAT:
+            raise ValueError(f"{manifest_file}: export format {self.manifest.get('format')!r}; this defi-jax reads "
+                             f"format {EXPORT_FORMAT} (re-export the checkpoint with this version)")
+        platform = jax.default_backend()
+        if platform not in self.manifest["platforms"]:
+            raise ValueError(f"{path}: exported for {self.manifest['platforms']}, this jax runs on {platform!r}")
+        try:
+            with open(os.path.join(path, "act.jax"), "rb") as f:
+                self._act = jax_export.deserialize(bytearray(f.read()))
+            with open(os.path.join(path, "encode.jax"), "rb") as f:
+                self._encode = jax_export.deserialize(bytearray(f.read()))
+        except Exception as e:   # a truncated or foreign file
+            raise ValueError(f"{path}: cannot read the exported computation ({type(e).__name__}: {e}); the "
+                             f"artifact is damaged or was written by an incompatible jax "
+                             f"({self.manifest.get('jax_version')}, this is {jax.__version__})") from e
+        with np.load(os.path.join(path, "weights.npz"), allow_pickle=False) as w:
+            self._weights = [jax.device_put(w[f"p{i:05d}"]) for i in range(self.manifest["num_weights"])]
+        self._tokenizers = [_make_tokenizer(s) for s in self.manifest["tokenizers"]]
+        self.views = tuple(self.manifest["views"])
+        self.resolution = int(self.manifest["resolution"])
+        self._cache: dict[str, dict] = {}
+        self._calls = 0
+
+    def _text(self, instructions: Sequence[str]) -> dict:
+        rows = []
+        for text in instructions:
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"instruction must be a non-empty string, got {text!r}")
+            if text not in self._cache:
+                ids = []
+                for tok in self._tokenizers:
+                    i, m = tok(text)
+                    ids += [np.asarray(i, np.int32)[None], np.asarray(m, np.int32)[None]]
+                self._cache[text] = self._encode.call(self._weights, tuple(ids))
+            rows.append(self._cache[text])
+        return {k: np.concatenate([np.asarray(r[k]) for r in rows]) for k in rows[0]}
+
+    def act_batch(self, observations, instructions, *, seed: int = 0) -> np.ndarray:
+        """float32 [B, horizon, action_dim] robot actions; the i-th call draws what ``DeFIPolicy``'s i-th does."""
+        import jax
+        if len(observations) != len(instructions):
+            raise ValueError(f"{len(observations)} observations but {len(instructions)} instructions")
+        frames = stack_views(observations, self.views, self.resolution)
+        key = np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), self._calls)), np.uint32)
+        self._calls += 1
+        return np.asarray(self._act.call(self._weights, frames, self._text(instructions), key), np.float32)
+
+    def act(self, images, instruction: str) -> np.ndarray:
+        return self.act_batch([images], [instruction])[0]
+
+
+def load_exported(path: str) -> ExportedPolicy:
+    """Reads a folder written by :meth:`DeFIPolicy.export`; refuses one it cannot read, saying why."""
+    return ExportedPolicy(os.path.abspath(path))

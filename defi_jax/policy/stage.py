@@ -1,0 +1,294 @@
+"""DeFI policy fine-tuning stage (stage 3): frozen GFDM + GIDM adapter + diffusion action head on labelled windows.
+
+    python -m launch.train --config=configs/policy.py:tiny --workdir=/tmp/policy
+    python -m launch.train --config=configs/policy.py:defi --workdir=gs://bucket/policy \\
+        --config.init.sources.gfdm.path=gs://bucket/gfdm --config.init.sources.gidm.path=gs://bucket/gidm \\
+        --config.init.sources.goal_text.path=/ckpt/clip-vit-base-patch32 --config.data.mixture=calvin_abc_d \\
+        --config.data.paths.calvin_abc_d=/data/calvin/task_ABC_D
+
+Batch (``policy_window`` samples, instructions tokenized in the data workers): ``frames`` uint8 [B, V, H, W, 3]
+(the last observation frame of each view), ``actions`` float32 [B, 10, 7] (normalized with the dataset's
+statistics unless ``data.normalize_actions=False``), ``gfdm_ids`` / ``goal_ids`` / ``gidm_ids`` (+ masks):
+the instruction for the GFDM's CLIP text, the CLIP goal token and the GIDM's instruction tower.
+
+Loss (the reference's): ``action_loss + codebook_loss + vq_beta * commitment_loss``. Frozen parts follow
+``config.policy.finetune`` (:func:`frozen_patterns`). Evaluation: held-out ``eval_action_loss`` at fixed draws
+and ``eval_action_mse`` of sampled chunks (10 sampler steps) against the true ones, in normalized units.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from defi_jax.policy.model import DeFIPolicyModel
+from defi_jax.stage import Stage
+
+FINETUNE = ("gidm_adapter", "adapter_only", "all")
+_BATCH_KEYS = ("frames", "actions", "gfdm_ids", "gfdm_mask", "goal_ids", "goal_mask", "gidm_ids", "gidm_mask")
+
+
+def frozen_patterns(config) -> tuple[str, ...]:
+    """Regexes of the parameters ``config.policy.finetune`` keeps frozen (no gradient, no optimizer state).
+
+    gidm_adapter (default)  GFDM frozen; GIDM encoder, Video Former and head trained
+    adapter_only            the GIDM's latent action model frozen too
+    all                     the GFDM's UNet trained as well (its VAE and CLIP text stay frozen)
+    The CLIP goal tower and a T5 instruction tower are frozen in every mode, as in the reference.
+    """
+    mode = config.policy.finetune
+    if mode not in FINETUNE:
+        raise ValueError(f"config.policy.finetune={mode!r} must be one of {FINETUNE}")
+    out = [r"^goal_text/", r"^gfdm/vae/", r"^gfdm/text_encoder/"]
+    if config.model.gidm.text_encoder == "t5":
+        out.append(r"^latent_actions/lam/text_encoder/")
+    if mode != "all":
+        out.append(r"^gfdm/unet/")
+    if mode == "adapter_only":
+        out.append(r"^latent_actions/lam/")
+    return tuple(out)
+
+
+def build_model(config, rngs: nnx.Rngs) -> DeFIPolicyModel:
+    t = config.train
+    dtype = None if t.compute_dtype == "float32" else jnp.dtype(t.compute_dtype)
+    return DeFIPolicyModel(config.model, rngs=rngs, dtype=dtype, param_dtype=jnp.dtype(t.param_dtype),
+                           frozen_gfdm=config.policy.finetune != "all")
+
+
+# ---- loss -------------------------------------------------------------------------------------------
+def encode_instruction(model: DeFIPolicyModel, batch) -> dict:
+    return model.encode_instruction(*(batch[f"{n}_{k}"] for n in ("gfdm", "goal", "gidm") for k in ("ids", "mask")))
+
+
+def _context(model: DeFIPolicyModel, batch, rng, *, train: bool, dropout: bool):
+    k_feat, k_vq, k_drop = jax.random.split(rng, 3)
+    text = encode_instruction(model, batch)
+    feats = model.features(batch["frames"], text["gfdm"], k_feat)
+    return model.context(feats, text, train=train, rng=k_vq, dropout_rng=k_drop if dropout else None)
+
+
+def _loss(model: DeFIPolicyModel, batch, rng, config, *, train: bool):
+    k_ctx, k_head, k_drop = jax.random.split(rng, 3)
+    context, la = _context(model, batch, k_ctx, train=train, dropout=train)
+    action_loss = model.head.loss(context, batch["actions"].astype(jnp.float32), k_head,
+                                  dropout_rng=k_drop if train else None)
+    beta = config.model.gidm.vq_beta
+    loss = action_loss + la["codebook_loss"] + beta * la["commitment_loss"]
+    metrics = {"action_loss": action_loss, "codebook_loss": la["codebook_loss"],
+               "commitment_loss": la["commitment_loss"]}
+    if "perplexity" in la:
+        metrics |= {"codebook_perplexity": la["perplexity"], "codes_used": la["codes_used"]}
+    return loss, metrics
+
+
+def loss_fn(model: DeFIPolicyModel, batch, rng, config):
+    return _loss(model, batch, rng, config, train=True)
+
+
+# ---- data -------------------------------------------------------------------------------------------
+def tokenizers(config):
+    """(gfdm, goal, gidm) instruction tokenizers: callables ``text -> (ids int32[L], mask int32[L])``."""
+    from defi_jax.gfdm.stage import make_tokenizer as clip_tokenizer
+    from defi_jax.gidm.stage import _tokenizer as gidm_tokenizer
+
+    m = config.model
+    gfdm_tok = clip_tokenizer(config)
+    goal_len = int(dict(m.goal_text)["max_position_embeddings"])
+
+    def gfdm(text):
+        ids, mask = gfdm_tok([text], max_length=m.gfdm.text_tokens)
+        return ids[0], mask[0]
+
+    def goal(text):
+        ids, mask = gfdm_tok([text], max_length=goal_len)
+        return ids[0], mask[0]
+
+    gidm_config = config.copy_and_resolve_references()
+    gidm_config.model = m.gidm
+    return gfdm, goal, gidm_tokenizer(gidm_config)
+
+
+class Tokenize:
+    """Per-sample transform (grain workers): the instruction three ways, the last observation frame per view."""
+
+    def __init__(self, config):
+        self.config = config
+        self._toks = None
+
+    def __getstate__(self):
+        return {"config": self.config, "_toks": None}
+
+    def __call__(self, sample: dict) -> dict:
+        if self._toks is None:
+            self._toks = tokenizers(self.config)
+        text = sample["instruction"]
+        text = text.decode() if isinstance(text, bytes) else str(text)
+        out = {"frames": np.asarray(sample["frames"])[:, -1], "actions": np.asarray(sample["actions"], np.float32)}
+        for name, tok in zip(("gfdm", "goal", "gidm"), self._toks):
+            ids, mask = tok(text)
+            out[f"{name}_ids"], out[f"{name}_mask"] = np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+        return out
+
+
+class _Numeric:
+    """Keeps the arrays the step reads; passes the iterator state through."""
+
+    def __init__(self, it):
+        self._it = it
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self._it)
+        return {k: np.asarray(batch[k]) for k in _BATCH_KEYS}
+
+    def get_state(self):
+        return self._it.get_state()
+
+    def set_state(self, state):
+        self._it.set_state(state)
+
+    def close(self):
+        if callable(getattr(self._it, "close", None)):
+            self._it.close()
+
+
+def make_data(config, process_index: int, process_count: int, split: str):
+    import data_pipelines
+
+    d = config.data
+    seed = config.seed + (0 if split == "train" else 1_000_003)
+    loader = data_pipelines.make_loader("policy_window", d, global_batch_size=config.train.batch_size,
+                                        process_index=process_index, process_count=process_count, seed=seed,
+                                        split=split, transform=Tokenize(config))
+    return _Numeric(iter(loader))
+
+
+def stats_dataset(config) -> str:
+    """The dataset whose action statistics inference unnormalizes with (``policy.action_stats_dataset``, else
+    the mixture's largest robot dataset)."""
+    from data_pipelines import mixtures
+
+    name = config.policy.get("action_stats_dataset", "")
+    if name:
+        return name
+    weights = mixtures.resolve(config.data.mixture, key="config.data.mixture")
+    return max(weights, key=weights.get)
+
+
+def assets(config) -> dict[str, str]:
+    """Files a policy checkpoint carries for inference: the action statistics and whether actions are normalized."""
+    import data_pipelines
+
+    name = stats_dataset(config)
+    out = {"dataset": name, "normalized": bool(config.data.normalize_actions)}
+    if config.data.normalize_actions:
+        stats = data_pipelines.action_stats(name, config.data)
+        out["stats"] = {k: (np.asarray(v).tolist() if not isinstance(v, (int, float, str)) else v)
+                        for k, v in stats.items()}
+    return {"action_stats.json": json.dumps(out, indent=1)}
+
+
+# ---- evaluation -------------------------------------------------------------------------------------
+_EVAL_FNS: dict = {}
+
+
+def _eval_fns(graphdef, config):
+    opts = config.train.get("compiler_options", None)
+    jit = functools.partial(jax.jit, **({"compiler_options": dict(opts)} if opts else {}))
+    steps, sigma_min = int(config.model.sample_steps), float(config.model.sample_sigma_min)
+
+    @jit
+    def one(state, batch, rng):
+        model = nnx.merge(graphdef, state)
+        loss, metrics = _loss(model, batch, rng, config, train=False)
+        context, _ = _context(model, batch, jax.random.fold_in(rng, 1), train=False, dropout=False)
+        noise = model.head.initial_noise(jax.random.fold_in(rng, 2), batch["actions"].shape[0])
+        pred = model.head.sample(context, noise, num_steps=steps, sigma_min=sigma_min)
+        mse = jnp.mean((pred - batch["actions"].astype(jnp.float32)) ** 2)
+        return loss, metrics, mse
+
+    return one
+
+
+def evaluate(model: DeFIPolicyModel, config, workdir: str, step: int, eval_iter) -> dict:
+    """Held-out loss at fixed draws and the sampled chunks' MSE against the true actions."""
+    del workdir, step
+    graphdef, state = nnx.split(model)
+    key = (config.to_json_best_effort(sort_keys=True), str(graphdef))
+    if key not in _EVAL_FNS:
+        _EVAL_FNS.clear()
+        _EVAL_FNS[key] = _eval_fns(graphdef, config)
+    one = _EVAL_FNS[key]
+    rng = jax.random.key(config.seed + 23)   # the same draws at every evaluation
+    sums, n = {}, 0
+    for i, batch in zip(range(int(config.eval.batches)), eval_iter):
+        loss, metrics, mse = one(state, {k: batch[k] for k in _BATCH_KEYS}, jax.random.fold_in(rng, i))
+        for k, v in (metrics | {"loss": loss, "action_mse": mse}).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        n += 1
+    if n == 0:
+        raise RuntimeError("policy evaluate: the eval iterator yielded no batch (config.data: empty eval split?)")
+    return {f"eval_{k}": v / n for k, v in sums.items()}
+
+
+# ---- checks and shapes ------------------------------------------------------------------------------
+def validate(config) -> None:
+    from defi_jax import weights
+    from defi_jax.policy.model import LATENT_ACTIONS
+
+    m, p = config.model, config.policy
+    frozen_patterns(config)
+    if m.latent_action not in LATENT_ACTIONS:
+        raise ValueError(f"config.model.latent_action={m.latent_action!r} must be one of {LATENT_ACTIONS}")
+    if not 1 <= m.gfdm_steps <= m.gfdm.feature_steps:
+        raise ValueError(f"config.model.gfdm_steps={m.gfdm_steps} must be in [1, model.gfdm.feature_steps="
+                         f"{m.gfdm.feature_steps}]")
+    if max(m.latent_action_frames) >= m.gfdm.num_frames:
+        raise ValueError(f"config.model.latent_action_frames={tuple(m.latent_action_frames)} must be < "
+                         f"model.gfdm.num_frames={m.gfdm.num_frames}")
+    if len(config.data.views) != m.num_views:
+        raise ValueError(f"config.data.views={tuple(config.data.views)} must name config.model.num_views="
+                         f"{m.num_views} cameras (static view first)")
+    if config.data.action_horizon != m.horizon:
+        raise ValueError(f"config.data.action_horizon={config.data.action_horizon} != config.model.horizon={m.horizon}")
+    if p.gfdm_init not in ("pretrained", "initial"):
+        raise ValueError(f"config.policy.gfdm_init={p.gfdm_init!r} must be 'pretrained' or 'initial'")
+    if p.gidm_init not in ("pretrained", "random"):
+        raise ValueError(f"config.policy.gidm_init={p.gidm_init!r} must be 'pretrained' or 'random'")
+    weights.require_sources(config, {"goal_text": "goal_text/"})
+    # The two pretrained stages are required whether frozen or not: without them the run would silently be
+    # the "no GFDM / GIDM pretraining" ablation, which is config.policy.{gfdm,gidm}_init.
+    import re
+    covered = [s.target for s in weights.active_sources(config)]
+    wanted = {"gfdm": ("gfdm/unet/", "gfdm_init", "a GFDM workdir (or the published SVD weights)"),
+              "gidm": ("latent_actions/lam/encoder/", "gidm_init", "a GIDM workdir")}
+    for name, (prefix, key, what) in wanted.items():
+        if p[key] == "pretrained" and not any(re.match(t, prefix) for t in covered) \
+                and not config.init.get("allow_random", False):
+            raise ValueError(f"config.init.sources.{name}.path is empty but config.policy.{key}='pretrained': point "
+                             f"it at {what}, or set config.policy.{key} (the ablation without that pretraining)")
+
+
+def batch_spec(config) -> dict:
+    m, d, b = config.model, config.data, config.train.batch_size
+    r = d.resolution
+    spec = {"frames": jax.ShapeDtypeStruct((b, m.num_views, r, r, 3), np.uint8),
+            "actions": jax.ShapeDtypeStruct((b, m.horizon, m.action_dim), np.float32)}
+    lens = {"gfdm": m.gfdm.text_tokens, "goal": dict(m.goal_text)["max_position_embeddings"],
+            "gidm": m.gidm.max_text_len}
+    for name, n in lens.items():
+        spec[f"{name}_ids"] = jax.ShapeDtypeStruct((b, n), np.int32)
+        spec[f"{name}_mask"] = jax.ShapeDtypeStruct((b, n), np.int32)
+    return spec
+
+
+STAGE = Stage(build_model=build_model, loss_fn=loss_fn, make_data=make_data, evaluate=evaluate, validate=validate,
+              batch_spec=batch_spec, frozen=frozen_patterns, assets=assets)
