@@ -11,7 +11,7 @@ features of two predicted frames (0 and 5) take DINO's place, through the policy
                   ``latent_actions``): 4 action queries + 256 tokens + projected T5 tokens, 12
                   spatio-temporal blocks, causal in time; frame 1's 4 query outputs -> to_codebook 768 -> 128
                   -> VQ (16 x 128) -> action_up 128 -> 768
-    tokens_BQE    [B, 4, 768]          what the action head's ``tok_emb_token`` reads
+    tokens_BQE    [B, 4, 768]          (the LAM's model_dim) what the action head's ``tok_emb_token`` reads
 
 The frozen T5 tower is not part of this module: ``__call__`` takes its ``last_hidden_state`` and mask
 (the policy keeps its frozen text towers together). The VQ losses stay in the stage-3 loss
@@ -87,7 +87,7 @@ class PolicyLatentActions(nnx.Module):
     def __call__(self, feats_BTNC: jax.Array, text_BLC: jax.Array, text_mask_BL: jax.Array, *,
                  train: bool = False, rng: jax.Array | None = None) -> dict:
         """``feats_BTNC``: static-view GFDM features (every predicted frame); ``text_BLC``: frozen T5
-        ``last_hidden_state``. Returns ``tokens`` [B, 4, lam width] and the VQ outputs (``z_q``, ``z_e``,
+        ``last_hidden_state``. Returns ``tokens`` [B, 4, lam model_dim] and the VQ outputs (``z_q``, ``z_e``,
         ``indices``, ``codebook_loss``, ``commitment_loss``, ``perplexity``, ``codes_used``)."""
         T = feats_BTNC.shape[1]
         if max(self.frames) >= T:

@@ -106,9 +106,10 @@ class VideoFormer(nnx.Module):
     """GFDM features [B, num_frames, N, condition_dim] -> tokens [B, num_frames * queries_per_frame, dim]."""
 
     def __init__(self, *, dim: int = 384, depth: int = 6, condition_dim: int = 2560, num_frames: int = 16,
-                 queries_per_frame: int = 14, heads: int = 8, dim_head: int = 64, temporal_heads: int = 8,
+                 queries_per_frame: int = 14, heads: int = 8, dim_head: int = 64, temporal_heads: int | None = None,
                  ff_mult: int = 4, num_time_embeds: int | None = None, rngs: nnx.Rngs):
         self.num_frames = num_frames
+        temporal_heads = heads if temporal_heads is None else temporal_heads   # one ``heads`` in the reference
         num_time_embeds = num_frames if num_time_embeds is None else num_time_embeds
         if num_time_embeds < num_frames:
             raise ValueError(f"Video Former: num_time_embeds={num_time_embeds} < num_frames={num_frames}")

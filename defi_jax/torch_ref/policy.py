@@ -79,14 +79,15 @@ def feed_forward_layer(dim: int, mult: int = 4) -> nn.Sequential:
 
 class VideoFormer3D(nn.Module):
     def __init__(self, dim=384, depth=6, condition_dim=2560, dim_head=64, heads=8, num_latents=224,
-                 num_frame=16, num_time_embeds=16, ff_mult=4):
+                 num_frame=16, num_time_embeds=16, ff_mult=4, temporal_heads=None):
         super().__init__()
+        temporal_heads = heads if temporal_heads is None else temporal_heads   # one ``heads`` in the reference
         self.dim, self.num_frame = dim, num_frame
         self.goal_emb = nn.Sequential(nn.Linear(condition_dim, dim * 2), nn.GELU(), nn.Linear(dim * 2, dim))
         self.latents = nn.Parameter(torch.randn(num_frame, num_latents // num_frame, dim))
         self.time_pos_emb = nn.Parameter(torch.randn(num_time_embeds, 1, dim))
         self.layers = nn.ModuleList([
-            nn.ModuleList([PerceiverAttentionLayer(dim, dim_head, heads), FusedAttention(dim, heads, num_frame),
+            nn.ModuleList([PerceiverAttentionLayer(dim, dim_head, heads), FusedAttention(dim, temporal_heads, num_frame),
                            feed_forward_layer(dim, ff_mult)])
             for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
