@@ -87,8 +87,8 @@ class VideoFormer3D(nn.Module):
         self.latents = nn.Parameter(torch.randn(num_frame, num_latents // num_frame, dim))
         self.time_pos_emb = nn.Parameter(torch.randn(num_time_embeds, 1, dim))
         self.layers = nn.ModuleList([
-            nn.ModuleList([PerceiverAttentionLayer(dim, dim_head, heads), FusedAttention(dim, temporal_heads, num_frame),
-                           feed_forward_layer(dim, ff_mult)])
+            nn.ModuleList([PerceiverAttentionLayer(dim, dim_head, heads),
+                           FusedAttention(dim, temporal_heads, num_frame), feed_forward_layer(dim, ff_mult)])
             for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
 
