@@ -6,7 +6,8 @@
 Prints each top-level sub-module's parameter count as ``name: count`` and ``total: N``, then the bytes one
 device holds of the sharded train state (params + optimizer state + EMA) for the configured mesh. With
 ``--compile`` the full train step is compiled (not run) and XLA's per-device memory analysis is printed.
-``--num_devices=N`` fakes N CPU devices, e.g. to check an 8-way layout on a laptop.
+``--num_devices=N`` fakes N CPU devices, e.g. to check an 8-way layout on a laptop. Only shapes are
+needed: no ``config.init`` weight file is opened (sources may point at folders this machine lacks).
 """
 
 import os
