@@ -246,11 +246,13 @@ class PolicyServer:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="policy")
         signals, batcher = [], None
         try:
-            self.metadata = await loop.run_in_executor(self._executor, self._prepare)
             if threading.current_thread() is threading.main_thread():
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.add_signal_handler(sig, self._on_signal, sig)
                     signals.append(sig)
+            self.metadata = await loop.run_in_executor(self._executor, self._prepare)
+            if self._stopping.is_set():   # a signal during the warm-up (which cannot be interrupted)
+                return
             batcher = asyncio.create_task(self._batcher())
             async with serve(self._handle, self.host, self.port, process_request=_healthz, compression=None,
                              max_size=MAX_MESSAGE_BYTES) as server:
@@ -331,7 +333,11 @@ class PolicyServer:
             if not batch:
                 continue
             started = loop.time()
-            replies = await loop.run_in_executor(self._executor, self._infer, batch)
+            try:
+                replies = await loop.run_in_executor(self._executor, self._infer, batch)
+            except Exception as e:   # not the policy's failure (_infer answers those): keep the robots answered
+                _log.exception("batch of %d failed", len(batch))
+                replies = [{"error": f"server: {type(e).__name__}: {e}"} for _ in batch]
             for request, reply in zip(batch, replies):
                 if "server_timing" in reply:
                     reply["server_timing"]["queue_ms"] = 1e3 * (started - request.arrived)

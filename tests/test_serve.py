@@ -4,11 +4,12 @@ answered with its own actions), a failing batch costing only its bad request, gr
 
 import functools
 import os
-import selectors
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -233,38 +234,47 @@ def test_stop_closes_connected_clients():
         PolicyClient("127.0.0.1", server.port, timeout=2)
 
 
+def test_start_reports_what_stopped_the_server(served):
+    server, _ = served
+    with pytest.raises(RuntimeError, match="policy server failed to start: .*address already in use"):
+        PolicyServer(StandInPolicy(), host="127.0.0.1", port=server.port).start(timeout=30)
+
+
 _SERVE_STAND_IN = """
-import logging, sys, numpy as np
+import logging, sys
 sys.path.insert(0, {tests!r})
 from test_serve import StandInPolicy
 from defi_jax.serving import PolicyServer
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
-PolicyServer(StandInPolicy(), host="127.0.0.1", port=0).serve_forever()
+PolicyServer(StandInPolicy(), host="127.0.0.1", port={port}).serve_forever()
 print("returned", flush=True)
 """
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_the_server_gracefully(sig):
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen([sys.executable, "-c", _SERVE_STAND_IN.format(tests=str(ROOT / "tests"))], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    port = _free_port()
+    script = _SERVE_STAND_IN.format(tests=str(ROOT / "tests"), port=port)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
-        lines, port = [], None
-        selector = selectors.DefaultSelector()
-        selector.register(proc.stderr, selectors.EVENT_READ)
-        for _ in range(200):                                         # bounded: at most ~60 s
-            if not selector.select(timeout=0.3):
-                continue
-            line = proc.stderr.readline()
-            lines.append(line)
-            if "serving stand" in line or "serving StandInPolicy" in line:
-                port = int(line.split("ws://127.0.0.1:")[1].split()[0])
+        client = None
+        for _ in range(120):                                         # bounded: at most ~60 s to start
+            try:
+                client = PolicyClient("127.0.0.1", port, timeout=10)
                 break
-            if not line:
-                break
-        assert port is not None, "".join(lines)
-        with PolicyClient("127.0.0.1", port, timeout=10) as client:
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[1]
+                time.sleep(0.5)
+        assert client is not None, "the server never listened"
+        with client:
             obs = observation(50)
             np.testing.assert_array_equal(client.infer(obs)["actions"], stand_in_actions(obs["images"], obs["prompt"]))
             proc.send_signal(sig)
@@ -275,9 +285,8 @@ def test_signal_stops_the_server_gracefully(sig):
             proc.communicate()
     assert proc.returncode == 0, err
     assert out.strip() == "returned"
-    log = "".join(lines) + err
-    assert f"{signal.Signals(sig).name} received" in log and "defi_jax.serving: stopped" in log
-    assert "connected (1 open)" in log and "disconnected after 1 request(s)" in log
+    assert f"{signal.Signals(sig).name} received" in err and "defi_jax.serving: stopped" in err
+    assert "connected (1 open)" in err and "disconnected after 1 request(s)" in err, err
 
 
 def test_launch_serve_usage_error_is_one_line():
