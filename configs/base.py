@@ -48,9 +48,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     t.schedule = "warmup_cosine"       # warmup_cosine | tri_stage | constant
     t.warmup_steps = 10
     t.tri_stage = (0.02, 0.08, 0.90)   # warmup / hold / decay fractions
+    t.tri_stage_init_scale = 0.01      # tri_stage: warmup starts at this x lr
+    t.tri_stage_final_scale = 0.01     # tri_stage: cosine decay ends at this x lr
     t.end_lr_factor = 0.0
     t.b1 = 0.9
     t.b2 = 0.999
+    t.eps = 1e-8                       # AdamW epsilon
     t.weight_decay = 0.0
     t.grad_clip = 1.0                  # global norm; 0 = off
     t.grad_accum_steps = 1
@@ -65,4 +68,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     t.save_every = 100
     t.keep_checkpoints = 3
     t.progress_bar = True
+    t.eval_ema = True                  # evaluate the EMA params when an EMA is kept
+    t.async_checkpointing = True       # Orbax writes checkpoints in the background
+    # XLA compiler options for every compile of the run, e.g. {"xla_backend_optimization_level": 0} (CPU tests).
+    t.compiler_options = ml_collections.FieldReference(None, field_type=dict)
     return c

@@ -104,6 +104,8 @@ def get_config(arg: str | None = None):
     c.data = default_data_config()
     c.data.mixture = "gidm_paper"
     c.data.eval_batches = 8                # held-out batches for eval losses and the action probe
+    c.data.normalize_instructions = True   # the reference collator: lower-case, punctuation stripped
+    c.data.pair_spacing = "reference"      # the reference's frame pairs (10-frame window, per-dataset ranges)
     c.data.probe_ridge = 1e-3              # ridge strength of the closed-form linear probe (probe_r2)
 
     t = c.train
@@ -122,6 +124,8 @@ def get_config(arg: str | None = None):
     t.save_every = 5000
 
     if variant == "tiny":
+        c.data.normalize_instructions = False
+        c.data.pair_spacing = "seconds"    # pair_seconds at the demo's control rate
         c.data.mixture = "demo"
         c.data.eval_batches = 4
         t.batch_size = 16

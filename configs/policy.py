@@ -104,6 +104,8 @@ def get_config(arg: str | None = None):
     t.num_steps = 50_000
     t.lr = 1e-4
     t.schedule = "constant"                 # the released script trains at a constant 1e-4 (see REFERENCE.md)
+    t.tri_stage_init_scale = 0.1            # schedule=tri_stage: the configured (unused) reference schedule
+    t.tri_stage_final_scale = 1e-6
     t.warmup_steps = 0
     t.b1, t.b2 = 0.9, 0.9
     t.weight_decay = 0.05

@@ -27,6 +27,38 @@ class DataIterator(Protocol):
     def set_state(self, state: Any) -> None: ...
 
 
+class NumericBatches:
+    """A data loader's batches reduced to the numeric arrays a stage's step reads (strings cannot go to devices).
+
+    Forwards the checkpointable position (``get_state`` / ``set_state``), ``close`` (grain workers) and
+    ``skip_counts`` (unusable samples skipped per source, logged by the trainer) to the wrapped loader.
+    """
+
+    def __init__(self, it, keys):
+        self._it, self._keys = it, tuple(keys)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._it)
+        return {k: np.asarray(batch[k]) for k in self._keys if k in batch}
+
+    def get_state(self) -> Any:
+        return self._it.get_state()
+
+    def set_state(self, state: Any) -> None:
+        self._it.set_state(state)
+
+    def skip_counts(self) -> dict[str, int]:
+        counts = getattr(self._it, "skip_counts", None)
+        return counts() if callable(counts) else {}
+
+    def close(self) -> None:
+        if callable(getattr(self._it, "close", None)):
+            self._it.close()
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """What a stage gives the trainer.
@@ -49,6 +81,9 @@ class Stage:
     frozen(config) -> tuple of regexes   (optional)
         Parameters the stage freezes because of its own config keys (e.g. ``config.policy.finetune``), on top
         of ``config.train.frozen``; see :func:`frozen_patterns`.
+    check_data(config) -> None   (optional)
+        Checks, before the first step, that every dataset and split the run will read is there (one error
+        listing every problem; ``data_pipelines.check_sources``), so a missing eval split does not end a long run.
     assets(config) -> dict of file name -> text   (optional)
         Files written to ``WORKDIR/assets/`` when a run starts (e.g. a policy's action statistics, which
         inference reads beside the checkpoint).
@@ -62,6 +97,7 @@ class Stage:
     batch_spec: Callable[[Any], Mapping[str, jax.ShapeDtypeStruct]] | None = None
     frozen: Callable[[Any], tuple[str, ...]] | None = None
     assets: Callable[[Any], Mapping[str, str]] | None = None
+    check_data: Callable[[Any], None] | None = None
 
 
 _REGISTRY: dict[str, str] = {

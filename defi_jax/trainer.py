@@ -445,6 +445,8 @@ class Trainer:
             paths.write_text(paths.join(workdir, "config.json"), config_json)
             for name, text in (self.stage.assets(c) if self.stage.assets is not None else {}).items():
                 paths.write_text(paths.join(workdir, "assets", name), text)   # atomic, local or gs://
+        if self.stage.check_data is not None:
+            self.stage.check_data(c)   # every dataset and both splits, before anything is spent
         ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.get("async_checkpointing", True))
         data_iter = self.stage.make_data(c, jax.process_index(), jax.process_count(), "train")
         try:
@@ -480,6 +482,9 @@ class Trainer:
                 if step % t.log_every == 0 or step == t.num_steps:
                     row = {k: v.item() for k, v in jax.device_get(out).items()}
                     row |= throughput.measure(step)
+                    skips = getattr(data_iter, "skip_counts", None)   # unusable samples skipped, per source
+                    if callable(skips):
+                        row |= {f"data/skipped/{name}": n for name, n in skips().items()}
                     writer.write(step, row)
                     last_row = {"step": step} | row
                     if bar is not None:
@@ -575,7 +580,7 @@ def restore_model(config, workdir: str, *, step: int | None = None, ema: bool = 
     Reads the parameters (or their EMA) only, never the optimizer state. ``mesh`` defaults to
     ``config.mesh`` on all devices; the checkpoint may come from any mesh.
     """
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    if not paths.isdir(paths.join(workdir, "checkpoints")):
         raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoints in this workdir")
     return StateLayout(config, mesh=mesh).restore_model(workdir, step=step, ema=ema)
 

@@ -53,4 +53,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    from defi_jax import config_validation
+    sys.exit(app.run(main, flags_parser=config_validation.parse_flags))

@@ -29,7 +29,7 @@ from flax import nnx
 from defi_jax.gfdm import evaluation
 from defi_jax.gfdm.model import GFDM, GFDMOptions
 from defi_jax import weights
-from defi_jax.stage import Stage
+from defi_jax.stage import NumericBatches, Stage
 
 _log = logging.getLogger(__name__)
 
@@ -108,26 +108,6 @@ def loss_fn(model: GFDM, batch, rng, config):
 _BATCH_KEYS = ("frames", "latents", "input_ids", "attention_mask")
 
 
-class _NumericBatches:
-    """Keeps the arrays the loss reads (strings cannot go to devices); passes the iterator state through."""
-
-    def __init__(self, it):
-        self._it = it
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = next(self._it)
-        return {k: batch[k] for k in _BATCH_KEYS if k in batch}
-
-    def get_state(self):
-        return self._it.get_state()
-
-    def set_state(self, state):
-        self._it.set_state(state)
-
-
 def loader_config(config) -> ml_collections.ConfigDict:
     """``config.data`` without this stage's own keys: what ``data_pipelines.make_loader`` gets."""
     d = {k: v for k, v in config.data.to_dict().items() if k not in _STAGE_DATA_KEYS}
@@ -145,12 +125,12 @@ def make_data(config, process_index: int, process_count: int, split: str):
         it = latents.make_loader(d.latents_dir, split, global_batch_size=config.train.batch_size,
                                  process_index=process_index, process_count=process_count, seed=seed,
                                  transform=transform, worker_count=d.get("num_workers", 0))
-        return _NumericBatches(it)
+        return NumericBatches(it, _BATCH_KEYS)
     import data_pipelines
     it = data_pipelines.make_loader("gfdm_clip", loader_config(config), global_batch_size=config.train.batch_size,
                                     process_index=process_index, process_count=process_count, seed=seed,
                                     split=split, transform=transform)
-    return _NumericBatches(it)
+    return NumericBatches(it, _BATCH_KEYS)
 
 
 # ---- evaluation -------------------------------------------------------------------------------------
@@ -259,5 +239,16 @@ def batch_spec(config) -> dict:
     return spec
 
 
+def check_data(config) -> None:
+    if config.data.source == "latents":
+        from defi_jax import paths
+        if not paths.isdir(config.data.latents_dir):
+            raise FileNotFoundError(f"config.data.latents_dir={config.data.latents_dir!r} does not exist (write it "
+                                    f"with python -m launch.precompute_latents)")
+        return
+    import data_pipelines
+    data_pipelines.check_sources(loader_config(config), "gfdm_clip")
+
+
 STAGE = Stage(build_model=build_model, loss_fn=loss_fn, make_data=make_data, evaluate=evaluate, validate=validate,
-              batch_spec=batch_spec)
+              batch_spec=batch_spec, check_data=check_data)

@@ -26,7 +26,7 @@ from flax import nnx
 
 from defi_jax.gidm.model import LatentActionModel, byte_tokenize
 from defi_jax import weights
-from defi_jax.stage import Stage
+from defi_jax.stage import NumericBatches, Stage
 
 _TRAIN_KEYS = ("frames", "input_ids", "attention_mask")
 _EVAL_KEYS = _TRAIN_KEYS + ("actions", "has_actions")
@@ -111,26 +111,6 @@ class _Transform:
         return {"config": self.config, "_encode": None}
 
 
-class _Numeric:
-    """Keeps the numeric keys the step uses; delegates the checkpointable position to the loader."""
-
-    def __init__(self, it, keys):
-        self._it, self._keys = it, keys
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = next(self._it)
-        return {k: np.asarray(batch[k]) for k in self._keys if k in batch}
-
-    def get_state(self):
-        return self._it.get_state()
-
-    def set_state(self, state):
-        self._it.set_state(state)
-
-
 def make_data(config, process_index: int, process_count: int, split: str):
     import data_pipelines
 
@@ -141,7 +121,7 @@ def make_data(config, process_index: int, process_count: int, split: str):
     loader = data_pipelines.make_loader(
         "gidm_pair", d, global_batch_size=config.train.batch_size, process_index=process_index,
         process_count=process_count, seed=config.seed, split=split, transform=_Transform(config))
-    return _Numeric(iter(loader), _TRAIN_KEYS if split == "train" else _EVAL_KEYS)
+    return NumericBatches(iter(loader), _TRAIN_KEYS if split == "train" else _EVAL_KEYS)
 
 
 def batch_spec(config) -> dict:
@@ -166,14 +146,29 @@ def ridge_probe_r2(x_train, y_train, x_test, y_test, ridge: float) -> float:
     return float(1.0 - sse / max(sst, 1e-12))
 
 
+_EVAL_STEPS: dict = {}
+
+
+def _eval_step(config):
+    """The jitted evaluation step, built once per config (not at every evaluation: no recompiles)."""
+    key = config.to_json_best_effort(sort_keys=True)
+    if key not in _EVAL_STEPS:
+        _EVAL_STEPS.clear()
+
+        @nnx.jit
+        def one(model, batch, rng):
+            loss, metrics, out = _metrics(model, batch, rng, config, train=False)
+            return loss, metrics, out["z_q"], out["z_e"]
+
+        _EVAL_STEPS[key] = one
+    return _EVAL_STEPS[key]
+
+
 def evaluate(model, config, workdir, step, eval_iter) -> dict:
     """Held-out losses and the linear action probe over ``config.data.eval_batches`` batches."""
     del workdir
 
-    @nnx.jit
-    def one(model, batch, rng):
-        loss, metrics, out = _metrics(model, batch, rng, config, train=False)
-        return loss, metrics, out["z_q"], out["z_e"]
+    one = _eval_step(config)
 
     rng = jax.random.PRNGKey(config.seed + int(step))
     sums: dict[str, float] = {}
@@ -221,5 +216,10 @@ def validate(config) -> None:
     weights.require_sources(config, towers)
 
 
+def check_data(config) -> None:
+    import data_pipelines
+    data_pipelines.check_sources(config.data, "gidm_pair")
+
+
 STAGE = Stage(build_model=build_model, loss_fn=loss_fn, make_data=make_data, evaluate=evaluate,
-              validate=validate, batch_spec=batch_spec)
+              validate=validate, batch_spec=batch_spec, check_data=check_data)

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from defi_jax.policy.model import DeFIPolicyModel
-from defi_jax.stage import Stage
+from defi_jax.stage import NumericBatches, Stage
 
 FINETUNE = ("gidm_adapter", "adapter_only", "all")
 _BATCH_KEYS = ("frames", "actions", "gfdm_ids", "gfdm_mask", "goal_ids", "goal_mask", "gidm_ids", "gidm_mask")
@@ -136,30 +136,6 @@ class Tokenize:
         return out
 
 
-class _Numeric:
-    """Keeps the arrays the step reads; passes the iterator state through."""
-
-    def __init__(self, it):
-        self._it = it
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = next(self._it)
-        return {k: np.asarray(batch[k]) for k in _BATCH_KEYS}
-
-    def get_state(self):
-        return self._it.get_state()
-
-    def set_state(self, state):
-        self._it.set_state(state)
-
-    def close(self):
-        if callable(getattr(self._it, "close", None)):
-            self._it.close()
-
-
 def make_data(config, process_index: int, process_count: int, split: str):
     import data_pipelines
 
@@ -168,7 +144,7 @@ def make_data(config, process_index: int, process_count: int, split: str):
     loader = data_pipelines.make_loader("policy_window", d, global_batch_size=config.train.batch_size,
                                         process_index=process_index, process_count=process_count, seed=seed,
                                         split=split, transform=Tokenize(config))
-    return _Numeric(iter(loader))
+    return NumericBatches(iter(loader), _BATCH_KEYS)
 
 
 def stats_dataset(config) -> str:
@@ -290,5 +266,10 @@ def batch_spec(config) -> dict:
     return spec
 
 
+def check_data(config) -> None:
+    import data_pipelines
+    data_pipelines.check_sources(config.data, "policy_window")
+
+
 STAGE = Stage(build_model=build_model, loss_fn=loss_fn, make_data=make_data, evaluate=evaluate, validate=validate,
-              batch_spec=batch_spec, frozen=frozen_patterns, assets=assets)
+              batch_spec=batch_spec, frozen=frozen_patterns, assets=assets, check_data=check_data)
