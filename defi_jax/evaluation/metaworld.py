@@ -1,0 +1,634 @@
+"""Closed-loop Meta-World v3 evaluation of a chunking policy, with the scripted experts as a baseline.
+
+    policy = DeFIPolicy.from_checkpoint("workdirs/demo/policy")        # or load_exported(...), or a stand-in
+    summary = evaluate(policy, Protocol(tasks=("reach-v3", "push-v3"), episodes=50), "/tmp/eval")
+
+Environments live in ``workers`` spawned processes (MuJoCo's EGL renderer and TensorFlow cannot share a
+process; spawn also keeps JAX's threads out of the children). The policy runs in this process: every round, one
+``act_batch`` call takes the observations of all live episodes (padded to ``workers`` rows, so a compiled policy
+sees one batch size), and each worker executes the first ``steps_per_chunk`` actions of its chunk before asking
+again. An episode ends at the first step whose ``info["success"]`` is true (a success) or after ``horizon`` env
+steps (a failure).
+
+What the policy sees is what it trained on (``data_pipelines/demo.py``): the same cameras (``primary`` =
+"corner", ``wrist`` = "gripperPOV"), rendered offscreen at the demo data's size with shadows, reflections and
+multisampling off, rotated by 180 degrees; the instruction of the demo data for each task. Each observation
+also carries ``"state"`` (Meta-World's 39-D observation vector), which DeFI policies ignore and stand-ins may use.
+
+Actions: the policy's 7-D rows follow the demo dataset (``data_pipelines/oxe_table.py``, row "demo"): xyz
+delta, three rotation zeros, gripper with 1 = open. Meta-World's env action is 4-D: xyz delta and a gripper
+effort with +1 = close, so effort = 1 - 2 * gripper (the inverse of the dataset's (1 - effort) / 2); all four
+are clipped to [-1, 1] and the rotation dims are dropped (:func:`to_env_action`).
+
+Seeds: the 50 goals of a task are Meta-World's own (``MT1(task, seed=seed)``). Episode e of task t has the seed
+``SeedSequence((seed, crc32(t), e))`` (:func:`episode_seed`), which seeds the env, and plays goal
+``permutation_{seed, t}[e % 50]`` (:func:`goal_index`): the first 50 episodes of a task visit each goal once,
+and a task's episodes do not depend on which other tasks run. The scripted expert (``metaworld.policies``) runs
+on the same seeds and goals in the same workers, acting every step (it generated the demo data), so
+``expert_success`` says how solvable each task is under this protocol. Two runs with the same protocol and
+policy give the same episodes; a stochastic policy's noise can depend on the batch a row shares, so
+``workers`` is part of the protocol.
+
+Outputs under ``out``: ``summary.json`` (protocol, per-task success with a 95% Wilson interval, the means, every
+episode, throughput), ``summary.csv`` (one row per task plus ``mean``, protocol columns on every row) and
+``videos/<task>/ep<e>_<success|failure>.gif`` (the primary camera, one frame per env step).
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import functools
+import json
+import math
+import multiprocessing
+import os
+import time
+import traceback
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+# Imported lazily in the workers only: mujoco, gymnasium, metaworld (the parent holds JAX and maybe TensorFlow).
+
+CAMERAS = {"primary": "corner", "wrist": "gripperPOV"}    # data_pipelines/demo.py: image / wrist_image
+FLIP = "rotated 180 degrees (rows and columns reversed), as the demo data"
+NUM_GOALS = 50                                           # Meta-World's goals per task (metaworld._N_GOALS)
+Z95 = 1.959963984540054
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """Everything that defines the numbers an evaluation reports; recorded in ``summary.json``."""
+
+    tasks: tuple[str, ...]
+    episodes: int = 50                  # per task (Meta-World's protocol: 50)
+    horizon: int = 200                  # env steps per episode
+    steps_per_chunk: int = 10           # actions of each chunk executed before the policy is asked again
+    seed: int = 0
+    resolution: int = 128               # render size; the demo data's (launch.make_demo_data --size)
+    cameras: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(CAMERAS))
+    workers: int = 4
+    expert: bool = True                 # also run the scripted expert on the same seeds
+    videos_per_task: int | None = None  # GIFs of the first N episodes of each task (None: all, 0: none)
+    video_view: str = "primary"
+    gif_frame_ms: int = 40              # GIF frame duration (one frame per env step; 80 Hz control)
+
+    def check(self, policy=None):
+        """Raises ValueError naming the field (or the policy's view) that cannot work."""
+        if not self.tasks:
+            raise ValueError("tasks: empty")
+        known = task_tables()["all"]
+        unknown = [t for t in self.tasks if t not in known]
+        if unknown:
+            raise ValueError(f"tasks: unknown Meta-World v3 task(s) {unknown}; e.g. {known[:6]}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks: duplicates in {list(self.tasks)}")
+        for name in ("episodes", "horizon", "steps_per_chunk", "resolution", "workers", "gif_frame_ms"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.video_view not in self.cameras:
+            raise ValueError(f"video_view: {self.video_view!r} is not one of cameras {sorted(self.cameras)}")
+        if policy is not None:
+            missing = [v for v in policy.views if v not in self.cameras]
+            if missing:
+                raise ValueError(f"the policy reads view(s) {missing} that have no Meta-World camera; cameras maps "
+                                 f"{dict(self.cameras)}")
+
+
+def _tables() -> dict[str, list[str]]:
+    from metaworld import env_dict
+    return {"all": sorted(env_dict.ALL_V3_ENVIRONMENTS), "mt10": list(env_dict.MT10_V3),
+            "mt50": list(env_dict.MT50_V3)}
+
+
+@functools.cache
+def task_tables() -> dict[str, list[str]]:
+    """Meta-World's task names: ``all`` (v3), ``mt10``, ``mt50``; read in a spawned process, since importing
+    ``metaworld`` loads MuJoCo (and its EGL bindings), which must stay out of the process holding the policy."""
+    import concurrent.futures
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(_tables).result()
+        except ImportError as e:
+            raise ImportError(f"Meta-World is not importable ({e}): pip install -e '.[sim]'") from None
+
+
+def task_list(spec: str) -> tuple[str, ...]:
+    """``mt10`` | ``mt50`` | ``demo`` (the robot tasks of the demo data) | a comma-separated list of tasks."""
+    key = spec.strip().lower()
+    if key in ("mt10", "mt50"):
+        return tuple(task_tables()[key])
+    if key == "demo":
+        from data_pipelines import demo
+        return tuple(demo.ROBOT_TASKS)
+    return tuple(t.strip() for t in spec.split(",") if t.strip())
+
+
+# ---- protocol pieces -----------------------------------------------------------------------------
+
+def episode_seed(seed: int, task: str, episode: int) -> int:
+    """The 32-bit seed of episode ``episode`` of ``task``: the same whatever other tasks run."""
+    return int(np.random.SeedSequence((seed, zlib.crc32(task.encode()), episode)).generate_state(1)[0])
+
+
+def goal_index(seed: int, task: str, episode: int) -> int:
+    """Which of the task's 50 Meta-World goals episode ``episode`` plays (each once per 50 episodes)."""
+    order = np.random.default_rng(np.random.SeedSequence((seed, zlib.crc32(task.encode())))).permutation(NUM_GOALS)
+    return int(order[episode % NUM_GOALS])
+
+
+def to_env_action(actions_K7: np.ndarray) -> np.ndarray:
+    """Policy rows [K, 7] (xyz delta, 3 rotations, gripper 1 = open) -> Meta-World actions [K, 4] (xyz delta,
+    gripper effort +1 = close), clipped to [-1, 1]; the rotation dims are dropped."""
+    a = np.asarray(actions_K7, np.float32)
+    if a.ndim != 2 or a.shape[1] != 7:
+        raise ValueError(f"policy actions: expected [chunk, 7] (xyz, rotation, gripper), got {list(a.shape)}")
+    effort = 1.0 - 2.0 * a[:, 6:7]
+    return np.clip(np.concatenate([a[:, :3], effort], 1), -1.0, 1.0).astype(np.float32)
+
+
+def from_env_action(actions_K4: np.ndarray) -> np.ndarray:
+    """Meta-World actions [K, 4] -> the demo dataset's 7-D rows (the inverse of :func:`to_env_action` inside
+    [-1, 1]): what ``data_pipelines.rlds`` makes of the demo data's raw actions."""
+    a = np.clip(np.asarray(actions_K4, np.float32), -1.0, 1.0)
+    zeros = np.zeros((len(a), 3), np.float32)
+    return np.concatenate([a[:, :3], zeros, (1.0 - a[:, 3:4]) / 2.0], 1)
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95% by default); (0, 1) for n = 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# ---- the worker process --------------------------------------------------------------------------
+
+class _Episode:
+    """One episode inside a worker: the env steps, the frames for the GIF, the success."""
+
+    def __init__(self, job: dict):
+        self.job = job
+        self.t = 0
+        self.success_step = None
+        self.frames: list[np.ndarray] = []   # the GIF: the video view before each step, then the last state
+        self.shown = None                    # the video view the policy was last shown (reused as a GIF frame)
+
+    @property
+    def over(self) -> bool:
+        return self.success_step is not None or self.t >= self.job["horizon"]
+
+
+def _worker(conn, resolution: int, cameras: dict, video_view: str, gif_frame_ms: int, seed: int):
+    """Serves one pipe: ("expert", job) -> ("expert", record); ("reset", job) -> ("obs", obs);
+    ("step", actions [K, 4]) -> ("obs", obs) or ("done", record); ("stats",) -> ("stats", dict); ("close",).
+    Errors go back as ("error", traceback)."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    import warnings
+    warnings.filterwarnings("ignore")   # gymnasium's env checker warns about Meta-World's spaces on every reset
+
+    state = {"task": None}
+    stats = collections.Counter()
+    episode: _Episode | None = None
+
+    def env_for(task: str):
+        if state["task"] != task:       # jobs come task by task: keep one env (and its GL context) at a time
+            if state["task"] is not None:
+                if state["render"] is not None:
+                    state["render"].close()
+                state["env"].close()
+            t0 = time.perf_counter()
+            import gymnasium as gym
+            import metaworld  # noqa: F401 - registers the Meta-World gymnasium envs
+            from metaworld.policies import ENV_POLICY_MAP
+
+            env = gym.make("Meta-World/MT1", env_name=task, seed=seed)
+            state.update(task=task, env=env, goals=env.get_wrapper_attr("tasks"), render=None,
+                         expert=ENV_POLICY_MAP[task]())
+            if len(state["goals"]) != NUM_GOALS:
+                raise RuntimeError(f"{task}: Meta-World made {len(state['goals'])} goals, expected {NUM_GOALS}")
+            stats["setup_s"] += time.perf_counter() - t0   # kept out of the steps/s figures
+        return state
+
+    def reset(job: dict):
+        s = env_for(job["task"])
+        env = s["env"].unwrapped             # the wrappers would pick a random goal on reset: set it here
+        env.seed(job["seed"])
+        env.set_task(s["goals"][job["goal"]])
+        env.max_path_length = max(env.max_path_length, job["horizon"])
+        obs, _ = env.reset()
+        return env, obs
+
+    def render(view: str) -> np.ndarray:
+        if state["render"] is None:
+            from data_pipelines import demo  # the demo data's renderer: same flip, no shadows / reflections
+            state["render"] = demo._Renderer(state["env"], resolution)
+        return state["render"](cameras[view])
+
+    def observe(ep: _Episode) -> dict:
+        out = {v: render(v) for v in ep.job["views"]}
+        out["state"] = np.asarray(state["obs"], np.float32)
+        ep.shown = out.get(video_view)
+        return out
+
+    def finish(ep: _Episode) -> dict:
+        rec = {k: ep.job[k] for k in ("task", "episode", "seed", "goal")}
+        rec.update(success=ep.success_step is not None, success_step=ep.success_step, steps=ep.t, video=None)
+        if ep.job.get("video"):
+            from PIL import Image
+            t0 = time.perf_counter()
+            ep.frames.append(render(video_view))   # the state the last action led to
+            path = ep.job["video"] + ("_success.gif" if rec["success"] else "_failure.gif")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            images = [Image.fromarray(f) for f in ep.frames]
+            images[0].save(path, save_all=True, append_images=images[1:], duration=gif_frame_ms, loop=0)
+            stats["video_s"] += time.perf_counter() - t0
+            rec["video"] = path
+        return rec
+
+    while True:
+        msg = conn.recv()
+        cmd = msg[0]
+        try:
+            if cmd == "close":
+                break
+            if cmd == "stats":
+                conn.send(("stats", dict(stats)))
+                continue
+            t0, setup0 = time.perf_counter(), stats["setup_s"]
+
+            def busy() -> float:
+                return time.perf_counter() - t0 - (stats["setup_s"] - setup0)
+
+            if cmd == "expert":
+                job = msg[1]
+                env, obs = reset(job)
+                ep = _Episode(job)
+                while not ep.over:
+                    a = np.clip(state["expert"].get_action(obs), -1, 1).astype(np.float32)
+                    obs, _, _, _, info = env.step(a)
+                    if info.get("success"):
+                        ep.success_step = ep.t
+                    ep.t += 1
+                stats["expert_steps"] += ep.t
+                stats["expert_s"] += busy()
+                conn.send(("expert", finish(ep)))
+            elif cmd == "reset":
+                episode = _Episode(msg[1])
+                _, state["obs"] = reset(episode.job)
+                reply = ("obs", observe(episode))
+                stats["env_s"] += busy()
+                conn.send(reply)
+            elif cmd == "step":
+                ep, env = episode, state["env"].unwrapped
+                for k, a in enumerate(msg[1]):
+                    if ep.job.get("video"):   # at k = 0 the policy was just shown this view: no second render
+                        ep.frames.append(ep.shown if k == 0 and ep.shown is not None else render(video_view))
+                    state["obs"], _, _, _, info = env.step(a)
+                    if info.get("success"):
+                        ep.success_step = ep.t
+                    ep.t += 1
+                    stats["env_steps"] += 1
+                    if ep.over:
+                        break
+                if ep.over:
+                    stats["env_s"] += busy()
+                    episode = None
+                    conn.send(("done", finish(ep)))
+                else:
+                    reply = ("obs", observe(ep))
+                    stats["env_s"] += busy()
+                    conn.send(reply)
+            else:
+                raise ValueError(f"unknown command {cmd!r}")
+        except Exception:  # noqa: BLE001 - reported to the parent, which raises with the job named
+            conn.send(("error", traceback.format_exc()))
+    for k in ("render", "env"):
+        if state.get(k) is not None:
+            state[k].close()
+
+
+class _Workers:
+    """``n`` spawned env workers, each behind a pipe; closed on exit (joined, terminated if stuck)."""
+
+    def __init__(self, n: int, protocol: Protocol):
+        ctx = multiprocessing.get_context("spawn")
+        self.conns, self.procs, self.jobs = [], [], [None] * n
+        for i in range(n):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker, name=f"metaworld-worker-{i}", daemon=True,
+                            args=(child, protocol.resolution, dict(protocol.cameras), protocol.video_view,
+                                  protocol.gif_frame_ms, protocol.seed))
+            p.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(p)
+
+    def send(self, i: int, msg: tuple):
+        if msg[0] in ("expert", "reset"):
+            self.jobs[i] = msg[1]
+        self.conns[i].send(msg)
+
+    def recv(self, i: int):
+        try:
+            kind, payload = self.conns[i].recv()
+        except EOFError:
+            raise RuntimeError(f"Meta-World worker {i} died (exit code {self.procs[i].exitcode}) during "
+                               f"{_describe(self.jobs[i])}") from None
+        if kind == "error":
+            raise RuntimeError(f"Meta-World worker {i} failed during {_describe(self.jobs[i])}:\n{payload}")
+        return kind, payload
+
+    def ready(self, busy: Sequence[int]) -> list[int]:
+        from multiprocessing import connection
+        ready = connection.wait([self.conns[i] for i in busy])
+        return sorted(i for i in busy if self.conns[i] in ready)
+
+    def stats(self) -> list[dict]:
+        for i in range(len(self.conns)):
+            self.conns[i].send(("stats",))
+        return [self.recv(i)[1] for i in range(len(self.conns))]
+
+    def close(self):
+        for c in self.conns:
+            try:
+                c.send(("close",))
+            except (BrokenPipeError, OSError):
+                pass
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+        for c in self.conns:
+            c.close()
+
+
+def _describe(job: dict | None) -> str:
+    if job is None:
+        return "startup"
+    return f"{job['task']} episode {job['episode']} (seed {job['seed']}, goal {job['goal']})"
+
+
+# ---- the evaluation ------------------------------------------------------------------------------
+
+def evaluate(policy, protocol: Protocol, out: str, *, policy_info: Mapping | None = None,
+             progress: Callable[[str], None] | None = print) -> dict:
+    """Runs ``protocol`` with ``policy`` (``views``, ``resolution``, ``act_batch(observations, instructions)
+    -> [B, chunk, 7]``), writes ``out``/summary.json, summary.csv and the GIFs; returns the summary.
+
+    ``policy_info`` (e.g. the checkpoint path and step) is recorded in the summary. ``progress`` gets one line
+    per finished episode (None: quiet)."""
+    from data_pipelines import demo
+
+    protocol.check(policy)
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    say = progress or (lambda _: None)
+    views = tuple(policy.views)
+    instructions = {t: demo.instruction(t) for t in protocol.tasks}
+    jobs, expert_jobs = [], []
+    for task in protocol.tasks:
+        for e in range(protocol.episodes):
+            job = {"task": task, "episode": e, "seed": episode_seed(protocol.seed, task, e),
+                   "goal": goal_index(protocol.seed, task, e), "horizon": protocol.horizon, "views": views}
+            expert_jobs.append(dict(job, video=None))
+            n_videos = protocol.episodes if protocol.videos_per_task is None else protocol.videos_per_task
+            job["video"] = os.path.join(out, "videos", task, f"ep{e:03d}") if e < n_videos else None
+            jobs.append(job)
+    total = len(jobs) + (len(expert_jobs) if protocol.expert else 0)
+    n_workers = min(protocol.workers, len(jobs))
+    say(f"metaworld: {len(protocol.tasks)} task(s) x {protocol.episodes} episode(s), horizon {protocol.horizon}, "
+        f"{protocol.steps_per_chunk} step(s) per chunk, {n_workers} worker(s)"
+        + (", with the scripted expert on the same seeds" if protocol.expert else ""))
+
+    workers = _Workers(n_workers, protocol)
+    done = [0]
+
+    def report(kind: str, rec: dict):
+        done[0] += 1
+        result = (f"success at step {rec['success_step']}" if rec["success"] else f"failure ({rec['steps']} steps)")
+        say(f"[{done[0]}/{total}] {kind:6s} {rec['task']} ep {rec['episode']} (seed {rec['seed']}, goal "
+            f"{rec['goal']}): {result}")
+
+    t_start = time.perf_counter()
+    try:
+        expert_records, expert_s = [], 0.0
+        if protocol.expert:
+            t0 = time.perf_counter()
+            expert_records = _run_expert(workers, expert_jobs, report)
+            expert_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        records, calls = _run_policy(workers, jobs, policy, instructions, protocol, report)
+        policy_phase_s = time.perf_counter() - t0
+        worker_stats = workers.stats()
+    finally:
+        workers.close()
+    for rec in records:
+        if rec["video"]:
+            rec["video"] = os.path.relpath(rec["video"], out)
+
+    summary = _summary(protocol, policy, policy_info, instructions, records, expert_records, calls, n_workers)
+    summary["throughput"] = _throughput(worker_stats, calls, policy_phase_s, expert_s,
+                                        time.perf_counter() - t_start)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    _write_csv(os.path.join(out, "summary.csv"), summary)
+    say(f"metaworld: mean success {summary['mean_success']:.3f}"
+        + (f" (scripted expert {summary['mean_expert_success']:.3f})" if protocol.expert else "")
+        + f"; {summary['throughput']['env_steps_per_s_per_worker']:.1f} env steps/s per worker")
+    return summary
+
+
+def _run_expert(workers: _Workers, jobs: list[dict], report) -> list[dict]:
+    """The scripted expert's episodes, dealt to whichever worker is free (each episode depends only on its job)."""
+    queue, busy, records = collections.deque(jobs), [], []
+    for i in range(len(workers.conns)):
+        if queue:
+            workers.send(i, ("expert", queue.popleft()))
+            busy.append(i)
+    while busy:
+        for i in workers.ready(busy):
+            _, rec = workers.recv(i)
+            records.append(rec)
+            report("expert", rec)
+            busy.remove(i)
+            if queue:
+                workers.send(i, ("expert", queue.popleft()))
+                busy.append(i)
+    return sorted(records, key=lambda r: (r["task"], r["episode"]))
+
+
+def _run_policy(workers: _Workers, jobs: list[dict], policy, instructions: Mapping[str, str],
+                protocol: Protocol, report) -> tuple[list[dict], dict]:
+    """Lock-step rounds: every live episode gets its observation answered by one batched policy call.
+
+    Jobs go to free workers in worker order, so the batches (and a stochastic policy's draws) are the same
+    on every run of a protocol."""
+    n = len(workers.conns)
+    queue, records = collections.deque(jobs), []
+    calls = {"calls": 0, "rows": 0, "seconds": 0.0, "first_call_s": None, "chunk_length": None}
+    pending = []
+    for i in range(n):
+        if queue:
+            workers.send(i, ("reset", queue.popleft()))
+            pending.append(i)
+    while pending:
+        observations: dict[int, dict] = {}
+        while pending:                 # finished episodes are replaced before the round's policy call
+            restarted = []
+            for i in pending:
+                kind, payload = workers.recv(i)
+                if kind == "obs":
+                    observations[i] = payload
+                else:
+                    records.append(payload)
+                    report("policy", payload)
+                    if queue:
+                        workers.send(i, ("reset", queue.popleft()))
+                        restarted.append(i)
+            pending = restarted
+        if not observations:
+            break
+        live = sorted(observations)
+        obs = [observations[i] for i in live]
+        texts = [instructions[workers.jobs[i]["task"]] for i in live]
+        pad = n - len(live)            # one batch size for the whole run: no recompilation at the tail
+        t0 = time.perf_counter()
+        chunks = np.asarray(policy.act_batch(obs + [obs[-1]] * pad, texts + [texts[-1]] * pad))
+        dt = time.perf_counter() - t0
+        if chunks.ndim != 3 or chunks.shape[0] != n or chunks.shape[2] != 7:
+            raise ValueError(f"policy.act_batch returned {list(chunks.shape)}, expected [{n}, chunk, 7] "
+                             f"(xyz delta, rotation, gripper 1 = open)")
+        if chunks.shape[1] < protocol.steps_per_chunk:
+            raise ValueError(f"steps_per_chunk: {protocol.steps_per_chunk} exceeds the policy's chunk of "
+                             f"{chunks.shape[1]} actions")
+        calls["calls"] += 1
+        calls["rows"] += len(live)
+        calls["chunk_length"] = int(chunks.shape[1])
+        if calls["first_call_s"] is None:
+            calls["first_call_s"] = dt  # compilation included
+        else:
+            calls["seconds"] += dt
+        for row, i in enumerate(live):
+            actions = to_env_action(chunks[row, :protocol.steps_per_chunk])
+            workers.send(i, ("step", actions))
+        pending = live
+    return sorted(records, key=lambda r: (r["task"], r["episode"])), calls
+
+
+# ---- reporting -----------------------------------------------------------------------------------
+
+def _rates(records: list[dict], task: str) -> dict:
+    rows = [r for r in records if r["task"] == task]
+    k, n = sum(r["success"] for r in rows), len(rows)
+    lo, hi = wilson_interval(k, n)
+    return {"episodes": n, "successes": k, "success": k / n if n else float("nan"), "wilson95": [lo, hi]}
+
+
+def _summary(protocol: Protocol, policy, policy_info, instructions, records, expert_records, calls,
+             workers: int) -> dict:
+    import importlib.metadata
+
+    def version(pkg):
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    proto = {
+        "suite": "metaworld", "benchmark": "Meta-World v3, MT1 goal sets (gym.make('Meta-World/MT1', seed=seed))",
+        "tasks": list(protocol.tasks), "episodes_per_task": protocol.episodes, "horizon": protocol.horizon,
+        "chunk_length": calls["chunk_length"], "steps_per_chunk": protocol.steps_per_chunk, "seed": protocol.seed,
+        "episode_seed": "SeedSequence((seed, crc32(task), episode)).generate_state(1)[0]",
+        "goal": f"permutation of the {NUM_GOALS} goals by SeedSequence((seed, crc32(task))), [episode % {NUM_GOALS}]",
+        "cameras": dict(protocol.cameras), "flip": FLIP, "resolution": protocol.resolution,
+        "policy_views": list(policy.views), "policy_resolution": int(policy.resolution),
+        "rendering": "offscreen MuJoCo, shadows / reflections / multisampling off (data_pipelines/demo.py)",
+        "instructions": dict(instructions),
+        "action_conversion": "env = [clip(xyz), clip(1 - 2 * gripper)] from 7-D (xyz, rotation, gripper 1 = open)",
+        "success": "info['success'] at any step; the episode ends at the first success",
+        "expert": "metaworld.policies scripted expert, one action per step, same seeds and goals" if protocol.expert
+        else None,
+        "workers": workers,
+        "batch": "one act_batch per round over all live episodes, padded to the worker count",
+        "videos": {"view": protocol.video_view, "camera": protocol.cameras[protocol.video_view],
+                   "frame_ms": protocol.gif_frame_ms, "per_task": protocol.videos_per_task},
+        "versions": {p: version(p) for p in ("metaworld", "mujoco", "gymnasium", "defi-jax")},
+    }
+    tasks = {}
+    for t in protocol.tasks:
+        row = _rates(records, t)
+        if protocol.expert:
+            row["expert"] = _rates(expert_records, t)
+        tasks[t] = row
+    mean = float(np.mean([tasks[t]["success"] for t in protocol.tasks]))
+    pooled = _rates([dict(r, task="*") for r in records], "*")
+    summary = {"protocol": proto, "policy": dict(policy_info or {}), "mean_success": mean,
+               "pooled": pooled, "tasks": tasks}
+    if protocol.expert:
+        summary["mean_expert_success"] = float(np.mean([tasks[t]["expert"]["success"] for t in protocol.tasks]))
+        summary["pooled_expert"] = _rates([dict(r, task="*") for r in expert_records], "*")
+    expert_by = {(r["task"], r["episode"]): r for r in expert_records}
+    summary["episodes"] = [dict(r, expert_success=expert_by[(r["task"], r["episode"])]["success"]
+                                if expert_by else None) for r in records]
+    return summary
+
+
+def _throughput(worker_stats: list[dict], calls: dict, policy_phase_s: float, expert_s: float, wall_s: float):
+    per_worker = []
+    for i, s in enumerate(worker_stats):
+        steps, secs = s.get("env_steps", 0), s.get("env_s", 0.0)
+        e_steps, e_secs = s.get("expert_steps", 0), s.get("expert_s", 0.0)
+        per_worker.append({"worker": i, "env_steps": steps, "env_s": round(secs, 3),
+                           "env_steps_per_s": steps / secs if secs else None,
+                           "expert_steps": e_steps, "expert_steps_per_s": e_steps / e_secs if e_secs else None,
+                           "env_setup_s": round(s.get("setup_s", 0.0), 3), "video_s": round(s.get("video_s", 0.0), 3)})
+    rates = [w["env_steps_per_s"] for w in per_worker if w["env_steps_per_s"]]
+    steady = calls["calls"] - 1
+    return {"workers": per_worker, "env_steps_per_s_per_worker": float(np.mean(rates)) if rates else 0.0,
+            "env_steps_per_s": sum(w["env_steps"] for w in per_worker) / policy_phase_s if policy_phase_s else None,
+            "policy_calls": calls["calls"], "mean_batch_rows": calls["rows"] / max(calls["calls"], 1),
+            "policy_first_call_s": calls["first_call_s"],
+            "policy_call_ms": 1e3 * calls["seconds"] / steady if steady > 0 else None,
+            "policy_phase_s": policy_phase_s, "expert_phase_s": expert_s, "wall_s": wall_s}
+
+
+CSV_PROTOCOL = ("horizon", "chunk_length", "steps_per_chunk", "seed", "episodes_per_task", "resolution",
+                "policy_resolution", "workers")
+
+
+def _write_csv(path: str, summary: dict):
+    proto = summary["protocol"]
+    cameras = ";".join(f"{v}={c}" for v, c in proto["cameras"].items())
+    fields = ["task", "episodes", "successes", "success", "wilson95_low", "wilson95_high", "expert_successes",
+              "expert_success", "expert_wilson95_low", "expert_wilson95_high", "suite", *CSV_PROTOCOL, "cameras",
+              "flip", "checkpoint"]
+    common = {"suite": proto["suite"], **{k: proto[k] for k in CSV_PROTOCOL}, "cameras": cameras,
+              "flip": "rot180", "checkpoint": summary["policy"].get("source", "")}
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for task, r in summary["tasks"].items():
+            e = r.get("expert")
+            w.writerow({"task": task, "episodes": r["episodes"], "successes": r["successes"],
+                        "success": f"{r['success']:.4f}", "wilson95_low": f"{r['wilson95'][0]:.4f}",
+                        "wilson95_high": f"{r['wilson95'][1]:.4f}",
+                        "expert_successes": e["successes"] if e else "", "expert_success":
+                        f"{e['success']:.4f}" if e else "", "expert_wilson95_low": f"{e['wilson95'][0]:.4f}" if e
+                        else "", "expert_wilson95_high": f"{e['wilson95'][1]:.4f}" if e else "", **common})
+        # Every task has the same episode count, so the mean of the task rates is the pooled rate.
+        p, e = summary["pooled"], summary.get("pooled_expert")
+        w.writerow({"task": "mean", "episodes": p["episodes"], "successes": p["successes"],
+                    "success": f"{summary['mean_success']:.4f}", "wilson95_low": f"{p['wilson95'][0]:.4f}",
+                    "wilson95_high": f"{p['wilson95'][1]:.4f}", "expert_successes": e["successes"] if e else "",
+                    "expert_success": f"{summary['mean_expert_success']:.4f}" if e else "",
+                    "expert_wilson95_low": f"{e['wilson95'][0]:.4f}" if e else "",
+                    "expert_wilson95_high": f"{e['wilson95'][1]:.4f}" if e else "", **common})
