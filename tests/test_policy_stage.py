@@ -1,0 +1,209 @@
+"""The DeFI policy stage: starts from GFDM / GIDM workdirs, fine-tuning modes, ablation variants, inference and export.
+
+One short fine-tune on the demo data (module fixture) backs most tests: its GFDM and GIDM come from workdirs the
+fixture writes (freshly initialised tiny stages saved by the trainer's own checkpointer).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import gfdm as gfdm_configs
+from configs import gidm as gidm_configs
+from configs import policy as policy_configs
+from defi_jax import checkpoint, sharding, trainer
+from defi_jax.policy import stage as policy_stage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _one_device_mesh():
+    return sharding.make_mesh(policy_configs.get_config("tiny").mesh, devices=jax.devices()[:1])
+
+
+def _write_initial_workdir(config, workdir: str) -> dict:
+    """A stage's freshly initialised train state saved as step 0 of ``workdir``; returns its flat params."""
+    tr = trainer.Trainer(config, mesh=_one_device_mesh())
+    state = tr.init_state()
+    ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+    ckpt.save(0, state.as_dict(), None, config.to_json_best_effort())
+    ckpt.close()
+    return checkpoint.restore_params(workdir)
+
+
+def _policy_config(demo_data_dir, tmp, **policy):
+    c = policy_configs.get_config("tiny")
+    c.init.sources.gfdm.path = str(tmp / "gfdm")
+    c.init.sources.gidm.path = str(tmp / "gidm")
+    c.data.data_dir = demo_data_dir
+    c.train.batch_size = 4
+    c.train.progress_bar = False
+    for k, v in policy.items():
+        c.policy[k] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, demo_data_dir):
+    tmp = tmp_path_factory.mktemp("policy")
+    gf, gi = gfdm_configs.get_config("tiny"), gidm_configs.get_config("tiny")
+    gf.init.allow_random = gi.init.allow_random = True
+    gfdm_params = _write_initial_workdir(gf, str(tmp / "gfdm"))
+    gidm_params = _write_initial_workdir(gi, str(tmp / "gidm"))
+    c = _policy_config(demo_data_dir, tmp)
+    c.train.num_steps = 30
+    c.train.log_every = 10
+    c.train.save_every = 30
+    c.eval.batches = 1
+    workdir = str(tmp / "run")
+    result = trainer.Trainer(c, mesh=_one_device_mesh()).fit(workdir)
+    return dict(tmp=tmp, config=c, workdir=workdir, result=result, gfdm=gfdm_params, gidm=gidm_params)
+
+
+def test_policy_starts_from_the_stage_workdirs_and_keeps_the_gfdm_frozen(finetuned):
+    final = checkpoint.restore_params(finetuned["workdir"])
+    gfdm = {k[len("gfdm/"):]: v for k, v in final.items() if k.startswith("gfdm/")}
+    assert gfdm.keys() == finetuned["gfdm"].keys()
+    for k, v in finetuned["gfdm"].items():   # frozen in gidm_adapter: bitwise the GFDM workdir's weights
+        np.testing.assert_array_equal(np.asarray(gfdm[k]), np.asarray(v), err_msg=k)
+    # The GIDM encoder was loaded from its workdir and then trained.
+    lam = {k[len("latent_actions/lam/"):]: v for k, v in final.items() if k.startswith("latent_actions/lam/")}
+    shared = [k for k in lam if k in finetuned["gidm"]]
+    assert "encoder/transformer_blocks/0/spatial_attn/to_q/kernel" in shared and "text_encoder/embed/embedding" in shared
+    assert any(not np.array_equal(np.asarray(lam[k]), np.asarray(finetuned["gidm"][k])) for k in shared)
+
+
+def _fixed_draw_action_loss(model, batch, config) -> float:
+    """Action loss averaged over 8 fixed (sigma, noise) draws: comparable between two models."""
+    f = nnx.jit(lambda m, b, k: policy_stage._loss(m, b, k, config, train=False)[1]["action_loss"])
+    return float(np.mean([float(f(model, batch, jax.random.key(i))) for i in range(8)]))
+
+
+def test_short_finetune_lowers_the_action_loss(finetuned):
+    c = finetuned["config"]
+    it = policy_stage.make_data(c, 0, 1, "train")
+    batch = {k: jax.numpy.asarray(v) for k, v in next(it).items()}
+    initial = trainer.Trainer(c, mesh=_one_device_mesh())
+    before = _fixed_draw_action_loss(initial.model(initial.init_state()), batch, c)
+    after = _fixed_draw_action_loss(trainer.restore_model(c, finetuned["workdir"], mesh=_one_device_mesh()), batch, c)
+    assert after < 0.85 * before, (before, after)
+    assert "eval_action_mse" in finetuned["result"].metrics
+    stats = json.load(open(os.path.join(finetuned["workdir"], "assets", "action_stats.json")))
+    assert stats["normalized"] and len(stats["stats"]["q01"]) == 7
+
+
+@pytest.mark.parametrize("mode", ["gidm_adapter", "adapter_only", "all"])
+def test_finetune_modes_train_exactly_their_parameters(finetuned, demo_data_dir, mode):
+    c = _policy_config(demo_data_dir, finetuned["tmp"], finetune=mode)
+    layout = trainer.Trainer(c, mesh=_one_device_mesh()).layout
+    abstract = layout.abstract_state()
+    trained = set(trainer._flat(abstract.params))
+    frozen = set(trainer._flat(abstract.frozen))
+    assert any(k.startswith("gfdm/unet/") for k in (trained if mode == "all" else frozen))
+    assert all(k.startswith(("gfdm/vae/", "gfdm/text_encoder/")) or k in frozen
+               for k in frozen if k.startswith("gfdm/"))
+    lam_trained = any(k.startswith("latent_actions/lam/") for k in trained)
+    assert lam_trained == (mode != "adapter_only")
+    assert all(k.startswith(("video_former/", "head/", "latent_actions/")) or k.startswith("gfdm/unet/")
+               for k in trained)
+    # The optimizer state holds moments for exactly the trainable parameters.
+    mu = abstract.opt_state
+    moment_paths = {"/".join(str(getattr(p, "key", p)) for p in path)
+                    for path, _ in jax.tree_util.tree_flatten_with_path(mu)[0]}
+    for k in frozen:
+        assert not any(m.endswith(k) for m in moment_paths), k
+    assert any(m.endswith("head/inner_model/action_pred/kernel") for m in moment_paths)
+
+
+def test_all_mode_updates_the_unet(finetuned, demo_data_dir, tmp_path):
+    c = _policy_config(demo_data_dir, finetuned["tmp"], finetune="all")
+    c.train.num_steps = 1
+    trainer.Trainer(c, mesh=_one_device_mesh()).fit(str(tmp_path / "all"))
+    after = checkpoint.restore_params(str(tmp_path / "all"))
+    changed = [k for k, v in finetuned["gfdm"].items()
+               if k.startswith("unet/") and not np.array_equal(np.asarray(after["gfdm/" + k]), np.asarray(v))]
+    assert changed, "finetune=all left the GFDM UNet unchanged"
+    assert all(np.array_equal(np.asarray(after["gfdm/" + k]), np.asarray(v))
+               for k, v in finetuned["gfdm"].items() if k.startswith("vae/"))
+
+
+@pytest.mark.parametrize("variant", [dict(latent_action="continuous"), dict(latent_action="binning"),
+                                     dict(latent_action="gmm"), dict(gfdm_steps=2),
+                                     dict(head=dict(cross_attention="full"))])
+def test_ablation_variants_build_and_give_a_finite_loss(finetuned, demo_data_dir, variant):
+    c = _policy_config(demo_data_dir, finetuned["tmp"], gidm_init="random")
+    for k, v in variant.items():
+        c.model[k] = dict(c.model[k], **v) if isinstance(v, dict) else v
+    model = policy_stage.build_model(c, nnx.Rngs(0))
+    it = policy_stage.make_data(c, 0, 1, "train")
+    batch = {k: jax.numpy.asarray(v) for k, v in next(it).items()}
+    loss, metrics = nnx.jit(lambda m, b: policy_stage.loss_fn(m, b, jax.random.key(0), c))(model, batch)
+    assert np.isfinite(float(loss)) and float(metrics["action_loss"]) > 0
+
+
+def test_validation_names_missing_pretrained_stages(demo_data_dir, tmp_path):
+    from defi_jax import config_validation
+    c = _policy_config(demo_data_dir, tmp_path)
+    c.init.sources.gidm.path = ""
+    c.init.allow_random = False
+    with pytest.raises((ValueError, config_validation.ConfigError), match="config.init.sources.goal_text.path"):
+        config_validation.validate(c, num_devices=1)     # the frozen CLIP goal tower needs weights
+    c.init.sources.goal_text.path = "/ckpt/clip"         # (validation reads no file)
+    with pytest.raises((ValueError, config_validation.ConfigError), match="config.init.sources.gidm.path"):
+        config_validation.validate(c, num_devices=1)
+    c.policy.gidm_init = "random"                        # the no-GIDM-pretraining ablation: valid
+    config_validation.validate(c, num_devices=1)
+    c.policy.finetune = "bogus"
+    with pytest.raises((ValueError, config_validation.ConfigError), match="config.policy.finetune"):
+        config_validation.validate(c, num_devices=1)
+
+
+def test_act_and_the_exported_artifact_in_a_fresh_process(finetuned, tmp_path):
+    from defi_jax.inference import DeFIPolicy
+
+    rs = np.random.default_rng(0)
+    obs = {"primary": rs.integers(0, 256, (48, 48, 3), dtype=np.uint8),
+           "wrist": rs.integers(0, 256, (32, 32, 3), dtype=np.uint8)}
+    policy = DeFIPolicy.from_checkpoint(finetuned["workdir"], seed=3)
+    a = policy.act(obs, "push the puck to the goal")
+    assert a.shape == (10, 7) and a.dtype == np.float32 and np.isfinite(a).all()
+    batch = policy.act_batch([obs, obs], ["push the puck to the goal", "press the button"])
+    assert batch.shape == (2, 10, 7)
+    again = DeFIPolicy.from_checkpoint(finetuned["workdir"], seed=3).act(obs, "push the puck to the goal")
+    np.testing.assert_array_equal(a, again)      # deterministic for a seed
+    with pytest.raises(KeyError, match="wrist"):
+        policy.act({"primary": obs["primary"]}, "x")
+
+    policy.export(str(tmp_path / "exported"), platforms=["cpu"])
+    manifest = json.load(open(tmp_path / "exported" / "manifest.json"))
+    assert manifest["views"] == ["primary", "wrist"] and manifest["horizon"] == 10
+    np.save(tmp_path / "obs_primary.npy", obs["primary"])
+    np.save(tmp_path / "obs_wrist.npy", obs["wrist"])
+    code = r"""
+import sys, numpy as np
+from defi_jax.inference import load_exported
+p = load_exported(sys.argv[1])
+obs = {"primary": np.load(sys.argv[2] + "/obs_primary.npy"), "wrist": np.load(sys.argv[2] + "/obs_wrist.npy")}
+np.save(sys.argv[2] + "/exported_act.npy", p.act_batch([obs], ["push the puck to the goal"], seed=3)[0])
+bad = sorted(m for m in sys.modules if m.startswith(("defi_jax.policy", "defi_jax.models", "defi_jax.gfdm",
+             "defi_jax.gidm", "defi_jax.trainer", "data_pipelines")))
+assert not bad, bad
+"""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "exported"), str(tmp_path)], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "exported_act.npy"), a, rtol=1e-5, atol=1e-5)
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text(json.dumps(dict(manifest, format=99)))
+    from defi_jax.inference import load_exported
+    with pytest.raises(ValueError, match="format"):
+        load_exported(str(tmp_path / "broken"))
