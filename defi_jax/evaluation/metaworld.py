@@ -186,6 +186,53 @@ class _Episode:
         return self.success_step is not None or self.t >= self.job["horizon"]
 
 
+class _Sim:
+    """One task inside a worker: its env with Meta-World's 50 goals, its scripted expert, a renderer."""
+
+    def __init__(self, task: str, seed: int, resolution: int):
+        import gymnasium as gym
+        import metaworld  # noqa: F401 - registers the Meta-World gymnasium envs
+        from metaworld.policies import ENV_POLICY_MAP
+
+        self.wrapped = gym.make("Meta-World/MT1", env_name=task, seed=seed)
+        self.env = self.wrapped.unwrapped     # stepped directly: the wrappers would draw a random goal on reset
+        self.goals = self.wrapped.get_wrapper_attr("tasks")
+        if len(self.goals) != NUM_GOALS:
+            raise RuntimeError(f"{task}: Meta-World made {len(self.goals)} goals, expected {NUM_GOALS}")
+        self.expert = ENV_POLICY_MAP[task]()
+        self.resolution = resolution
+        self._render = None
+        self.obs = None
+
+    def reset(self, job: dict) -> np.ndarray:
+        self.env.seed(job["seed"])
+        self.env.set_task(self.goals[job["goal"]])
+        self.env.max_path_length = max(self.env.max_path_length, job["horizon"])
+        self.obs, _ = self.env.reset()
+        return self.obs
+
+    def step(self, action_4: np.ndarray) -> bool:
+        """One env step; whether Meta-World reports success."""
+        self.obs, _, _, _, info = self.env.step(action_4)
+        return bool(info.get("success"))
+
+    def start_rendering(self):
+        if self._render is None:
+            from data_pipelines import demo  # the demo data's renderer: same flip, no shadows / reflections
+            self._render = demo._Renderer(self.wrapped, self.resolution)
+
+    def render(self, camera: str) -> np.ndarray:
+        return self._render(camera)
+
+    def close(self):
+        if self._render is not None:
+            self._render.close()
+        self.wrapped.close()
+
+
+_SIMS_PER_WORKER = 2   # jobs come task by task (experts, then the policy): two envs avoid most rebuilds
+
+
 def _worker(conn, resolution: int, cameras: dict, video_view: str, gif_frame_ms: int, seed: int):
     """Serves one pipe: ("expert", job) -> ("expert", record); ("reset", job) -> ("obs", obs);
     ("step", actions [K, 4]) -> ("obs", obs) or ("done", record); ("stats",) -> ("stats", dict); ("close",).
@@ -194,47 +241,26 @@ def _worker(conn, resolution: int, cameras: dict, video_view: str, gif_frame_ms:
     import warnings
     warnings.filterwarnings("ignore")   # gymnasium's env checker warns about Meta-World's spaces on every reset
 
-    state = {"task": None}
+    sims: collections.OrderedDict[str, _Sim] = collections.OrderedDict()
     stats = collections.Counter()
     episode: _Episode | None = None
+    sim: _Sim | None = None
 
-    def env_for(task: str):
-        if state["task"] != task:       # jobs come task by task: keep one env (and its GL context) at a time
-            if state["task"] is not None:
-                if state["render"] is not None:
-                    state["render"].close()
-                state["env"].close()
-            t0 = time.perf_counter()
-            import gymnasium as gym
-            import metaworld  # noqa: F401 - registers the Meta-World gymnasium envs
-            from metaworld.policies import ENV_POLICY_MAP
-
-            env = gym.make("Meta-World/MT1", env_name=task, seed=seed)
-            state.update(task=task, env=env, goals=env.get_wrapper_attr("tasks"), render=None,
-                         expert=ENV_POLICY_MAP[task]())
-            if len(state["goals"]) != NUM_GOALS:
-                raise RuntimeError(f"{task}: Meta-World made {len(state['goals'])} goals, expected {NUM_GOALS}")
-            stats["setup_s"] += time.perf_counter() - t0   # kept out of the steps/s figures
-        return state
-
-    def reset(job: dict):
-        s = env_for(job["task"])
-        env = s["env"].unwrapped             # the wrappers would pick a random goal on reset: set it here
-        env.seed(job["seed"])
-        env.set_task(s["goals"][job["goal"]])
-        env.max_path_length = max(env.max_path_length, job["horizon"])
-        obs, _ = env.reset()
-        return env, obs
-
-    def render(view: str) -> np.ndarray:
-        if state["render"] is None:
-            from data_pipelines import demo  # the demo data's renderer: same flip, no shadows / reflections
-            state["render"] = demo._Renderer(state["env"], resolution)
-        return state["render"](cameras[view])
+    def sim_for(task: str, rendering: bool) -> _Sim:
+        t0 = time.perf_counter()
+        if task not in sims:
+            if len(sims) == _SIMS_PER_WORKER:
+                sims.popitem(last=False)[1].close()
+            sims[task] = _Sim(task, seed, resolution)
+        sims.move_to_end(task)
+        if rendering:
+            sims[task].start_rendering()
+        stats["setup_s"] += time.perf_counter() - t0   # kept out of the steps/s figures
+        return sims[task]
 
     def observe(ep: _Episode) -> dict:
-        out = {v: render(v) for v in ep.job["views"]}
-        out["state"] = np.asarray(state["obs"], np.float32)
+        out = {v: sim.render(cameras[v]) for v in ep.job["views"]}
+        out["state"] = np.array(sim.obs, np.float64)   # what the scripted expert reads
         ep.shown = out.get(video_view)
         return out
 
@@ -244,7 +270,7 @@ def _worker(conn, resolution: int, cameras: dict, video_view: str, gif_frame_ms:
         if ep.job.get("video"):
             from PIL import Image
             t0 = time.perf_counter()
-            ep.frames.append(render(video_view))   # the state the last action led to
+            ep.frames.append(sim.render(cameras[video_view]))   # the state the last action led to
             path = ep.job["video"] + ("_success.gif" if rec["success"] else "_failure.gif")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             images = [Image.fromarray(f) for f in ep.frames]
@@ -268,31 +294,31 @@ def _worker(conn, resolution: int, cameras: dict, video_view: str, gif_frame_ms:
                 return time.perf_counter() - t0 - (stats["setup_s"] - setup0)
 
             if cmd == "expert":
-                job = msg[1]
-                env, obs = reset(job)
-                ep = _Episode(job)
+                ep = _Episode(msg[1])
+                sim = sim_for(ep.job["task"], rendering=False)
+                obs = sim.reset(ep.job)
                 while not ep.over:
-                    a = np.clip(state["expert"].get_action(obs), -1, 1).astype(np.float32)
-                    obs, _, _, _, info = env.step(a)
-                    if info.get("success"):
+                    if sim.step(np.clip(sim.expert.get_action(obs), -1, 1).astype(np.float32)):
                         ep.success_step = ep.t
                     ep.t += 1
+                    obs = sim.obs
                 stats["expert_steps"] += ep.t
                 stats["expert_s"] += busy()
                 conn.send(("expert", finish(ep)))
             elif cmd == "reset":
                 episode = _Episode(msg[1])
-                _, state["obs"] = reset(episode.job)
+                sim = sim_for(episode.job["task"], rendering=True)
+                sim.reset(episode.job)
                 reply = ("obs", observe(episode))
                 stats["env_s"] += busy()
                 conn.send(reply)
             elif cmd == "step":
-                ep, env = episode, state["env"].unwrapped
+                ep = episode
                 for k, a in enumerate(msg[1]):
                     if ep.job.get("video"):   # at k = 0 the policy was just shown this view: no second render
-                        ep.frames.append(ep.shown if k == 0 and ep.shown is not None else render(video_view))
-                    state["obs"], _, _, _, info = env.step(a)
-                    if info.get("success"):
+                        ep.frames.append(ep.shown if k == 0 and ep.shown is not None else
+                                         sim.render(cameras[video_view]))
+                    if sim.step(a):
                         ep.success_step = ep.t
                     ep.t += 1
                     stats["env_steps"] += 1
@@ -310,9 +336,8 @@ def _worker(conn, resolution: int, cameras: dict, video_view: str, gif_frame_ms:
                 raise ValueError(f"unknown command {cmd!r}")
         except Exception:  # noqa: BLE001 - reported to the parent, which raises with the job named
             conn.send(("error", traceback.format_exc()))
-    for k in ("render", "env"):
-        if state.get(k) is not None:
-            state[k].close()
+    for s in sims.values():
+        s.close()
 
 
 class _Workers:

@@ -1,0 +1,166 @@
+"""Closed-loop Meta-World evaluation with stand-in policies (the DeFIPolicy interface, numpy inside).
+
+The stand-in replays the scripted experts of reach-v3 and handle-press-v3 (re-derived here in numpy from
+``metaworld.policies``, so this process never imports MuJoCo) through the policy's 7-D action convention: with
+one action per chunk its episodes must equal the scripted expert's, which the evaluation runs on the same
+seeds in its workers. That checks the seeds, the goals, the 7-D -> 4-D conversion and the success bookkeeping
+at once. Also: the summary records the protocol, GIFs are written, two runs agree to the byte, each chunk runs
+``steps_per_chunk`` actions, and batches are padded to the worker count.
+"""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipelines import demo
+from defi_jax.evaluation import metaworld as mw
+
+TASKS = ("reach-v3", "handle-press-v3")
+RES = 32
+
+
+def _reach(state):      # metaworld.policies.SawyerReachV3Policy
+    return np.append(5.0 * (state[-3:] - state[:3]), 0.0)
+
+
+def _handle_press(state):   # metaworld.policies.SawyerHandlePressV3Policy
+    hand, button = state[:3], state[4:7] + np.array([0.0, -0.02, 0.0])
+    target = button + ([0.0, 0.0, 0.2] if np.linalg.norm(hand[:2] - button[:2]) > 0.02 else [0.0, 0.0, -0.5])
+    return np.append(25.0 * (target - hand), -1.0)
+
+
+class ExpertStandIn:
+    """``act_batch`` -> [B, 10, 7]: the scripted expert's action for the observed state, as a demo-data row."""
+
+    views = ("primary", "wrist")
+    resolution = RES
+
+    def __init__(self):
+        self.rule = {demo.instruction("reach-v3"): _reach, demo.instruction("handle-press-v3"): _handle_press}
+        self.batches = []
+
+    def act_batch(self, observations, instructions):
+        self.batches.append(len(observations))
+        chunks = []
+        for obs, text in zip(observations, instructions):
+            for v in self.views:
+                assert obs[v].dtype == np.uint8 and obs[v].shape == (RES, RES, 3), (v, obs[v].shape)
+            a4 = np.clip(self.rule[text](obs["state"]), -1, 1).astype(np.float32)
+            chunks.append(np.repeat(mw.from_env_action(a4[None]), 10, axis=0))
+        return np.stack(chunks)
+
+
+class ConstantStandIn:
+    views = ("primary", "wrist")
+    resolution = RES
+
+    def __init__(self, chunk=10):
+        self.chunk, self.calls = chunk, []
+
+    def act_batch(self, observations, instructions):
+        self.calls.append([o["state"][:3].copy() for o in observations])
+        out = np.zeros((len(observations), self.chunk, 7), np.float32)
+        out[..., 0] = 1.0       # +x at full speed, gripper closed
+        return out
+
+
+def test_protocol_pieces():
+    rows = np.random.default_rng(0).uniform(-1.5, 1.5, (64, 4)).astype(np.float32)
+    np.testing.assert_allclose(mw.to_env_action(mw.from_env_action(rows)), np.clip(rows, -1, 1), atol=1e-6)
+    # gripper 1 = open in the policy's rows; Meta-World's effort +1 = close
+    np.testing.assert_array_equal(mw.to_env_action(np.array([[0, 0, 0, 0, 0, 0, 1.0], [0, 0, 0, 0, 0, 0, 0.0]]))[:, 3],
+                                  [-1.0, 1.0])
+    with pytest.raises(ValueError, match=r"\[chunk, 7\]"):
+        mw.to_env_action(np.zeros((10, 4)))
+    for (k, n), (lo, hi) in {(0, 10): (0.0, 0.2775), (5, 10): (0.2366, 0.7634), (10, 10): (0.7225, 1.0),
+                             (1, 2): (0.0945, 0.9055)}.items():
+        np.testing.assert_allclose(mw.wilson_interval(k, n), (lo, hi), atol=1e-4)
+    seeds = {mw.episode_seed(0, t, e) for t in TASKS for e in range(50)}
+    assert len(seeds) == 100 and mw.episode_seed(0, "reach-v3", 3) == mw.episode_seed(0, "reach-v3", 3)
+    assert mw.episode_seed(1, "reach-v3", 3) != mw.episode_seed(0, "reach-v3", 3)
+    assert sorted(mw.goal_index(0, "reach-v3", e) for e in range(50)) == list(range(50))
+    assert mw.task_list("demo") == demo.ROBOT_TASKS and len(mw.task_list("mt50")) == 50
+    assert mw.task_list("mt10")[:2] == ("reach-v3", "push-v3") and mw.task_list("a-v3, b-v3") == ("a-v3", "b-v3")
+    with pytest.raises(ValueError, match="tasks: unknown"):
+        mw.Protocol(tasks=("reach-v3", "no-such-task-v3")).check()
+    with pytest.raises(ValueError, match="steps_per_chunk"):
+        mw.Protocol(tasks=TASKS, steps_per_chunk=0).check()
+
+
+def _run(out, policy, **kw):
+    protocol = mw.Protocol(**{"tasks": TASKS, "episodes": 2, "horizon": 60, "steps_per_chunk": 1, "workers": 2,
+                              "resolution": RES, "gif_frame_ms": 30, **kw})
+    return mw.evaluate(policy, protocol, str(out), policy_info={"source": "stand-in"}, progress=None)
+
+
+def test_stand_in_expert_matches_the_scripted_expert_and_runs_agree(tmp_path):
+    policy = ExpertStandIn()
+    summary = _run(tmp_path / "a", policy)
+
+    episodes = summary["episodes"]
+    assert [(r["task"], r["episode"]) for r in episodes] == [(t, e) for t in sorted(TASKS) for e in range(2)]
+    for r in episodes:
+        assert r["success"] == r["expert_success"]
+        assert r["steps"] == (r["success_step"] + 1 if r["success"] else 60)
+    assert all(r["success"] for r in episodes), episodes      # both experts solve these goals within 60 steps
+    with open(tmp_path / "a" / "summary.json") as f:
+        saved = json.load(f)
+    assert saved["episodes"] == episodes
+    for task in TASKS:
+        row = saved["tasks"][task]
+        assert row["episodes"] == 2 and 0.0 <= row["success"] <= 1.0
+        assert row["wilson95"][0] <= row["success"] <= row["wilson95"][1]
+        assert row["expert"]["success"] == row["success"]
+    assert saved["mean_success"] == pytest.approx(np.mean([saved["tasks"][t]["success"] for t in TASKS]))
+    proto = saved["protocol"]
+    assert proto["tasks"] == list(TASKS) and proto["episodes_per_task"] == 2 and proto["horizon"] == 60
+    assert proto["chunk_length"] == 10 and proto["steps_per_chunk"] == 1 and proto["seed"] == 0
+    assert proto["resolution"] == RES and proto["cameras"] == {"primary": "corner", "wrist": "gripperPOV"}
+    assert "180" in proto["flip"] and proto["workers"] == 2 and proto["instructions"]["reach-v3"] == "reach the red goal"
+    assert saved["policy"] == {"source": "stand-in"}
+    # one padded batch per round: every call had the worker count's rows
+    assert set(policy.batches) == {2} and len(policy.batches) == saved["throughput"]["policy_calls"]
+    assert all(w["env_steps_per_s"] > 0 for w in saved["throughput"]["workers"])
+
+    with open(tmp_path / "a" / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["task"] for r in rows] == [*TASKS, "mean"]
+    for r in rows:
+        assert (r["horizon"], r["steps_per_chunk"], r["chunk_length"], r["resolution"], r["seed"]) == (
+            "60", "1", "10", str(RES), "0")
+        assert r["cameras"] == "primary=corner;wrist=gripperPOV" and r["checkpoint"] == "stand-in"
+    assert float(rows[-1]["success"]) == saved["mean_success"] and rows[0]["expert_success"] == "1.0000"
+
+    for r in episodes:
+        path = tmp_path / "a" / r["video"]
+        assert path.name == f"ep{r['episode']:03d}_success.gif"
+        with Image.open(path) as gif:
+            assert gif.size == (RES, RES) and gif.n_frames == r["steps"] + 1
+            assert gif.info["duration"] == 30
+
+    again = _run(tmp_path / "b", ExpertStandIn())
+    assert again["episodes"] == episodes
+    for r in episodes:
+        assert (tmp_path / "a" / r["video"]).read_bytes() == (tmp_path / "b" / r["video"]).read_bytes()
+
+
+def test_chunks_run_steps_per_chunk_actions(tmp_path):
+    policy = ConstantStandIn()
+    summary = _run(tmp_path, policy, horizon=25, steps_per_chunk=10, expert=False, videos_per_task=0)
+    # 2 episodes live at a time (2 workers), each asking at steps 0, 10 and 20: 3 calls per pair of episodes
+    assert [len(c) for c in policy.calls] == [2] * 6
+    for r in summary["episodes"]:
+        assert r["video"] is None and r["expert_success"] is None
+        assert r["steps"] == 25 or r["success"]
+    # between two calls of one episode the hand moved +x (the chunk's 10 actions ran)
+    first, second = policy.calls[0][0], policy.calls[1][0]
+    assert second[0] > first[0] + 0.02 and abs(second[1] - first[1]) < 0.02
+    assert summary["throughput"]["policy_calls"] == 6 and "expert" not in summary["tasks"]["reach-v3"]
+    assert not (tmp_path / "videos").exists()
+
+    with pytest.raises(ValueError, match="steps_per_chunk: 10 exceeds the policy's chunk of 5"):
+        _run(tmp_path / "short", ConstantStandIn(chunk=5), tasks=("reach-v3",), episodes=1, workers=1, horizon=20,
+             steps_per_chunk=10, expert=False, videos_per_task=0)
