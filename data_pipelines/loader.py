@@ -373,8 +373,9 @@ def collate(samples: list[dict]) -> dict:
 class Loader:
     """Host-local batch iterator with exact checkpointable state (wraps a grain DatasetIterator)."""
 
-    def __init__(self, dataset, sources, weights: dict[str, float], batch_size: int, samplers=()):
+    def __init__(self, dataset, sources, weights: dict[str, float], batch_size: int, samplers=(), workers: int = 0):
         self._dataset = dataset
+        self._workers = int(workers)
         self._samplers = list(samplers)
         self._it = iter(dataset)
         self._skips = np.zeros(len(sources), np.int64)
@@ -394,7 +395,15 @@ class Loader:
         return self._it.get_state()
 
     def set_state(self, state: Any) -> None:
-        self._it.set_state(state)
+        """Restores a position saved by ``get_state``, also one saved with another ``data.num_workers``.
+
+        grain's state differs with the worker count (worker w reads elements w, w + W, ... of the mixture), so a
+        state from W workers is re-seeked for this run's count: the elements consumed so far, T = the sum of the
+        workers' positions, are kept as consumed and every worker continues at element ceil(T / M) of its slice.
+        The samples after the position are the same; their order within the next M-element window may differ and
+        at most M - 1 samples are skipped. Logged as a warning.
+        """
+        self._it.set_state(_reseek(state, self._workers))
 
     def failures(self) -> dict[str, tuple[int, int, list[str]]]:
         """Per source: (failed, attempted, one line per cause naming files) in THIS process (workers log their
@@ -411,6 +420,35 @@ class Loader:
         close = getattr(self._it, "close", None)
         if close is not None:
             close()
+
+
+def _state_workers(state: Any) -> int:
+    return len(state["iterators_in_use_states"]) if isinstance(state, dict) and "iterators_in_use_states" in state \
+        else 0
+
+
+def _reseek(state: Any, workers: int) -> Any:
+    """A grain iterator state for ``workers`` worker processes from one saved with any worker count."""
+    saved = _state_workers(state)
+    if saved == workers:
+        return state
+    if saved:
+        consumed = sum(int(s["next_index"]) for s in state["iterators_in_use_states"])
+    elif isinstance(state, dict) and "next_index" in state:
+        consumed = int(state["next_index"])
+    else:
+        raise ValueError(f"data iterator state {str(state)[:200]!r}: not a state this loader wrote; start the run "
+                         f"in a fresh workdir or restore the model only")
+    logging.warning("data: the checkpoint's iterator state was saved with %d grain worker(s), this run has %d "
+                 "(config.data.num_workers): re-seeked to sample %d of the mixture order (same samples next, their "
+                 "order within one %d-sample window may differ)", saved, workers, consumed, max(workers, 1))
+    if workers == 0:
+        return {"next_index": consumed}
+    start = -(-consumed // workers)
+    return {"next_index_in_cycle": 0, "next_index_in_datasets": workers,
+            "iterators_in_use_indices": list(range(workers)),
+            "iterators_in_use_states": [{"next_index": start} for _ in range(workers)],
+            "exhausted": [0] * workers, "future_states": {}}
 
 
 class EpochShuffle:
@@ -490,7 +528,7 @@ def make_loader(spec: str, data_cfg, *, global_batch_size: int, process_index: i
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                          per_worker_buffer_size=int(data_cfg.get("prefetch", 2))))
-    return Loader(ds, sources, weights, local_bs, samplers)
+    return Loader(ds, sources, weights, local_bs, samplers, workers=workers)
 
 
 def check_sources(data_cfg, spec: str, key: str = "config.data") -> None:

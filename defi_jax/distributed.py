@@ -55,3 +55,10 @@ def initialize() -> bool:
 def is_primary() -> bool:
     """Only process 0 writes logs, metrics and summaries."""
     return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """A barrier across processes (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

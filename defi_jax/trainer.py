@@ -33,12 +33,14 @@ Public: :func:`train`, :class:`Trainer`, :class:`StateLayout`, :func:`restore_mo
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
 import re
 import signal
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -218,6 +220,51 @@ class StateLayout:
                 ckpt.close()
         with sharding.use_rules(self.mesh, self.rules):
             return nnx.merge(self.graphdef, params, frozen, extra)
+
+
+FINISHED = "finished.json"   # in a workdir: {"step", "metrics"} of a run that reached num_steps and evaluated
+
+
+def _finished(workdir: str) -> dict | None:
+    path = paths.join(workdir, FINISHED)
+    try:
+        return json.loads(paths.read_text(path)) if paths.exists(path) else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _jsonable(row: Mapping) -> dict:
+    return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in row.items()}
+
+
+def record_config(workdir: str, config_json: str) -> None:
+    """Keeps the run's config history in ``WORKDIR``: ``config.json`` is the config the run started with (never
+    overwritten), and ``config_history/NNNN.json`` each start's config when it differs from the previous start,
+    with ``NNNN.diff`` (a unified diff against it); a changed config is logged naming the changed keys."""
+    import difflib
+
+    first = paths.join(workdir, "config.json")
+    if not paths.exists(first):
+        paths.write_text(first, config_json)
+    hist = paths.join(workdir, "config_history")
+    entries = sorted(n for n in (paths.listdir(hist) if paths.isdir(hist) else []) if n.endswith(".json"))
+    previous = paths.read_text(paths.join(hist, entries[-1])) if entries else None
+    if previous == config_json:
+        return
+    n = len(entries)
+    paths.write_text(paths.join(hist, f"{n:04d}.json"), config_json)
+    if previous is not None:
+        old, new = previous.splitlines(), config_json.splitlines()
+        if previous.lstrip().startswith("{") and config_json.lstrip().startswith("{"):
+            old = json.dumps(json.loads(previous), indent=1, sort_keys=True).splitlines()
+            new = json.dumps(json.loads(config_json), indent=1, sort_keys=True).splitlines()
+        diff = list(difflib.unified_diff(old, new, f"config_history/{n - 1:04d}.json",
+                                         f"config_history/{n:04d}.json", lineterm=""))
+        paths.write_text(paths.join(hist, f"{n:04d}.diff"), "\n".join(diff) + "\n")
+        changed = [line[1:].strip().split(":")[0].strip('"') for line in diff
+                   if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+        _log.warning("%s: the config differs from the previous start (keys %s); history in %s",
+                     workdir, sorted(set(changed))[:20], hist)
 
 
 def _flat(tree) -> dict[str, Any]:
@@ -426,14 +473,37 @@ class Trainer:
             return self.stage.evaluate(model, self.config, workdir, step, batches)
 
     def restore_or_init(self, ckpt: Checkpointer | None, data_iter=None) -> TrainState:
-        latest = ckpt.latest_step() if ckpt is not None else None
-        if latest is None:
+        """The newest readable checkpoint of ``ckpt`` (a damaged newer one is skipped with a warning naming
+        it), or a fresh state when there is none. When no checkpoint can be read, the newest one's error."""
+        steps = sorted(ckpt.all_steps(), reverse=True) if ckpt is not None else []
+        if not steps:
             return self.init_state()
-        state, data_state = self.layout.restore(ckpt, latest, data=data_iter is not None)
-        if data_iter is not None and data_state is not None:
-            data_iter.set_state(data_state)
-        _log.info("resumed from %s at step %d", ckpt.directory / str(latest), latest)
-        return state
+        first_error, damaged = None, []
+        for step in steps:
+            try:
+                state, data_state = self.layout.restore(ckpt, step, data=data_iter is not None)
+                if data_iter is not None and data_state is not None:
+                    data_iter.set_state(data_state)
+            except Exception as e:   # noqa: BLE001  (Orbax / tensorstore raise many kinds on damaged files)
+                first_error = first_error or e
+                damaged.append(step)
+                _log.warning("checkpoint %s could not be read (%s: %s)", ckpt.directory / str(step),
+                             type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+                continue
+            if damaged:
+                aside = ckpt.directory.parent / "damaged_checkpoints"
+                if distributed.is_primary():   # out of the manager's way (training saves those steps again)
+                    aside.mkdir(parents=True, exist_ok=True)
+                    for d in damaged:
+                        (ckpt.directory / str(d)).rename(aside / f"{d}-{int(time.time())}")
+                distributed.sync("defi_jax.trainer.damaged_checkpoints")
+                ckpt.manager.reload()
+                _log.warning("resumed from the newest readable checkpoint, step %d; the newer step(s) %s could not "
+                             "be read and were moved to %s for inspection", step, damaged, aside)
+            else:
+                _log.info("resumed from %s at step %d", ckpt.directory / str(step), step)
+            return state
+        raise first_error
 
     def fit(self, workdir: str) -> TrainResult:
         """Trains to ``config.train.num_steps``, resuming from ``workdir`` when it holds a checkpoint."""
@@ -442,7 +512,7 @@ class Trainer:
         config_json = c.to_json_best_effort(sort_keys=True)
         if primary:
             paths.makedirs(workdir)
-            paths.write_text(paths.join(workdir, "config.json"), config_json)
+            record_config(workdir, config_json)
             for name, text in (self.stage.assets(c) if self.stage.assets is not None else {}).items():
                 paths.write_text(paths.join(workdir, "assets", name), text)   # atomic, local or gs://
         if self.stage.check_data is not None:
@@ -455,6 +525,15 @@ class Trainer:
             ckpt.close()
             raise
         step = int(jax.device_get(state.step))
+        done = _finished(workdir)
+        if step >= t.num_steps and done is not None and done.get("step") == step:
+            # A rerun of a finished run: nothing to train or evaluate again (raise num_steps to extend it).
+            ckpt.close()
+            if callable(getattr(data_iter, "close", None)):
+                data_iter.close()
+            print(f"{workdir}: already finished at step {step} (config.train.num_steps={t.num_steps}); nothing to "
+                  f"do. Raise config.train.num_steps to train further.", flush=True)
+            return TrainResult(state=state, step=step, status="done", metrics=dict(done.get("metrics", {})))
         writer = metrics_lib.MetricWriter(workdir, enabled=primary, resume_step=step)
         bar = metrics_lib.progress_bar(t.num_steps, step, enabled=primary and t.progress_bar)
         old_handler = None
@@ -514,6 +593,10 @@ class Trainer:
                     if row:
                         writer.write(step, row)
                         last_row |= row
+                ckpt.wait()
+                if primary:   # marks the run finished: a rerun returns at once instead of evaluating again
+                    paths.write_text(paths.join(workdir, FINISHED),
+                                     json.dumps({"step": step, "metrics": _jsonable(last_row)}, indent=1))
         finally:
             ckpt.close()
             writer.close()
