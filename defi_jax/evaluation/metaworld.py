@@ -31,7 +31,8 @@ policy give the same episodes; a stochastic policy's noise can depend on the bat
 
 Outputs under ``out``: ``summary.json`` (protocol, per-task success with a 95% Wilson interval, the means, every
 episode, throughput), ``summary.csv`` (one row per task plus ``mean``, protocol columns on every row) and
-``videos/<task>/ep<e>_<success|failure>.gif`` (the primary camera, one frame per env step).
+``videos/<task>/ep<e>_<success|failure>.gif`` (the primary camera, one frame per env step; a rerun replaces
+the GIFs of its tasks). Progress: one line per finished episode.
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ import collections
 import csv
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import multiprocessing
 import os
+import shutil
 import time
 import traceback
 import zlib
@@ -434,13 +437,15 @@ def evaluate(policy, protocol: Protocol, out: str, *, policy_info: Mapping | Non
         f"{protocol.steps_per_chunk} step(s) per chunk, {n_workers} worker(s)"
         + (", with the scripted expert on the same seeds" if protocol.expert else ""))
 
+    for task in protocol.tasks:     # a rerun into the same folder replaces its tasks' GIFs (names carry outcomes)
+        shutil.rmtree(os.path.join(out, "videos", task), ignore_errors=True)
+
     workers = _Workers(n_workers, protocol)
-    done = [0]
+    finished = itertools.count(1)
 
     def report(kind: str, rec: dict):
-        done[0] += 1
         result = (f"success at step {rec['success_step']}" if rec["success"] else f"failure ({rec['steps']} steps)")
-        say(f"[{done[0]}/{total}] {kind:6s} {rec['task']} ep {rec['episode']} (seed {rec['seed']}, goal "
+        say(f"[{next(finished)}/{total}] {kind:6s} {rec['task']} ep {rec['episode']} (seed {rec['seed']}, goal "
             f"{rec['goal']}): {result}")
 
     t_start = time.perf_counter()
