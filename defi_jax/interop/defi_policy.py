@@ -26,13 +26,17 @@ left for their own interop.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 from collections.abc import Iterable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
-from defi_jax.interop._convert import DEFAULT_RULES, Rule, from_torch, to_torch
+from defi_jax.interop._convert import DEFAULT_RULES, Rule, from_torch, to_torch, torch_key
+
+_log = logging.getLogger(__name__)
 
 _SEQUENTIAL = Rule(r"\.layers\.(\d+)\.", r".\1.")   # nnx.Sequential's extra level: ``ffn.layers.1`` -> ``ffn.1``
 
@@ -172,3 +176,526 @@ def load_policy_state_dict(video_former, action_head, latent_actions, tensors: M
         raise ValueError("stage-3 checkpoint does not match the policy networks:\n" + "\n".join(errors))
     return loaded["vf"], loaded["head"], loaded["la"]
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# Importing a reference stage-3 checkpoint (saved_models/*.pt) as a whole policy
+# ---------------------------------------------------------------------------------------------------
+
+GOAL_CLIP_PREFIX = "language_goal.clip_rn50."        # OpenAI CLIP (the whole model; encode_text is used)
+GIDM_T5_PREFIX = "lam.text_encoder."                  # transformers T5EncoderModel
+GFDM_TEXT_PREFIX = "TVP_encoder.text_encoder."        # transformers CLIPTextModelWithProjection
+
+# OpenAI CLIP text tower -> transformers CLIPTextModelWithProjection names (``text_model.`` dropped), so that
+# ``hf_clip.RULES`` maps them on. The fused attention input projection (``in_proj_weight`` [3W, W], rows q, k, v
+# as ``nn.MultiheadAttention`` packs them) is split in three; ``text_projection`` [W, P] is applied as
+# ``x @ P`` by OpenAI, so transformers' Linear weight is its transpose (and our kernel P itself).
+OPENAI_CLIP_TEXT_RULES: tuple[tuple[str, str], ...] = (
+    (r"^token_embedding\.weight$", "embeddings.token_embedding.weight"),
+    (r"^positional_embedding$", "embeddings.position_embedding.weight"),
+    (r"^transformer\.resblocks\.(\d+)\.ln_1\.", r"encoder.layers.\1.layer_norm1."),
+    (r"^transformer\.resblocks\.(\d+)\.ln_2\.", r"encoder.layers.\1.layer_norm2."),
+    (r"^transformer\.resblocks\.(\d+)\.attn\.out_proj\.", r"encoder.layers.\1.self_attn.out_proj."),
+    (r"^transformer\.resblocks\.(\d+)\.mlp\.c_fc\.", r"encoder.layers.\1.mlp.fc1."),
+    (r"^transformer\.resblocks\.(\d+)\.mlp\.c_proj\.", r"encoder.layers.\1.mlp.fc2."),
+    (r"^ln_final\.", "final_layer_norm."),
+)
+_IN_PROJ = re.compile(r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$")
+
+# Tensors of the file that carry nothing of the policy we build, with the reason they are skipped.
+SKIPPED: tuple[tuple[str, str], ...] = (
+    (r"^model\.inner_model\.(pos_emb$|proprio_emb\.|goal_emb\.)", "never read by the reference head's forward"),
+    (r"^language_goal\.clip_rn50\.(visual\.|logit_scale$)", "the goal CLIP's image tower: encode_text does not use it"),
+    (r"^lam\.text_encoder\.encoder\.embed_tokens\.weight$", "T5's tied copy of lam.text_encoder.shared.weight"),
+    (r"^TVP_encoder\.text_encoder\.text_projection\.", "the GFDM reads CLIP's last_hidden_state, not its projection"),
+    (r"position_ids$", "a buffer (token positions), not a weight"),
+    (r"^TVP_encoder\.(?!text_encoder\.)", "the GFDM comes from its own folder (--gfdm_workdir / --svd_path)"),
+)
+
+
+def openai_clip_text_to_hf(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """OpenAI CLIP text-tower tensors (``token_embedding.weight``, ``transformer.resblocks.{i}...``) under
+    transformers ``CLIPTextModelWithProjection`` names; returns (renamed, OpenAI names it does not know)."""
+    out, unknown = {}, []
+    for key, value in tensors.items():
+        if key == "text_projection":
+            out["text_projection.weight"] = np.swapaxes(value, 0, 1)
+            continue
+        m = _IN_PROJ.match(key)
+        if m:
+            if value.shape[0] % 3:
+                out[key] = value   # left under its own name: reported as unexpected, with its shape
+                continue
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), np.split(value, 3, axis=0)):
+                out[f"encoder.layers.{m.group(1)}.self_attn.{name}.{m.group(2)}"] = part
+            continue
+        for pattern, replacement in OPENAI_CLIP_TEXT_RULES:
+            if re.search(pattern, key):
+                out[re.sub(pattern, replacement, key)] = value
+                break
+        else:
+            unknown.append(key)
+    return out, unknown
+
+
+def read_reference_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a reference stage-3 file, flat, torch names and layouts (numpy; not yet float32).
+
+    ``.pt`` / ``.pth`` / ``.ckpt``: ``torch.load(weights_only=True, mmap=True)``; the ``{"model": state_dict,
+    "args": OmegaConf}`` wrapper's non-tensor ``args`` are replaced by inert stand-ins (never imported or run).
+    ``.safetensors``: memory-mapped. A ``module.`` prefix (DDP) is dropped.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"stage-3 checkpoint {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        from defi_jax.weights import read_safetensors_mmap
+        raw = read_safetensors_mmap(path)
+    else:
+        obj = _torch_load(path)
+        for wrapper in ("model", "state_dict"):
+            if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+                obj = obj[wrapper]
+                break
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"{path}: expected a state dict or {{'model': state_dict, ...}}, got {type(obj).__name__}")
+        raw = {k: _numpy(v) for k, v in obj.items() if hasattr(v, "detach")}
+    if raw and all(k.startswith("module.") for k in raw):
+        raw = {k[len("module."):]: v for k, v in raw.items()}
+    return raw
+
+
+def _torch_load(path: str):
+    import torch
+
+    from defi_jax.interop.defi_torch import _inert_class
+
+    def load(mmap):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+    def load_with_stubs(mmap):
+        try:
+            return load(mmap)
+        except Exception as err:   # noqa: BLE001 - torch raises UnpicklingError / RuntimeError variants
+            try:
+                names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except Exception:      # noqa: BLE001
+                raise ValueError(f"{path}: not a readable torch checkpoint ({err})") from err
+            if not names:
+                raise
+            stubs = [_inert_class(*full.rpartition(".")[::2]) for full in names]
+            with torch.serialization.safe_globals(stubs):
+                return load(mmap)
+
+    try:
+        return load_with_stubs(True)
+    except RuntimeError as err:    # the legacy (non-zip) format cannot be memory-mapped
+        if "mmap" not in str(err):
+            raise
+        return load_with_stubs(False)
+
+
+def _numpy(t) -> np.ndarray:
+    import torch
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.cpu().numpy()
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    """Floating tensors (fp16 / bf16 / fp32) as float32; a float32 memory-mapped view stays a view."""
+    x = np.asarray(x)
+    return x.astype(np.float32, copy=False) if x.dtype.kind == "f" or x.dtype.name == "bfloat16" else x
+
+
+# ---- sizes --------------------------------------------------------------------------------------
+
+def _need(tensors: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
+    if key not in tensors:
+        raise KeyError(f"stage-3 checkpoint lacks tensor {key!r}: is this a DeFI stage-3 (policy) checkpoint "
+                       f"(saved_models/*.pt)?")
+    return tuple(tensors[key].shape)
+
+
+def _count(tensors: Mapping[str, np.ndarray], prefix: str) -> int:
+    idx = {int(m.group(1)) for k in tensors if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    return max(idx) + 1 if idx else 0
+
+
+def _split(total: int, heads: int, what: str, key: str) -> int:
+    if heads <= 0 or total % heads:
+        raise ValueError(f"{what}: {total} is not divisible by {key}={heads} (heads are not stored in the weights; "
+                         f"set {key} to the run's value)")
+    return total // heads
+
+
+def _file_sizes(t: Mapping[str, np.ndarray], base) -> dict:
+    """Every size the weights fix, on top of ``base`` (a ``config.model``) for what they cannot tell (heads)."""
+    vf, hd, gi = dict(base.video_former), dict(base.head), base.gidm
+    F, Q, D = _need(t, "Video_Former.latents")
+    inner, _ = _need(t, "Video_Former.layers.0.0.to_q.weight")
+    heads = int(vf.get("heads", 8))
+    video_former = dict(vf, dim=D, depth=_count(t, "Video_Former.layers."), queries_per_frame=Q, heads=heads,
+                        dim_head=_split(inner, heads, "Video_Former to_q width", "config.model.video_former.heads"),
+                        ff_mult=_need(t, "Video_Former.layers.0.2.1.weight")[0] // D,
+                        num_time_embeds=_need(t, "Video_Former.time_pos_emb")[0])
+    _split(D, int(vf.get("temporal_heads", heads) or heads), "Video_Former width",
+           "config.model.video_former.temporal_heads")
+    E, video_dim = _need(t, "model.inner_model.tok_emb.weight")
+    head = dict(hd, dim=E, enc_layers=_count(t, "model.inner_model.encoder.blocks."),
+                dec_layers=_count(t, "model.inner_model.decoder.blocks."))
+    _split(E, int(hd.get("heads", 8)), "action head width", "config.model.head.heads")
+    action_dim = _need(t, "model.inner_model.action_emb.weight")[1]
+    if "model.inner_model.pos_emb" in t:   # unused by the reference, but it fixes the chunk length
+        horizon = _need(t, "model.inner_model.pos_emb")[1] - 1 - F * Q
+    else:
+        horizon = int(base.horizon)
+    # GIDM encoder (stage-2 names) and its T5.
+    num_latents, latent_dim = _need(t, "lam.vq.codebook.weight")
+    model_dim, text_dim = _need(t, "lam.lang_proj.weight")
+    width = _need(t, "lam.action_latent")[-1]
+    gidm = dict(num_latents=num_latents, latent_dim=latent_dim, model_dim=model_dim, text_dim=text_dim,
+                feature_dim=width, enc_blocks=_count(t, "lam.encoder.transformer_blocks."))
+    _split(model_dim, int(gi.num_heads), "GIDM width", "config.model.gidm.num_heads")
+    p = GIDM_T5_PREFIX
+    vocab, d_model = _need(t, p + "shared.weight") if p + "shared.weight" in t else \
+        _need(t, p + "encoder.embed_tokens.weight")
+    buckets, t5_heads = _need(t, p + "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+    t5_inner = _need(t, p + "encoder.block.0.layer.0.SelfAttention.q.weight")[0]
+    gated = p + "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in t
+    d_ff = _need(t, p + "encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight")[0]
+    t5 = dict(dict(gi.get("t5", {})), vocab_size=vocab, d_model=d_model, d_kv=t5_inner // t5_heads, d_ff=d_ff,
+              num_layers=_count(t, p + "encoder.block."), num_heads=t5_heads, relative_attention_num_buckets=buckets)
+    base_ffp = dict(gi.get("t5", {})).get("feed_forward_proj", "relu")
+    if gated != base_ffp.startswith("gated"):   # the activation itself is not in the weights
+        t5["feed_forward_proj"] = "gated-gelu" if gated else "relu"
+    # Goal token: OpenAI CLIP encode_text (heads = width // 64, as OpenAI's build_model).
+    g = GOAL_CLIP_PREFIX
+    vocab_g, W = _need(t, g + "token_embedding.weight")
+    if W % 64:
+        raise ValueError(f"{g}: width {W} is not a multiple of 64 (OpenAI CLIP uses width // 64 heads)")
+    goal_text = dict(dict(base.goal_text), vocab_size=vocab_g, hidden_size=W,
+                     intermediate_size=_need(t, g + "transformer.resblocks.0.mlp.c_fc.weight")[0],
+                     projection_dim=_need(t, g + "text_projection")[1],
+                     num_hidden_layers=_count(t, g + "transformer.resblocks."), num_attention_heads=W // 64,
+                     max_position_embeddings=_need(t, g + "positional_embedding")[0], hidden_act="quick_gelu",
+                     layer_norm_eps=1e-5, bos_token_id=vocab_g - 2, eos_token_id=vocab_g - 1, pad_token_id=0)
+    return dict(video_former=video_former, head=head, action_dim=action_dim, horizon=horizon, gidm=gidm, t5=t5,
+                goal_text=goal_text, num_frames=F, feature_dim=_need(t, "Video_Former.goal_emb.0.weight")[1],
+                video_dim=video_dim, goal_dim=_need(t, "model.inner_model.lang_emb.0.weight")[1],
+                latent_action_dim=_need(t, "model.inner_model.tok_emb_token.weight")[1],
+                la_feature_dim=_need(t, "goal_emb.0.weight")[1])
+
+
+def _gfdm_feature_dim(m) -> int:
+    unet = dict(m.gfdm.unet)
+    return int(sum(list(reversed(unet["block_out_channels"]))[:int(m.gfdm.get("feature_up_blocks", 2))]))
+
+
+def infer_policy_config(tensors: Mapping[str, np.ndarray], base=None):
+    """The policy config of a reference stage-3 checkpoint: every size the weights fix (Video Former width /
+    depth / queries / frames, head width / layers / chunk, GIDM encoder and VQ, its T5, the CLIP goal tower)
+    on top of ``base`` (default ``configs/policy.py:defi``), which supplies what weights cannot tell (attention
+    heads, dropout, the GFDM). Also ``model.gidm.reference_mask_order=True`` (the reference's language-mask
+    quirk) and ``data.normalize_actions=False`` (the reference trains on raw CALVIN actions).
+
+    Raises ``ValueError`` naming the config key where the file disagrees with the GFDM of ``base`` (which
+    the file does not hold) or the parts disagree with each other.
+    """
+    if base is None:
+        from configs import policy as policy_configs
+        base = policy_configs.get_config("defi")
+    c = base.copy_and_resolve_references()
+    m = c.model
+    s = _file_sizes(tensors, m)
+    problems = []
+    if s["num_frames"] != m.gfdm.num_frames:
+        problems.append(f"Video_Former.latents holds {s['num_frames']} frames but config.model.gfdm.num_frames="
+                        f"{m.gfdm.num_frames}")
+    feat = _gfdm_feature_dim(m)
+    for key, got in (("Video_Former.goal_emb.0.weight", s["feature_dim"]), ("goal_emb.0.weight", s["la_feature_dim"])):
+        if got != feat:
+            problems.append(f"{key} reads {got}-wide GFDM features but config.model.gfdm gives {feat} "
+                            f"(unet.block_out_channels, feature_up_blocks)")
+    for key, got, want in (("model.inner_model.tok_emb.weight", s["video_dim"], s["video_former"]["dim"]),
+                           ("model.inner_model.lang_emb.0.weight", s["goal_dim"], s["goal_text"]["projection_dim"]),
+                           ("model.inner_model.tok_emb_token.weight", s["latent_action_dim"], s["gidm"]["model_dim"]),
+                           ("lam.lang_proj.weight", s["gidm"]["text_dim"], s["t5"]["d_model"])):
+        if got != want:
+            problems.append(f"{key} expects inputs of width {got}, its producer gives {want}")
+    if s["horizon"] <= 0:
+        problems.append(f"model.inner_model.pos_emb is too short for {s['num_frames']} x "
+                        f"{s['video_former']['queries_per_frame']} video tokens")
+    if problems:
+        raise ValueError("stage-3 checkpoint does not fit the policy config: " + "; ".join(problems))
+    m.video_former = s["video_former"]
+    m.head = s["head"]
+    m.action_dim, m.horizon = s["action_dim"], s["horizon"]
+    for k, v in s["gidm"].items():
+        m.gidm[k] = v
+    m.gidm.text_encoder = "t5"
+    m.gidm.t5 = s["t5"]
+    m.gidm.reference_mask_order = True
+    m.goal_text = s["goal_text"]
+    c.data.action_horizon = s["horizon"]
+    c.data.normalize_actions = False
+    return c
+
+
+# ---- mapping ------------------------------------------------------------------------------------
+
+def _abstract_parts(m, *, feature_dim: int, num_frames: int, gfdm_text: Mapping | None) -> dict:
+    """Our networks the file fills, shapes only, keyed by their path prefix in ``DeFIPolicyModel`` (built as
+    its ``__init__`` builds them; a test checks the two agree)."""
+    from flax import nnx
+
+    from defi_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
+    from defi_jax.models.t5 import T5Config, T5Encoder
+    from defi_jax.policy.action_head import ActionHead
+    from defi_jax.policy.latent_action import PolicyLatentActions
+    from defi_jax.policy.video_former import VideoFormer
+
+    vf = dict(m.video_former)
+    rngs = nnx.Rngs(0)
+    builders = {
+        "video_former/": lambda: VideoFormer(condition_dim=feature_dim, num_frames=num_frames, rngs=rngs, **vf),
+        "head/": lambda: ActionHead(rngs=rngs, goal_dim=int(dict(m.goal_text).get("projection_dim", 512)),
+                                    video_dim=vf.get("dim", 384), latent_action_dim=m.gidm.model_dim,
+                                    action_dim=m.action_dim, horizon=m.horizon, **dict(m.head)),
+        "latent_actions/": lambda: PolicyLatentActions(m.gidm, condition_dim=feature_dim,
+                                                       frames=tuple(m.latent_action_frames), rngs=rngs),
+        "latent_actions/lam/text_encoder/": lambda: T5Encoder(T5Config(**dict(m.gidm.get("t5", {}))), rngs=rngs),
+        "goal_text/": lambda: CLIPTextEncoder(CLIPTextConfig(**dict(m.goal_text)), rngs=rngs, with_projection=True),
+    }
+    if gfdm_text is not None:
+        builders["gfdm/text_encoder/"] = lambda: CLIPTextEncoder(CLIPTextConfig(**dict(gfdm_text)), rngs=rngs)
+    out = {}
+    for prefix, build in builders.items():
+        state = nnx.state(nnx.eval_shape(build), nnx.Param)
+        out[prefix] = {".".join(str(p) for p in path): tuple(v.get_value().shape)
+                       for path, v in nnx.to_flat_state(state)}
+    return out
+
+
+def _part_tables(tensors: Mapping[str, np.ndarray]):
+    """The file's tensors per part of ours: {our prefix: (checkpoint prefix, rules, tensors by relative name)},
+    the skipped {key: reason}, and keys that belong to no part."""
+    from defi_jax.interop import hf_clip, hf_t5
+
+    skip_res = [(re.compile(p), why) for p, why in SKIPPED]
+    shared, tied = GIDM_T5_PREFIX + "shared.weight", GIDM_T5_PREFIX + "encoder.embed_tokens.weight"
+    if shared not in tensors and tied in tensors:   # an export that kept only the encoder's copy
+        tensors = {(shared if k == tied else k): v for k, v in tensors.items()}
+    groups: dict[str, dict[str, np.ndarray]] = {k: {} for k in ("vf", "head", "la", "t5", "goal", "tvp")}
+    skipped, stray = {}, []
+    for key, value in tensors.items():
+        why = next((w for p, w in skip_res if p.search(key)), None)
+        if why is not None:
+            skipped[key] = why
+        elif key.startswith(VIDEO_FORMER_PREFIX):
+            groups["vf"][key[len(VIDEO_FORMER_PREFIX):]] = value
+        elif key.startswith(ACTION_HEAD_PREFIX):
+            groups["head"][key[len(ACTION_HEAD_PREFIX):]] = value
+        elif key.startswith(GIDM_T5_PREFIX):
+            groups["t5"][key[len(GIDM_T5_PREFIX):]] = value
+        elif _is_latent_action_key(key):
+            groups["la"][key] = value
+        elif key.startswith(GOAL_CLIP_PREFIX):
+            groups["goal"][key[len(GOAL_CLIP_PREFIX):]] = value
+        elif key.startswith(GFDM_TEXT_PREFIX):
+            groups["tvp"][key[len(GFDM_TEXT_PREFIX):].removeprefix("text_model.")] = value
+        else:
+            stray.append(key)
+    goal, unknown = openai_clip_text_to_hf(groups["goal"])
+    stray += [GOAL_CLIP_PREFIX + k for k in unknown]
+    tables = {
+        "video_former/": (VIDEO_FORMER_PREFIX, VIDEO_FORMER_RULES, groups["vf"]),
+        "head/": (ACTION_HEAD_PREFIX, ACTION_HEAD_RULES, groups["head"]),
+        "latent_actions/": ("", LATENT_ACTION_RULES, groups["la"]),
+        "latent_actions/lam/text_encoder/": (GIDM_T5_PREFIX, hf_t5.RULES, groups["t5"]),
+        "goal_text/": (GOAL_CLIP_PREFIX + "<openai>", hf_clip.RULES, goal),
+        "gfdm/text_encoder/": (GFDM_TEXT_PREFIX, hf_clip.RULES, groups["tvp"]),
+    }
+    return tables, skipped, stray
+
+
+def _gfdm_text_config_of(tvp: Mapping[str, np.ndarray], base: Mapping) -> dict | None:
+    """The GFDM text tower's config as the file's ``TVP_encoder.text_encoder.*`` shapes give it (None: absent)."""
+    if "embeddings.token_embedding.weight" not in tvp:
+        return None
+    vocab, width = tvp["embeddings.token_embedding.weight"].shape
+    n = _count(tvp, "encoder.layers.")
+    return dict(dict(base), vocab_size=vocab, hidden_size=width, num_hidden_layers=n,
+                max_position_embeddings=tvp.get("embeddings.position_embedding.weight", np.zeros((77,))).shape[0],
+                intermediate_size=tvp.get("encoder.layers.0.mlp.fc1.weight", np.zeros((4 * width,))).shape[0])
+
+
+def _map_part(shapes: Mapping[str, tuple], prefix: str, table) -> tuple[dict, list, list, set]:
+    """(params by our path, missing, mis-shaped, used checkpoint names) of one part."""
+    ckpt_prefix, rules, group = table
+    params, missing, bad, used = {}, [], [], set()
+    for rel, shape in shapes.items():
+        key, perm = torch_key(rel, len(shape), rules)
+        ours = prefix + rel.replace(".", "/")
+        if key not in group:
+            missing.append(f"{ckpt_prefix}{key} (ours: {ours} {shape})")
+            continue
+        used.add(key)
+        value = group[key]
+        want = tuple(shape[i] for i in np.argsort(perm)) if perm else shape
+        if tuple(value.shape) != want:
+            bad.append(f"{ckpt_prefix}{key}: file {tuple(value.shape)}, expected {want} (ours: {ours} {shape})")
+            continue
+        params[ours] = _f32(np.transpose(value, perm) if perm else value)
+    return params, missing, bad, used
+
+
+def reference_policy_params(tensors: Mapping[str, np.ndarray], config=None) -> tuple[dict[str, np.ndarray], dict]:
+    """(our parameters by path, {skipped checkpoint name: reason}) of a reference stage-3 state dict.
+
+    ``config``: the policy config to fill (``infer_policy_config``); its GFDM text tower takes
+    ``TVP_encoder.text_encoder.*`` when every shape fits, else those tensors are skipped with the reason.
+    Without ``config`` every size comes from the file (what the ``reference_policy`` weights source does).
+    Strict: one ``ValueError`` lists every missing, unexpected and mis-shaped tensor of every part.
+    """
+    tables, skipped, stray = _part_tables(tensors)
+    tvp = tables["gfdm/text_encoder/"][2]
+    if config is None:
+        from configs import policy as policy_configs
+        m = policy_configs.get_config("defi").model
+        # Heads shape no parameter: one head each, so that any width divides.
+        m.video_former = dict(m.video_former, heads=1, temporal_heads=1)
+        m.head = dict(m.head, heads=1)
+        m.gidm.num_heads = 1
+        s = _file_sizes(tensors, m)
+        m.video_former, m.head = s["video_former"], s["head"]
+        m.action_dim, m.horizon, m.goal_text = s["action_dim"], s["horizon"], s["goal_text"]
+        for k, v in s["gidm"].items():
+            m.gidm[k] = v
+        m.gidm.t5 = s["t5"]
+        m.latent_action_frames = (0, 1)   # no parameter depends on them
+        parts = _abstract_parts(m, feature_dim=s["feature_dim"], num_frames=s["num_frames"],
+                                gfdm_text=_gfdm_text_config_of(tvp, m.gfdm.text_encoder))
+    else:
+        m = config.model
+        parts = _abstract_parts(m, feature_dim=_gfdm_feature_dim(m), num_frames=m.gfdm.num_frames,
+                                gfdm_text=m.gfdm.text_encoder if tvp else None)
+    params, missing, bad, unexpected = {}, [], [], list(stray)
+    for prefix, shapes in parts.items():
+        got, miss, wrong, used = _map_part(shapes, prefix, tables[prefix])
+        ckpt_prefix, _, group = tables[prefix]
+        if prefix == "gfdm/text_encoder/" and config is not None and (miss or wrong):
+            why = (f"does not fit config.model.gfdm.text_encoder ({(miss + wrong)[0]}); the GFDM's text tower "
+                   f"must come from its own source")
+            skipped |= {GFDM_TEXT_PREFIX + k: why for k in group}
+            continue
+        params |= got
+        missing += miss
+        bad += wrong
+        unexpected += [ckpt_prefix + k for k in sorted(set(group) - used)]
+    if missing or unexpected or bad:
+        lines = ["stage-3 checkpoint does not match the policy networks:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", bad)):
+            if items:
+                shown = items[:30] + ([f"... and {len(items) - 30} more"] if len(items) > 30 else [])
+                lines.append(f"  {len(items)} {title} tensor(s): " + "; ".join(shown))
+        raise ValueError("\n".join(lines))
+    return params, skipped
+
+
+def load_reference_policy(path: str | os.PathLike, config=None) -> tuple:
+    """``(config, params)`` of the reference's stage-3 checkpoint ``saved_models/{step}.pt`` / ``last.pt``.
+
+    ``config``: the policy config whose sizes the file's replace (default ``configs/policy.py:defi``; see
+    :func:`infer_policy_config`). ``params``: ``{"video_former/layers/0/cross_attn/to_q/kernel": float32
+    numpy, ...}``, every parameter of ``video_former/``, ``head/``, ``latent_actions/`` (with the GIDM's T5),
+    ``goal_text/`` and, when the file's tower fits, ``gfdm/text_encoder/``; the GFDM's UNet and VAE are not in
+    the file. Skipped tensors are logged with the reason.
+    """
+    tensors = read_reference_checkpoint(path)
+    config = infer_policy_config(tensors, config)
+    params, skipped = reference_policy_params(tensors, config)
+    for why in sorted(set(skipped.values())):
+        names = sorted(k for k, w in skipped.items() if w == why)
+        _log.info("%s: skipped %d tensor(s) (%s): %s%s", path, len(names), why, ", ".join(names[:3]),
+                  " ..." if len(names) > 3 else "")
+    return config, params
+
+
+# ---- a policy workdir ---------------------------------------------------------------------------
+
+def _all_but_gfdm(with_text: bool) -> str:
+    return r"^(?!gfdm/(unet|vae)/)" if with_text else r"^(?!gfdm/)"
+
+
+def import_policy_workdir(src: str, workdir: str, config=None, *, gfdm_workdir: str = "", svd_path: str = "",
+                          mesh=None):
+    """Writes a policy workdir from a reference stage-3 checkpoint; returns its config.
+
+    The workdir is what ``launch.train`` writes: ``config.json``, ``checkpoints/0`` (the trainer's whole
+    state, made by ``Trainer.init_state`` through a ``reference_policy`` source in ``config.init``) and
+    ``assets/action_stats.json`` (raw actions: ``{"normalized": false}``), so ``DeFIPolicy.from_checkpoint``
+    serves it and ``launch.train`` fine-tunes it (step 0: fresh optimizer state).
+
+    The GFDM is not in the file: ``gfdm_workdir`` (one of our GFDM workdirs) or ``svd_path`` (a diffusers SVD
+    folder with ``unet/`` and ``vae/``; the text tower then comes from the file's ``TVP_encoder.text_encoder``
+    when it fits, else from ``config.init.sources.svd_clip``); neither: whatever ``config.init`` names.
+    """
+    from defi_jax import paths, trainer, weights
+    from defi_jax.checkpoint import Checkpointer
+    from defi_jax.policy import stage as policy_stage
+
+    src, workdir = os.path.abspath(src), paths.abspath(workdir)
+    if paths.isdir(paths.join(workdir, "checkpoints")):
+        probe = Checkpointer(workdir, read_only=True)
+        try:
+            if probe.latest_step() is not None:
+                raise FileExistsError(f"{workdir} already holds checkpoints: import into a fresh workdir")
+        finally:
+            probe.close()
+    tensors = read_reference_checkpoint(src)
+    config = infer_policy_config(tensors, config)
+    params, skipped = reference_policy_params(tensors, config)   # every problem of the file, named, up front
+    del tensors
+    with_text = any(p.startswith("gfdm/text_encoder/") for p in params)
+    s = config.init.sources
+    if gfdm_workdir and svd_path:
+        raise ValueError("pass --gfdm_workdir or --svd_path, not both")
+    if gfdm_workdir:
+        s.gfdm.path = paths.abspath(gfdm_workdir)
+        with_text = False
+    elif svd_path:
+        svd_path = paths.abspath(svd_path)
+        s.gfdm.path = ""
+        s.svd_unet.path, s.svd_vae.path = paths.join(svd_path, "unet"), paths.join(svd_path, "vae")
+        if not with_text and not s.svd_clip.path:
+            raise ValueError(f"{src}: no TVP_encoder.text_encoder tensors that fit config.model.gfdm.text_encoder; "
+                             f"set config.init.sources.svd_clip.path to the GFDM's CLIP text folder")
+        with_text = with_text and not s.svd_clip.path
+    else:
+        text_source = any(re.match(a.target, "gfdm/text_encoder/") for a in weights.active_sources(config))
+        with_text = with_text and not text_source
+    target = _all_but_gfdm(with_text)
+    covered = [p for p in params if re.match(target, p)]
+    for name, entry in s.items():   # sources the file replaces (the tiny variant's GIDM workdir, the goal CLIP)
+        if entry.path and any(re.match(entry.target, p) for p in covered):
+            entry.path = ""
+    s.reference = weights.source(target, "reference_policy", src)
+    del params
+
+    tr = trainer.Trainer(config, mesh=mesh)
+    state = tr.init_state()
+    config_json = config.to_json_best_effort(sort_keys=True)
+    ckpt = Checkpointer(workdir, async_save=False)
+    try:
+        ckpt.save(0, state.as_dict(), None, config_json)
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    paths.write_text(paths.join(workdir, "config.json"), config_json)
+    for name, text in policy_stage.assets(config).items():
+        paths.write_text(paths.join(workdir, "assets", name), text)
+    for why in sorted(set(skipped.values())):
+        _log.info("%s: skipped %d tensor(s): %s", src, sum(w == why for w in skipped.values()), why)
+    return config
