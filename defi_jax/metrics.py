@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -57,6 +58,11 @@ def _scalar(v):
 class MetricWriter:
     """Writes scalars to ``workdir/metrics.jsonl`` and TensorBoard events under ``workdir/tensorboard``.
 
+    On resume at step S (``resume_step``), what an interrupted run logged after S is dropped, as those steps
+    are trained again: rows of metrics.jsonl, and events of the existing event files (rewritten without
+    them); the new event file also starts with TensorBoard's purge marker (``purge_step=S + 1``), so a
+    TensorBoard that already loaded the old events drops them too. Each step then appears once.
+
     A local workdir is written in place. A ``gs://`` workdir (any URI :mod:`defi_jax.paths` reads) gets
     both written to a local staging folder and uploaded as whole files at most every ``sync_every_s``
     seconds and on :meth:`close`: object stores cannot append, and tensorboardX writes local files only.
@@ -79,9 +85,11 @@ class MetricWriter:
             # Keep the rows up to the resumed step; a line cut short by a killed run is dropped too.
             paths.write_text(local_path, "".join(_rows_up_to(paths.read_text(path), resume_step)))
         self._jsonl = open(local_path, "a")
+        purged = _purge_events(paths.join(workdir, "tensorboard"), resume_step) if resume_step is not None else 0
         try:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(self._local, "tensorboard"))
+            self._tb = SummaryWriter(os.path.join(self._local, "tensorboard"),
+                                     purge_step=resume_step + 1 if purged else None)
         except ImportError:  # tensorboardX is optional at runtime
             self._tb = None
 
@@ -131,6 +139,36 @@ def _rows_up_to(text: str, step: int | None) -> list[str]:
     return keep
 
 
+def _records(data: bytes):
+    """The complete TFRecords of an event file as ``(raw record bytes, payload)``; a cut-off tail is dropped."""
+    at = 0
+    while at + 12 <= len(data):
+        (n,) = struct.unpack("<Q", data[at:at + 8])
+        end = at + 12 + n + 4          # length, its CRC, payload, payload CRC
+        if end > len(data):
+            return
+        yield data[at:end], data[at + 12:at + 12 + n]
+        at = end
+
+
+def _purge_events(tb_dir: str, step: int) -> int:
+    """Rewrites the event files in ``tb_dir`` (local or URI) without events after ``step``; returns the count
+    of event files found (0: nothing was logged before, so no purge marker is needed)."""
+    if not paths.isdir(tb_dir):
+        return 0
+    from tensorboardX.proto import event_pb2
+
+    names = [n for n in paths.listdir(tb_dir) if ".tfevents." in n]
+    for name in names:
+        path = paths.join(tb_dir, name)
+        data = paths.read_bytes(path)
+        keep = [raw for raw, payload in _records(data) if event_pb2.Event.FromString(payload).step <= step]
+        kept = b"".join(keep)
+        if kept != data:
+            paths.write_bytes(path, kept)
+    return len(names)
+
+
 class Throughput:
     """steps/s, examples/s and MFU between two calls of :meth:`measure`."""
 
@@ -155,9 +193,66 @@ class Throughput:
         return out
 
 
-def progress_bar(total: int, initial: int, enabled: bool):
-    """A tqdm bar on an interactive terminal, nothing otherwise (logs, CI)."""
-    if not enabled or not sys.stderr.isatty():
+def progress_bar(total: int, initial: int, enabled: bool, *, stream=None):
+    """Training progress on ``stream`` (default stderr), readable wherever it goes; None when not ``enabled``.
+
+    * An interactive terminal with a width: a tqdm bar redrawn in place (carriage returns).
+    * A pseudo-terminal of zero width (``script``, CI runners: they report 0 columns, where tqdm would draw
+      nothing useful) or a non-terminal (a log file, a pipe): :class:`ProgressLines`, one plain line per
+      :meth:`~ProgressLines.set_postfix` call, which the trainer makes every ``config.train.log_every`` steps.
+    """
+    if not enabled:
         return None
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, dynamic_ncols=True, desc="train")
+    stream = sys.stderr if stream is None else stream
+    width = terminal_width(stream)
+    if width:
+        from tqdm import tqdm
+        return tqdm(total=total, initial=initial, file=stream, dynamic_ncols=True, desc="train")
+    return ProgressLines(total, initial, stream)
+
+
+def terminal_width(stream) -> int:
+    """Columns of the terminal ``stream`` writes to; 0 for a non-terminal or a zero-width pseudo-terminal.
+
+    ``COLUMNS`` (when a positive number) stands in for a terminal that reports no size."""
+    try:
+        if not stream.isatty():
+            return 0
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
+    if columns <= 0:
+        env = os.environ.get("COLUMNS", "")
+        columns = int(env) if env.isdigit() else 0
+    return columns
+
+
+class ProgressLines:
+    """Progress as whole lines (no carriage returns), for logs: ``train 40/100 (40%) 3.2 steps/s eta 0:00:19
+    loss=0.1234``. The same calls as a tqdm bar (``update``, ``set_postfix``, ``close``)."""
+
+    def __init__(self, total: int, initial: int, stream):
+        self.total, self.n, self._stream = total, initial, stream
+        self._t0 = self._n0 = None   # the rate is timed from the end of the first (compiling) step
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self._t0 is None:
+            self._t0, self._n0 = time.monotonic(), self.n
+
+    def set_postfix(self, **values) -> None:
+        self._stream.write(self.line(values) + "\n")
+        self._stream.flush()
+
+    def line(self, values: dict | None = None) -> str:
+        elapsed = time.monotonic() - self._t0 if self._t0 is not None else 0.0
+        rate = (self.n - self._n0) / elapsed if elapsed > 0 and self.n > self._n0 else None
+        parts = [f"train {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%)"]
+        if rate:
+            eta = int(round((self.total - self.n) / rate))
+            parts.append(f"{rate:.3g} steps/s eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+        parts += [f"{k}={v}" for k, v in (values or {}).items()]
+        return " ".join(parts)
+
+    def close(self) -> None:
+        pass
