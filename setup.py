@@ -4,7 +4,7 @@ setup(
     name="defi-jax",
     version="0.1.0",
     description="DeFI (separate forward and inverse dynamics pretraining) in JAX / Flax NNX, at TPU-pod scale",
-    packages=find_packages(include=["defi_jax*", "data_pipelines*", "launch*", "configs*"]),
+    packages=find_packages(include=["defi_jax*", "data_pipelines*", "launch*", "configs*", "defi_jax_torch*"]),
     package_data={"defi_jax": ["assets/*", "assets/**/*"]},
     python_requires=">=3.10",
     install_requires=[
@@ -20,6 +20,7 @@ setup(
         "array-record>=0.7",
         "safetensors>=0.4",
         "av>=14",
+        "pyarrow>=14",                 # data_pipelines.lerobot: LeRobot datasets' parquet files
         "absl-py>=2.1",
         "tqdm>=4.66",
         "tensorboardX>=2.6",

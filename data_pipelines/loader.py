@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from data_pipelines import actions as action_norm
-from data_pipelines import arrayrecord, calvin, mixtures, oxe_table, video
+from data_pipelines import arrayrecord, calvin, lerobot, mixtures, oxe_table, video
 from data_pipelines.failures import FailureLog
 
 SPECS = ("gfdm_clip", "gidm_pair", "policy_window")
@@ -43,12 +43,12 @@ def normalize_instruction(text: str) -> str:
 @dataclasses.dataclass
 class RobotSource:
     """Robot data with actions, items = steps (episode, t) of the kept episodes: a converted RLDS dataset
-    (``arrayrecord.StepReader``) or CALVIN in its released layout (``calvin.FrameReader``, episode = one annotated
-    segment)."""
+    (``arrayrecord.StepReader``), CALVIN in its released layout (``calvin.FrameReader``, episode = one annotated
+    segment) or a LeRobot dataset (``lerobot.EpisodeReader``)."""
 
     name: str
     path: str
-    reader: arrayrecord.StepReader | calvin.FrameReader
+    reader: arrayrecord.StepReader | calvin.FrameReader | lerobot.EpisodeReader
     episodes: np.ndarray          # int32[E] indices into reader.index["episodes"] kept for this split
     item_ep: np.ndarray           # int32[N] episode (index into reader.index["episodes"]) of each item
     item_t: np.ndarray            # int32[N] step within that episode
@@ -88,6 +88,8 @@ def dataset_dir(name: str, data_cfg) -> str:
     paths = dict(data_cfg.get("paths") or {})
     if name in paths and paths[name]:
         return str(paths[name])
+    if name in oxe_table.LEROBOT_DATASETS:       # registered with its folder
+        return oxe_table.LEROBOT_DATASETS[name].path
     root = data_cfg.get("data_dir") or ""
     if not root:
         if name not in ("demo", "demo_human"):
@@ -127,6 +129,13 @@ def open_source(name: str, data_cfg, split: str, process_index: int = 0, process
     if not 0 < frac <= 1:
         raise ValueError(f"data.data_fraction={frac!r} must be in (0, 1]")
     eval_fraction = float(data_cfg.get("eval_fraction", 0.05))
+    if name in oxe_table.LEROBOT_DATASETS:       # no eval split of its own: the tail of the episodes is held out
+        reader = lerobot.EpisodeReader(path, oxe_table.LEROBOT_DATASETS[name])
+        n = len(reader.index["episodes"])
+        episodes = _holdout(n, split, eval_fraction, frac if split == "train" else 1.0)
+        item_ep, item_t = _steps(reader, episodes, 0, process_index, process_count)
+        stats = reader.stats(_holdout(n, "train", eval_fraction, 1.0)) if with_stats else None
+        return RobotSource(name, path, reader, episodes, item_ep, item_t, reader.fps, stats)
     if name in oxe_table.ROBOT_DATASETS or name in oxe_table.CALVIN_DATASETS:
         if name in oxe_table.ROBOT_DATASETS:
             control_hz, tail = oxe_table.ROBOT_DATASETS[name].control_hz, 0

@@ -5,9 +5,10 @@ Every robot dataset is described by one :class:`RobotDataset` row: which observa
 (3 EEF-delta position, 3 EEF-delta rotation, 1 gripper with 1 = open, 0 = closed), and the control rate.
 The facts follow the Open X-Embodiment dataset sheet and Octo's / OpenVLA's standardization tables; the code
 is ours. CALVIN in its released layout (read in place, no conversion) has its own small table,
-CALVIN_DATASETS. DeFI pretraining reads only frames and instructions; the action recipes matter for policy
-fine-tuning and the GIDM's action probe (the camera keys were cross-checked against OpenVLA's table; the
-action recipes and gripper conventions of the smaller datasets are best-effort and worth a look with
+CALVIN_DATASETS; LeRobot datasets get rows in LEROBOT_DATASETS when registered (``lerobot.register_lerobot``).
+DeFI pretraining reads only frames and instructions; the action recipes matter for policy fine-tuning and
+the GIDM's action probe (the camera keys were cross-checked against OpenVLA's table; the action recipes and
+gripper conventions of the smaller datasets are best-effort and worth a look with
 ``python -m launch.inspect_data`` before training on them).
 
 Keys are paths inside one RLDS step, ``/``-separated (``observation/image``). An action is built from
@@ -47,6 +48,24 @@ class CalvinDataset:
     name: str
     folder: str                     # the released task folder (its training/ and validation/ hold the frames)
     control_hz: float = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LeRobotDataset:
+    """A LeRobot dataset folder (v2.1 / v3.0), read in place (``data_pipelines.lerobot``); rows are added at run
+    time by ``lerobot.register_lerobot``, which fills them from the dataset's meta/info.json."""
+
+    name: str
+    path: str                       # the dataset folder (data.paths.<name> overrides it)
+    image_keys: tuple               # ((view, feature key), ...), view "primary" | "wrist"
+    action_key: str = "action"
+    action_dims: tuple | None = None   # components of action_key making the 7-D action (None: first 7, padded)
+    gripper: str = "open"           # convention of the 7th component (module docstring)
+    control_hz: float = 30.0        # info.json's fps
+    instruction: str | None = None  # a fixed instruction instead of each episode's task
+
+
+GRIPPER_CONVENTIONS = ("open", "closed", "signed", "signed_closed", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +172,9 @@ VIDEO_DATASETS: dict[str, VideoDataset] = {d.name: d for d in [
     VideoDataset("demo_human", layout="ssv2", fps=80.0),
 ]}
 
+# LeRobot datasets registered at run time (data_pipelines.lerobot.register_lerobot): name -> row.
+LEROBOT_DATASETS: dict[str, LeRobotDataset] = {}
+
 # GIDM frame pairs with data.pair_spacing = "reference" (Step2_GIDM/datasets/rlds/dataset.py l.39-50, 360-367): the
 # first and last frame of a window of W steps (so n = W - 1 steps apart), W drawn from [lo, hi]; W = 10 elsewhere.
 # The reference lists toto under both the 3-5 Hz and the 15-30 Hz datasets; its second check (15-20) wins, as here.
@@ -177,8 +199,9 @@ ALIASES = {
 
 
 def known_datasets() -> list[str]:
-    """Every dataset name a mixture may use."""
-    return sorted(list(ROBOT_DATASETS) + list(CALVIN_DATASETS) + list(VIDEO_DATASETS))
+    """Every dataset name a mixture may use (registered LeRobot datasets last: the built-ins keep their index,
+    which is their dataset_id)."""
+    return sorted(list(ROBOT_DATASETS) + list(CALVIN_DATASETS) + list(VIDEO_DATASETS)) + sorted(LEROBOT_DATASETS)
 
 
 def resolve(name: str) -> str:
@@ -191,13 +214,15 @@ def control_hz(name: str) -> float:
         return ROBOT_DATASETS[name].control_hz
     if name in CALVIN_DATASETS:
         return CALVIN_DATASETS[name].control_hz
+    if name in LEROBOT_DATASETS:
+        return LEROBOT_DATASETS[name].control_hz
     return VIDEO_DATASETS[name].fps
 
 
 def has_actions(name: str) -> bool:
-    """Robot data (RLDS or CALVIN) carries actions; human video does not."""
+    """Robot data (RLDS, CALVIN, LeRobot) carries actions; human video does not."""
     name = resolve(name)
-    return name in ROBOT_DATASETS or name in CALVIN_DATASETS
+    return name in ROBOT_DATASETS or name in CALVIN_DATASETS or name in LEROBOT_DATASETS
 
 
 def reference_pair_window(name: str) -> tuple[int, int]:
