@@ -1,0 +1,34 @@
+"""Export a workdir as a PyTorch deployment folder (diffusers / transformers / safetensors; no pickle).
+
+    python -m launch.export_torch --workdir=/tmp/policy --out=/tmp/defi_torch
+    python -m launch.export_torch --workdir=gs://bucket/policy --step=50000 --ema --out=/ckpt/defi_torch --dtype=bfloat16
+    python -m launch.export_torch --workdir=/tmp/gfdm --out=/tmp/gfdm_torch          # a GFDM (or GIDM) workdir alone
+
+A policy folder loads with ``defi_jax_torch.DeFIPolicyTorch.from_pretrained(OUT)``; its README says what is
+inside. The folder is written under a temporary name, loaded back strictly, then renamed into place.
+"""
+
+import sys
+
+from absl import app, flags
+
+from defi_jax import config_validation
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A policy, GFDM or GIDM workdir (local or gs://).")
+_OUT = flags.DEFINE_string("out", None, "The folder to write (replaced when complete).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_EMA = flags.DEFINE_boolean("ema", False, "Export the EMA parameters.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weight dtype of the written files.")
+flags.mark_flags_as_required(["workdir", "out"])
+
+
+def main(argv):
+    del argv
+    from defi_jax import export_torch
+
+    meta = export_torch.export(_WORKDIR.value, _OUT.value, step=_STEP.value, ema=_EMA.value, dtype=_DTYPE.value)
+    print(f"launch.export_torch: {meta['stage']} -> {_OUT.value} ({', '.join(meta['parts'])}; {meta['dtype']})")
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main, flags_parser=config_validation.parse_flags))
