@@ -171,6 +171,8 @@ def _episodes_v21(path: str, info: dict) -> list[dict]:
 
 
 def _episodes_v30(path: str, info: dict) -> list[dict]:
+    import pyarrow.parquet as pq
+
     folder = os.path.join(path, "meta", "episodes")
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.endswith(".parquet"))
     if not files:
@@ -180,12 +182,11 @@ def _episodes_v30(path: str, info: dict) -> list[dict]:
         f"videos/{k}/{c}" for k in cams for c in ("chunk_index", "file_index", "from_timestamp")]
     out = []
     for file in files:
-        table = _read_table(file)
-        missing = [c for c in want if c not in table.column_names]
+        missing = [c for c in want if c not in pq.read_schema(file).names]
         if missing:
             raise ValueError(f"{file}: LeRobot v3.0 episode metadata without columns {missing}")
-        cols = table.select(want).to_pydict()
-        for i in range(table.num_rows):
+        cols = _read_table(file, want).to_pydict()      # not the per-episode stats/* columns
+        for i in range(len(cols["episode_index"])):
             data = info["data_path"].format(chunk_index=cols["data/chunk_index"][i],
                                             file_index=cols["data/file_index"][i])
             videos = {k: (os.path.join(path, info["video_path"].format(

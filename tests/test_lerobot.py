@@ -346,6 +346,13 @@ def test_one_seek_per_window_and_camera(registered, monkeypatch):
     assert got == [(1, t, cam) for cam in (0, 1) for t in (15, 3, 9, 19)]
     assert len(opened) == 2 and len(seeks) == 2          # one open + one seek per camera for the whole window
     assert opened[0].endswith("observation.images.top/chunk-000/file-000.mp4")
+    # What a grain worker process gets: the reader pickled without its caches, reading the same steps.
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(reader))
+    ids = [ep1["start"] + t for t in (2, 7)]
+    assert [_decode(r["wrist"]) for r in copy.records(ids)] == [(1, 2, 1), (1, 7, 1)]
+    np.testing.assert_array_equal(copy.actions[ids], reader.actions[ids])
 
 
 def test_av1_videos(datasets):
