@@ -42,6 +42,9 @@ transform=None) -> Loader``
 ``compute_action_stats(dataset, data_cfg)``  the same computed afresh from the actions alone (no frame decoded).
 ``normalize_instruction(text)``  the reference GIDM's instruction text (lower-case, no punctuation).
 
+``register_lerobot(name, path, image_keys=..., action_key=..., action_dims=..., gripper=...)``  a LeRobot dataset
+                             (v2.1 / v3.0, read in place: parquet + mp4) under ``name``, usable in any mixture.
+
 Command-line tools: ``python -m launch.convert_rlds``, ``python -m launch.inspect_data``,
 ``python -m launch.make_demo_data``, ``python -m launch.benchmark data``.
 """
@@ -49,12 +52,13 @@ Command-line tools: ``python -m launch.convert_rlds``, ``python -m launch.inspec
 from data_pipelines import actions, mixtures, oxe_table
 from data_pipelines.actions import action_stats, compute_action_stats
 from data_pipelines.config import calvin_data_config, default_data_config
+from data_pipelines.lerobot import register_lerobot
 from data_pipelines.loader import SPECS, Loader, check_sources, make_loader, normalize_instruction
 from data_pipelines.oxe_table import known_datasets
 
 __all__ = ["make_loader", "Loader", "SPECS", "default_data_config", "calvin_data_config", "known_datasets",
            "mixtures", "oxe_table", "actions", "validate_data_config", "check_sources", "action_stats",
-           "compute_action_stats", "normalize_instruction"]
+           "compute_action_stats", "normalize_instruction", "register_lerobot"]
 
 
 def validate_data_config(data_cfg, key: str = "data") -> None:
