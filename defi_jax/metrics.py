@@ -13,6 +13,7 @@ import struct
 import sys
 import tempfile
 import time
+import uuid
 from typing import Any
 
 import jax
@@ -88,7 +89,10 @@ class MetricWriter:
         purged = _purge_events(paths.join(workdir, "tensorboard"), resume_step) if resume_step is not None else 0
         try:
             from tensorboardX import SummaryWriter
+            # A unique suffix: tensorboardX names files by the second and host, and a resume within the same
+            # second would overwrite the earlier file (locally, or on upload).
             self._tb = SummaryWriter(os.path.join(self._local, "tensorboard"),
+                                     filename_suffix=f".{uuid.uuid4().hex[:8]}",
                                      purge_step=resume_step + 1 if purged else None)
         except ImportError:  # tensorboardX is optional at runtime
             self._tb = None

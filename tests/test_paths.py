@@ -111,6 +111,25 @@ def test_metric_writer_on_gs_uploads_and_resumes(gcs, tmp_path):
     assert [r["step"] for r in _rows(paths.read_text(paths.join(workdir, "metrics.jsonl")))] == [1, 2, 3]
     assert _rows(paths.read_text(paths.join(workdir, "metrics.jsonl")))[-1]["loss"] == 0.5
     w.close()
+    # The first run's TensorBoard event of step 3 is purged from its (uploaded) event file: each step once.
+    tb = paths.join(workdir, "tensorboard")
+    assert len(paths.listdir(tb)) == 2
+    assert [e for name in paths.listdir(tb) for e in _loss_events(paths.read_bytes(paths.join(tb, name)))] == \
+        [(1, 1.0), (2, 0.5), (3, 0.5)]
+
+
+def _loss_events(data):
+    """``[(step, loss)]`` of a TensorBoard event file's bytes (TFRecords: u64 length, u32 CRC, payload, u32 CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    out, at = [], 0
+    while at < len(data):
+        (n,) = struct.unpack("<Q", data[at:at + 8])
+        event = event_pb2.Event.FromString(data[at + 12:at + 12 + n])
+        out += [(event.step, v.simple_value) for v in event.summary.value if v.tag == "loss"]
+        at += 16 + n
+    return out
 
 
 def test_metric_writer_local_resume_drops_a_cut_line(tmp_path):
@@ -134,3 +153,39 @@ def test_sample_gif_on_gs_with_frame_duration(gcs, tmp_path):
     with paths.open(path, "rb") as f, Image.open(f) as gif:
         assert gif.n_frames == 4 and gif.size == (3 * 8, 2 * 8)   # clips side by side, (real ; sampled)
         assert gif.info["duration"] == 250 and gif.info["loop"] == 0
+
+
+def test_precompute_latents_to_gs(gcs, tmp_path, demo_data_dir, monkeypatch):
+    """launch.precompute_latents --out=gs://...: shards staged locally, uploaded complete, read back through the
+    path layer; nothing lands in a local ``gs:`` folder (the fixture checks the working directory)."""
+    from array_record.python import array_record_module
+    from flax import nnx
+
+    from configs.gfdm import get_config
+    from defi_jax.gfdm import latents
+    from defi_jax.models.svd_vae import AutoencoderKLTemporalDecoder, VAEConfig
+    from launch.precompute_latents import encode_split
+
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    monkeypatch.setattr(latents.tempfile, "tempdir", str(staging))   # where the local shard is written
+    config = get_config("tiny")
+    config.data.data_dir = demo_data_dir
+    vae = AutoencoderKLTemporalDecoder(VAEConfig.from_dict(dict(config.model.vae)), rngs=nnx.Rngs(3))
+    out = "gs://bucket/latents"
+    meta = encode_split(config, vae, out, "train", num_clips=3, batch_per_device=1)
+    assert meta["num_records"] == 3 and meta["latent_shape"] == [4, 16, 16, 4]
+    assert paths.listdir(out) == ["train-00000-of-00001.array_record", "train-00000-of-00001.json"]
+    assert latents.shard_paths(out, "train") == [out + "/train-00000-of-00001.array_record"]
+    assert latents.read_meta(out, "train") == meta
+    assert os.listdir(staging) == []                                 # the staging folder is removed
+    with pytest.raises(FileNotFoundError, match="no eval-"):
+        latents.shard_paths(out, "eval")
+
+    # The uploaded shard is the whole ArrayRecord file: every record decodes to a clip of the meta's shape.
+    local = tmp_path / "bucket" / "bucket" / "latents" / "train-00000-of-00001.array_record"
+    reader = array_record_module.ArrayRecordReader(str(local))
+    got = [latents.decode_record(r) for r in reader.read_all()]
+    reader.close()
+    assert len(got) == 3 and all(g["latents"].shape == (4, 16, 16, 4) for g in got)
+    assert all(np.isfinite(g["latents"]).all() and g["instruction"] for g in got)

@@ -11,18 +11,25 @@ A record is msgpack ``{"latents": float32 bytes, "shape": [T, h, w, 4], "instruc
 reference stores a posterior sample; the SVD VAE's posterior std is tiny and the mode makes the store
 deterministic). The GFDM stage takes frame 0's latent (unscaled) as the condition, as the reference's
 pre-encoded path does.
+
+The directory may be local or a ``gs://`` URI (through :mod:`defi_jax.paths`): ArrayRecord writes local files
+only, so a shard for an object store is written to a local staging folder and uploaded when complete.
 """
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 
 import grain
 import msgpack
 import numpy as np
+
+from defi_jax import paths
 
 
 def shard_name(split: str, process_index: int, process_count: int) -> str:
@@ -42,17 +49,27 @@ def decode_record(raw: bytes) -> dict:
 
 
 class ShardWriter:
-    """Writes one process's shard of a split (records + a JSON sidecar with counts and shapes)."""
+    """Writes one process's shard of a split (records + a JSON sidecar with counts and shapes).
+
+    ``out_dir`` local: written in place under a temporary name, renamed when complete. A URI (``gs://``):
+    written to a local staging folder, uploaded on :meth:`close` (an object appears once its upload is
+    complete), the staging folder removed. Either way a shard appears only complete, before its sidecar.
+    """
 
     def __init__(self, out_dir: str, split: str, process_index: int, process_count: int, *,
                  scaling_factor: float, extra_meta: Mapping | None = None):
         from array_record.python import array_record_module
 
-        os.makedirs(out_dir, exist_ok=True)
-        base = os.path.join(out_dir, shard_name(split, process_index, process_count))
-        self.path, self.meta_path = base + ".array_record", base + ".json"
+        name = shard_name(split, process_index, process_count)
+        self.path, self.meta_path = paths.join(out_dir, name + ".array_record"), paths.join(out_dir, name + ".json")
+        paths.makedirs(out_dir)
+        if paths.is_remote(out_dir):
+            self._staging = tempfile.mkdtemp(prefix="defi_jax_latents_")
+            self._local = os.path.join(self._staging, name + ".array_record")
+        else:
+            self._staging, self._local = None, self.path + ".tmp"
         # group_size:1 keeps every record independently readable (random access for a global shuffle).
-        self._writer = array_record_module.ArrayRecordWriter(self.path + ".tmp", "group_size:1")
+        self._writer = array_record_module.ArrayRecordWriter(self._local, "group_size:1")
         self.meta = {"num_records": 0, "latent_shape": None, "scaling_factor": float(scaling_factor),
                      "split": split, **dict(extra_meta or {})}
 
@@ -68,25 +85,32 @@ class ShardWriter:
 
     def close(self) -> None:
         self._writer.close()
-        os.replace(self.path + ".tmp", self.path)  # a shard appears only once complete
-        with open(self.meta_path, "w") as f:
-            json.dump(self.meta, f, indent=1)
+        if self._staging is None:
+            os.replace(self._local, self.path)  # a shard appears only once complete
+        else:
+            try:   # streamed: a shard can be larger than memory
+                with open(self._local, "rb") as src, paths.open(self.path, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 16 << 20)
+            finally:
+                shutil.rmtree(self._staging, ignore_errors=True)
+        paths.write_text(self.meta_path, json.dumps(self.meta, indent=1))
 
 
 def shard_paths(latents_dir: str, split: str) -> list[str]:
-    paths = sorted(glob.glob(os.path.join(latents_dir, f"{split}-*-of-*.array_record")))
-    if not paths:
+    """The split's shard files in ``latents_dir`` (local or URI), sorted."""
+    names = paths.listdir(latents_dir) if paths.isdir(latents_dir) else []
+    found = [paths.join(latents_dir, n) for n in names if fnmatch.fnmatch(n, f"{split}-*-of-*.array_record")]
+    if not found:
         raise FileNotFoundError(f"config.data.latents_dir={latents_dir!r}: no {split}-*.array_record shards "
                                 f"(write them with `python -m launch.precompute_latents`)")
-    return paths
+    return found
 
 
 def read_meta(latents_dir: str, split: str) -> dict:
     """Merged sidecar metadata of a split; checks the shards agree on shape and scaling factor."""
     metas = []
     for p in shard_paths(latents_dir, split):
-        with open(p[: -len(".array_record")] + ".json") as f:
-            metas.append(json.load(f))
+        metas.append(json.loads(paths.read_text(p[: -len(".array_record")] + ".json")))
     for key in ("latent_shape", "scaling_factor"):
         values = {json.dumps(m[key]) for m in metas}
         if len(values) > 1:
