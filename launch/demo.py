@@ -8,7 +8,9 @@
 2. ``gidm``: pretrains the GIDM (``configs/gidm.py:tiny``) on frame pairs, no actions used;
 3. ``gfdm``: pretrains the GFDM (``configs/gfdm.py:tiny``) on clips, writing sample GIFs;
 4. ``policy``: fine-tunes the DeFI policy (``configs/policy.py:tiny``) from those two workdirs on labelled windows;
-5. ``export``: loads the policy checkpoint for inference, acts, exports it with ``jax.export`` and checks that
+5. ``evaluate``: runs the policy closed-loop in Meta-World on the demo's robot tasks (``--episodes`` each, the
+   scripted experts on the same seeds; ``WORKDIR/eval_metaworld``: summary.json / .csv, rollout GIFs);
+6. ``export``: loads the policy checkpoint for inference, acts, exports it with ``jax.export`` and checks that
    the exported artifact (jax + numpy only) reproduces the in-process actions.
 Each stage trains through the one trainer (checkpoints, metrics.jsonl, TensorBoard under ``WORKDIR/<stage>``);
 rerunning resumes every stage from its last checkpoint (a finished stage is not retrained). A summary table
@@ -24,10 +26,11 @@ from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Where each stage writes its run.")
 _STEPS = flags.DEFINE_integer("steps", None, "Train steps per stage (default: each tiny config's own).")
-_STAGES = flags.DEFINE_list("stages", ["gidm", "gfdm", "policy", "export"], "Parts to run, in order.")
+_STAGES = flags.DEFINE_list("stages", ["gidm", "gfdm", "policy", "evaluate", "export"], "Parts to run, in order.")
+_EPISODES = flags.DEFINE_integer("episodes", 5, "Closed-loop Meta-World episodes per demo task (evaluate).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Demo data folder (default: $DEFI_JAX_DEMO_DIR or ~/.cache).")
 
-PARTS = ("gidm", "gfdm", "policy", "export")
+PARTS = ("gidm", "gfdm", "policy", "evaluate", "export")
 
 
 def _last_metrics(workdir: str) -> dict:
@@ -83,6 +86,23 @@ def _export_check(root: str) -> dict:
     return {"act_ms": act_ms, "first_act_ms": first_ms, "exported_max_abs_diff": err, "artifact": out}
 
 
+def _closed_loop(root: str) -> dict:
+    """Meta-World success of the demo policy on the demo's robot tasks (and the scripted experts')."""
+    from defi_jax.evaluation import metaworld
+    from defi_jax.inference import DeFIPolicy
+
+    policy = DeFIPolicy.from_checkpoint(os.path.join(root, "policy"), seed=0)
+    smoke = _STEPS.value is not None and _STEPS.value < 20
+    protocol = metaworld.Protocol(tasks=metaworld.task_list("demo"), episodes=_EPISODES.value,
+                                  horizon=30 if smoke else 200, workers=2, videos_per_task=2)
+    out = os.path.join(root, "eval_metaworld")
+    summary = metaworld.evaluate(policy, protocol, out, policy_info={"checkpoint": os.path.join(root, "policy")},
+                                 progress=None)
+    row = {f"success/{t}": v["success"] for t, v in summary["tasks"].items()}
+    return row | {"mean_success": summary["mean_success"],
+                  "mean_expert_success": summary.get("mean_expert_success", float("nan")), "summary": out}
+
+
 def main(argv):
     del argv
     import logging as py_logging
@@ -108,6 +128,9 @@ def main(argv):
         if name == "export":
             print("== export: act, jax.export, reload and compare", flush=True)
             summary[name] = _export_check(root)
+        elif name == "evaluate":
+            print(f"== evaluate: Meta-World closed loop, {_EPISODES.value} episode(s) per demo task", flush=True)
+            summary[name] = _closed_loop(root)
         else:
             config = _config(name, root, data_dir if _DATA_DIR.value else None)
             workdir = os.path.join(root, name)
