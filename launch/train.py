@@ -12,6 +12,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports Te
 
 import sys  # noqa: E402
 
+# grain's worker processes pass batches in shared memory; blocks still in flight when the loader closes are
+# freed by Python's resource tracker at exit, which reports them as "resource_tracker: There appear to be N
+# leaked shared_memory objects to clean up at shutdown": nothing is leaked and nothing is to be done. The
+# tracker is a child process that takes its warning filters from sys.warnoptions when it starts.
+sys.warnoptions.append("ignore::UserWarning:multiprocessing.resource_tracker")
+
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
