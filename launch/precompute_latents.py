@@ -18,6 +18,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports Te
 import sys  # noqa: E402
 import time  # noqa: E402
 
+# The resource tracker's "leaked shared_memory objects" exit notice about grain workers' in-flight batches means
+# nothing (they are freed); see launch/train.py.
+sys.warnoptions.append("ignore::UserWarning:multiprocessing.resource_tracker")
+
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
