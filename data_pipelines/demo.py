@@ -39,6 +39,7 @@ INSTRUCTIONS = {
 }
 PRIMARY_CAMERA, WRIST_CAMERA = "corner", "gripperPOV"
 DONE = "DEMO_COMPLETE.json"
+VERSION = 2   # 2: robot tasks keep the scripted expert's successful episodes; expert success recorded
 
 
 def instruction(task: str) -> str:
@@ -67,8 +68,13 @@ class _Renderer:
 
 
 def rollout_task(task: str, episodes: int, size: int, seed: int, *, wrist: bool = True,
-                 max_steps: int = 200, extra_steps: int = 10) -> list[dict]:
-    """Scripted-expert episodes of one Meta-World v3 task: frames, raw 4-D actions, states."""
+                 max_steps: int = 200, extra_steps: int = 10, successful_only: bool = False,
+                 max_attempts: int | None = None) -> list[dict]:
+    """Scripted-expert episodes of one Meta-World v3 task: frames, raw 4-D actions, states.
+
+    ``successful_only``: keep drawing episodes (at most ``max_attempts``, default 4 x ``episodes``) until
+    ``episodes`` of them succeeded, and return only those (Meta-World v3's scripted experts fail on some
+    seeds). Every episode dict carries ``attempts``: the episodes run for this task in all."""
     os.environ.setdefault("MUJOCO_GL", "egl")
     import gymnasium as gym
     import metaworld  # noqa: F401 - registers the Meta-World gymnasium envs
@@ -79,9 +85,13 @@ def rollout_task(task: str, episodes: int, size: int, seed: int, *, wrist: bool 
     env = gym.make("Meta-World/MT1", env_name=task, seed=seed)
     policy = ENV_POLICY_MAP[task]()
     render = _Renderer(env, size)
-    out = []
+    out, attempts = [], 0
+    max_attempts = max_attempts or (4 * episodes if successful_only else episodes)
     try:
-        for e in range(episodes):
+        for e in range(max_attempts):
+            if len(out) == episodes:
+                break
+            attempts += 1
             obs, _ = env.reset(seed=seed * 1000 + e)
             frames, wrist_frames, actions, states = [], [], [], []
             success_at = None
@@ -97,6 +107,8 @@ def rollout_task(task: str, episodes: int, size: int, seed: int, *, wrist: bool 
                     success_at = t
                 if success_at is not None and t >= success_at + extra_steps:
                     break
+            if successful_only and success_at is None:
+                continue
             out.append({"task": task, "frames": np.stack(frames),
                         "wrist_frames": np.stack(wrist_frames) if wrist else None,
                         "actions": np.stack(actions), "states": np.stack(states),
@@ -104,6 +116,8 @@ def rollout_task(task: str, episodes: int, size: int, seed: int, *, wrist: bool 
     finally:
         render.close()
         env.close()
+    for ep in out:
+        ep["attempts"] = attempts
     return out
 
 
@@ -118,7 +132,8 @@ def _rollouts(jobs: list[tuple], max_steps: int) -> list[list[dict]]:
 
 
 def _run_jobs(jobs, max_steps):
-    return [rollout_task(task, n, size, seed, wrist=wrist, max_steps=max_steps)
+    # Robot tasks (with a wrist view) keep the expert's successful episodes only: the policy learns from them.
+    return [rollout_task(task, n, size, seed, wrist=wrist, max_steps=max_steps, successful_only=wrist)
             for task, n, size, seed, wrist in jobs]
 
 
@@ -139,6 +154,17 @@ def make_demo_data(out: str, *, tasks=ROBOT_TASKS, human_tasks=HUMAN_TASKS, epis
     jobs = [(task, episodes, size, seed + k, True) for k, task in enumerate(tasks)]
     jobs += [(task, human_episodes, size, seed + 100 + k, False) for k, task in enumerate(human_tasks)]
     rollouts = _rollouts(jobs, max_steps)
+    expert = {}
+    for k, task in enumerate(tasks):
+        got = rollouts[k]
+        attempts = got[0]["attempts"] if got else 4 * episodes
+        expert[task] = {"successes": len(got), "attempts": attempts}
+        logging.warning("demo: %s scripted expert solved %d of %d episodes (kept the successful ones)", task,
+                        len(got), attempts)
+    failed = [t for t, e in expert.items() if e["successes"] == 0]
+    if failed:
+        raise RuntimeError(f"demo data: the scripted expert solved no episode of {failed} in "
+                           f"{4 * episodes} attempts; choose other --tasks")
     split_eps: dict[str, list] = {"train": []}
     for k, task in enumerate(tasks):
         for i, ep in enumerate(rollouts[k]):
@@ -149,7 +175,7 @@ def make_demo_data(out: str, *, tasks=ROBOT_TASKS, human_tasks=HUMAN_TASKS, epis
                      for t in range(len(ep["actions"]))]
             split_eps["train"].append({"steps": steps,
                                        "episode_metadata": {"file_path": f"metaworld/{task}/seed{seed + k}/ep{i}"}})
-        logging.info("demo: %s x %d episodes", task, episodes)
+        logging.info("demo: %s x %d episodes", task, len(rollouts[k]))
     rlds.write_rlds(out, "demo", split_eps, description="Meta-World v3 scripted-expert episodes (defi-jax demo data)")
     convert.convert("demo", os.path.join(out, "demo"), os.path.join(out, "demo"))
 
@@ -171,8 +197,18 @@ def make_demo_data(out: str, *, tasks=ROBOT_TASKS, human_tasks=HUMAN_TASKS, epis
     shutil.rmtree(os.path.join(out, "downloads"), ignore_errors=True)  # TFDS's empty download cache
     with open(os.path.join(out, DONE), "w") as f:
         json.dump({"tasks": list(tasks), "human_tasks": list(human_tasks), "episodes": episodes,
-                   "human_episodes": human_episodes, "size": size, "seed": seed}, f)
+                   "human_episodes": human_episodes, "size": size, "seed": seed,
+                   "expert_success": expert, "version": VERSION}, f)
     return out
+
+
+def _complete(root: str) -> bool:
+    """A finished generation of this version (older demo data is regenerated)."""
+    try:
+        with open(os.path.join(root, DONE)) as f:
+            return json.load(f).get("version") == VERSION
+    except (OSError, ValueError):
+        return False
 
 
 def default_root() -> str:
@@ -186,7 +222,7 @@ def ensure_demo_data(root: str | None = None, **kwargs) -> str:
     finish renames it into place.
     """
     root = root or default_root()
-    if os.path.exists(os.path.join(root, DONE)):
+    if _complete(root):
         return root
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
@@ -205,12 +241,12 @@ def ensure_demo_data(root: str | None = None, **kwargs) -> str:
         proc = subprocess.run(args, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"demo data generation failed ({' '.join(args)}):\n{proc.stderr[-4000:]}")
-        if os.path.exists(root) and not os.path.exists(os.path.join(root, DONE)):
-            shutil.rmtree(root, ignore_errors=True)  # a half-written dir from an interrupted older version
+        if os.path.exists(root) and not _complete(root):
+            shutil.rmtree(root, ignore_errors=True)  # a half-written dir, or an older version's data
         try:
             os.rename(tmp, root)
         except OSError:
-            if not os.path.exists(os.path.join(root, DONE)):
+            if not _complete(root):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -41,6 +41,10 @@ def test_demo_rlds_reads_back_with_tfds(demo_data_dir):
     for ep in index["episodes"]:
         shard = ep["source"].rsplit("[", 1)[0]
         assert ".demo-" not in ep["source"] and os.path.exists(os.path.join(demo_data_dir, "demo", shard))
+    # Only the scripted experts' successful episodes are kept; their success is recorded.
+    done = json.load(open(os.path.join(demo_data_dir, demo.DONE)))
+    assert set(done["expert_success"]) == {"reach-v3", "push-v3", "button-press-v3"}
+    assert all(e["successes"] == 3 and e["attempts"] >= 3 for e in done["expert_success"].values())
     labels = json.load(open(os.path.join(demo_data_dir, "demo_human", "labels", "train.json")))
     assert labels and all(lab["label"] == demo.instruction("drawer-close-v3") for lab in labels)
 
