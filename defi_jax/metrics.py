@@ -165,8 +165,14 @@ def _purge_events(tb_dir: str, step: int) -> int:
     names = [n for n in paths.listdir(tb_dir) if ".tfevents." in n]
     for name in names:
         path = paths.join(tb_dir, name)
-        data = paths.read_bytes(path)
-        keep = [raw for raw, payload in _records(data) if event_pb2.Event.FromString(payload).step <= step]
+        data, keep = paths.read_bytes(path), []
+        for raw, payload in _records(data):
+            try:
+                event = event_pb2.Event.FromString(payload)
+            except Exception:   # protobuf's DecodeError: a record the killed run left garbled ends the file
+                break
+            if event.step <= step:
+                keep.append(raw)
         kept = b"".join(keep)
         if kept != data:
             paths.write_bytes(path, kept)
