@@ -71,12 +71,13 @@ def get_config(arg: str | None = None):
     m.feature_fps = 4
     m.feature_steps = 20
     m.feature_up_blocks = 2
-    m.sample_steps = 30
+    m.sample_steps = 30                # Euler steps of sampled videos (evaluation)
     m.guidance_min = 1.0
     m.guidance_max = 7.5
     m.sample_noise_aug = 0.02
     m.decode_chunk_size = 7
-    m.unet_remat = True                # per-block rematerialization in the UNet (gradient checkpointing)
+    m.remat = True                     # per-block rematerialization in the UNet (gradient checkpointing)
+    m.attention_impl = ml_collections.FieldReference(None, field_type=str)  # None = XLA; "cudnn" on GPU
 
     # Published weights (defi_jax/weights.py). svd_path / clip_path fill the sources below whose own path
     # is empty: <svd_path>/unet, <svd_path>/vae, clip_path; a source's path can also be set on its own.
@@ -86,7 +87,6 @@ def get_config(arg: str | None = None):
     c.init.sources.unet = weights.source("^unet/", "diffusers_unet")
     c.init.sources.vae = weights.source("^vae/", "diffusers_vae")
     c.init.sources.text_encoder = weights.source("^text_encoder/", "hf_clip_text")
-    c.attention_impl = ml_collections.FieldReference(None, field_type=str)  # None = XLA; "cudnn" on GPU
 
     c.data = default_data_config()
     c.data.source = "frames"           # frames | latents
@@ -98,8 +98,7 @@ def get_config(arg: str | None = None):
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batches = 4                 # validation-loss batches
-    c.eval.num_videos = 4              # sampled clips scored (PSNR / SSIM) and written as a GIF
-    c.eval.sample_steps = 30
+    c.eval.num_videos = 4              # clips sampled (model.sample_steps), scored (PSNR / SSIM), in a GIF
     c.eval.gif_fps = 4
 
     t = c.train
@@ -114,7 +113,7 @@ def get_config(arg: str | None = None):
     # The trainer's remat wraps the whole loss, which does not lower the peak: without per-block remat the
     # full step measured ~196 GiB per device on 8 fake CPU devices (batch 6 per device, float32). The UNet
     # therefore recomputes each res-block / transformer in the backward pass (diffusers' gradient
-    # checkpointing), ``model.unet_remat``.
+    # checkpointing), ``model.remat``.
     t.remat_policy = "none"
     t.num_steps = 500_000
     t.log_every = 100
@@ -122,7 +121,7 @@ def get_config(arg: str | None = None):
     t.save_every = 5_000
 
     if variant == "tiny":
-        m.unet_remat = False
+        m.remat = False
         # Three UNet levels (SVD has four): the same block kinds, a third of the compile time on a CPU.
         m.unet = dict(
             sample_size=16, in_channels=8, out_channels=4,
@@ -150,7 +149,6 @@ def get_config(arg: str | None = None):
         c.data.views = ("primary",)
         c.eval.batches = 2
         c.eval.num_videos = 4
-        c.eval.sample_steps = 8
         t.batch_size = 8
         t.lr = 1e-3
         t.schedule = "warmup_cosine"

@@ -25,6 +25,8 @@ model keys:
   patch_size, max_text_len (instructions are padded / cut to this many tokens)
   vq_beta (commitment weight), vq_restart_every (steps between dead-code restarts; the reference does it
   once per epoch), vq_restart_from ("codebook" = the reference, "encoder" = random encoder outputs)
+  remat (recompute each transformer block in the backward pass), attention_impl (None = XLA, "cudnn" on GPU);
+  the layers compute in ``config.train.compute_dtype``
   reference_mask_order: reproduce the reference's encoder language-mask ordering quirk (see model.py)
   residual_target: the decoder output is added to the current frame's target, its output layer starts at
                    zero (tiny; not in the reference)
@@ -64,9 +66,8 @@ def model_config(variant: str = "defi") -> ml_collections.ConfigDict:
     m.reference_mask_order = False
     m.residual_target = False              # tiny: decoder predicts target(t+n) - target(t)
     m.action_to_patches = False            # tiny: latent actions also added to every decoder patch token
-    m.dtype = "float32"                    # compute dtype of the latent action model's layers
-    m.remat = False
-    m.attention_impl = ""                  # "" = XLA's choice, "cudnn" = flash attention on GPU
+    m.remat = False                        # per-block rematerialization (gradient checkpointing)
+    m.attention_impl = ml_collections.FieldReference(None, field_type=str)  # None = XLA; "cudnn" on GPU
     if variant == "tiny":
         m.visual_encoder = "patch"
         m.text_encoder = "bytes"
@@ -103,10 +104,12 @@ def get_config(arg: str | None = None):
     from data_pipelines.config import default_data_config
     c.data = default_data_config()
     c.data.mixture = "gidm_paper"
-    c.data.eval_batches = 8                # held-out batches for eval losses and the action probe
     c.data.normalize_instructions = True   # the reference collator: lower-case, punctuation stripped
     c.data.pair_spacing = "reference"      # the reference's frame pairs (10-frame window, per-dataset ranges)
-    c.data.probe_ridge = 1e-3              # ridge strength of the closed-form linear probe (probe_r2)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batches = 8                     # held-out batches for eval losses and the action probe
+    c.eval.probe_ridge = 1e-3              # ridge strength of the closed-form linear probe (probe_r2)
 
     t = c.train
     t.batch_size = 512                     # 64 per GPU x 8 GPUs
@@ -127,7 +130,7 @@ def get_config(arg: str | None = None):
         c.data.normalize_instructions = False
         c.data.pair_spacing = "seconds"    # pair_seconds at the demo's control rate
         c.data.mixture = "demo"
-        c.data.eval_batches = 4
+        c.eval.batches = 4
         t.batch_size = 16
         t.num_steps = 300
         t.lr = 1e-3

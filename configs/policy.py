@@ -23,6 +23,9 @@ Keys beyond the stage configs':
   model.latent_action    vq (default) | continuous | binning | gmm        (the latent-action ablation)
   model.gfdm_steps       GFDM denoising steps before the features (1 = the paper's default; 5 = its ablation)
   model.cross_attention  inside model.head: causal (the reference's quirk) | full
+  model.attention_impl   the GFDM's and the GIDM encoder's attention kernel (None = XLA, "cudnn" on GPU); it sets
+                         model.gfdm.attention_impl and model.gidm.attention_impl
+  model.gfdm.remat / model.gidm.remat   per-block rematerialization of those towers (finetune=all trains the UNet)
   data.normalize_actions False = raw actions (the reference on CALVIN); True = [-1, 1] by dataset statistics
   train.schedule         constant (the released run) | tri_stage (the configured but unused schedule)
 """
@@ -57,6 +60,9 @@ def get_config(arg: str | None = None):
     m = c.model
     m.gfdm = gf.model
     m.gidm = gi.model
+    m.attention_impl = ml_collections.FieldReference(None, field_type=str)  # None = XLA; "cudnn" on GPU
+    m.gfdm.attention_impl = m.get_ref("attention_impl")
+    m.gidm.attention_impl = m.get_ref("attention_impl")
     m.goal_text = _clip_goal(variant)
     m.num_views = 2                         # static (primary) first, then the wrist camera
     m.gfdm_steps = 1

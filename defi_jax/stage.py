@@ -27,6 +27,44 @@ class DataIterator(Protocol):
     def set_state(self, state: Any) -> None: ...
 
 
+TextTokenizer = Callable[[str], tuple[np.ndarray, np.ndarray]]   # text -> (ids int32[L], mask int32[L])
+
+
+class Tokenize:
+    """The per-sample transform every stage runs in its data workers: the ``instruction`` -> token ids + masks.
+
+    ``fields`` maps ``(ids key, mask key)`` to a tokenizer factory ``factory(config) -> TextTokenizer``, e.g.
+    ``{("input_ids", "attention_mask"): gfdm.stage.tokenizer}``. ``prepare(sample) -> sample`` is an optional
+    stage-specific step run first (the policy keeps the last observation frame). Factories and ``prepare`` are
+    module-level functions: the transform is pickled into grain worker processes and builds its tokenizers
+    there, on first use (a vocabulary is read once per worker, never pickled). The output holds the numeric
+    fields only (strings cannot be batched onto devices).
+    """
+
+    def __init__(self, config, fields: Mapping[tuple[str, str], Callable[[Any], TextTokenizer]],
+                 prepare: Callable[[dict], dict] | None = None):
+        self.config, self.fields, self.prepare = config, dict(fields), prepare
+        self._tokenizers: dict[tuple[str, str], TextTokenizer] | None = None
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _tokenizers=None)
+
+    def tokenizers(self) -> dict[tuple[str, str], TextTokenizer]:
+        if self._tokenizers is None:
+            self._tokenizers = {keys: factory(self.config) for keys, factory in self.fields.items()}
+        return self._tokenizers
+
+    def __call__(self, sample: dict) -> dict:
+        sample = self.prepare(sample) if self.prepare is not None else sample
+        text = sample["instruction"]
+        text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        out = {k: v for k, v in sample.items() if not isinstance(v, (str, bytes))}
+        for (ids_key, mask_key), tokenize in self.tokenizers().items():
+            ids, mask = tokenize(text)
+            out[ids_key], out[mask_key] = np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+        return out
+
+
 class NumericBatches:
     """A data loader's batches reduced to the numeric arrays a stage's step reads (strings cannot go to devices).
 
@@ -98,6 +136,35 @@ class Stage:
     frozen: Callable[[Any], tuple[str, ...]] | None = None
     assets: Callable[[Any], Mapping[str, str]] | None = None
     check_data: Callable[[Any], None] | None = None
+
+
+def jit_kwargs(config) -> dict:
+    """``jax.jit`` keyword arguments of every compile of a run: ``config.train.compiler_options`` (XLA options)."""
+    opts = config.train.compiler_options
+    return {"compiler_options": dict(opts)} if opts else {}
+
+
+def compute_dtype(config):
+    """``config.train.compute_dtype`` as the ``dtype`` models take: None for float32 (the parameters' own)."""
+    name = config.train.compute_dtype
+    return None if name == "float32" else jax.numpy.dtype(name)
+
+
+_EVAL_FNS: dict[str, tuple[Any, Any]] = {}
+
+
+def eval_fns(name: str, config, graphdef: nnx.GraphDef, build: Callable[[nnx.GraphDef, Any], Any]):
+    """``build(graphdef, config)`` (a stage's jitted evaluation functions), built once per run.
+
+    Every evaluation of a run passes the same model structure and config, so it gets the functions jitted at
+    the first one, and their compiled programs; another structure or config (a new run in the same process)
+    builds again. One entry per stage ``name`` is kept, so an earlier run's programs are freed.
+    """
+    key = (graphdef, config.to_json_best_effort(sort_keys=True))
+    cached = _EVAL_FNS.get(name)
+    if cached is None or cached[0] != key:
+        _EVAL_FNS[name] = cached = (key, build(graphdef, config))
+    return cached[1]
 
 
 _REGISTRY: dict[str, str] = {

@@ -22,3 +22,102 @@ def demo_data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_data") / "demo"
     return demo.ensure_demo_data(str(root), tasks=("reach-v3", "push-v3", "button-press-v3"),
                                  human_tasks=("drawer-close-v3",), episodes=3, human_episodes=3, size=64)
+
+
+import importlib  # noqa: E402
+
+# Unoptimized CPU code compiles ~5x faster; tests compare runs compiled the same way, never timings.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def fast_compile() -> dict:
+    """``config.train.compiler_options`` (or ``.compile(...)`` options) for fast CPU compiles."""
+    return dict(FAST_COMPILE)
+
+
+@pytest.fixture(scope="session")
+def subprocess_env():
+    """``subprocess_env(devices=8, **extra)``: the environment of a Python child process: this checkout on
+    ``PYTHONPATH``, CPU only, ``devices`` fake devices (0: XLA's default, one), fast compiles."""
+    def make(devices: int = 8, **extra) -> dict:
+        flags = (f"--xla_force_host_platform_device_count={devices} " if devices else "") + FAST_XLA_FLAGS
+        return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, **extra)
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """``tiny_config(stage="toy", fast=True, **train)``: ``configs/<stage>.py:tiny`` with no progress bar, the
+    fast-compile options (``fast=False`` keeps the config's own) and ``config.train`` overrides."""
+    def make(stage: str = "toy", *, fast: bool = True, **train):
+        c = importlib.import_module(f"configs.{stage}").get_config("tiny")
+        c.train.progress_bar = False
+        if fast:
+            c.train.compiler_options = dict(FAST_COMPILE)
+        for k, v in train.items():
+            c.train[k] = v
+        return c
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_mesh():
+    """``make_mesh((data, fsdp, tensor))``: a mesh over the first data x fsdp x tensor fake devices."""
+    import jax
+    import ml_collections
+    import numpy as np
+
+    from defi_jax import sharding
+
+    def make(shape):
+        n = int(np.prod(shape))
+        return sharding.make_mesh(ml_collections.ConfigDict(dict(shape=tuple(shape))), devices=jax.devices()[:n])
+    return make
+
+
+@pytest.fixture(scope="session")
+def one_device_mesh(make_mesh):
+    return make_mesh((1, 1, 1))
+
+
+@pytest.fixture(scope="session")
+def eight_device_mesh(make_mesh):
+    """fsdp over all 8 fake devices."""
+    return make_mesh((1, 8, 1))
+
+
+@pytest.fixture(scope="session")
+def error_message():
+    """``error_message(fn, *args, exc=Exception, **kwargs)``: the message of the ``exc`` that ``fn(*args,
+    **kwargs)`` must raise (for assertions on several parts of one message)."""
+    def message(fn, *args, exc=Exception, **kwargs) -> str:
+        with pytest.raises(exc) as e:
+            fn(*args, **kwargs)
+        return str(e.value)
+    return message
+
+
+@pytest.fixture
+def count_compiles():
+    """``with count_compiles() as n: ...``; ``n[0]`` is then the number of XLA backend compiles inside."""
+    import contextlib
+
+    import jax
+
+    @contextlib.contextmanager
+    def counting():
+        n = [0]
+
+        def on_event(event: str, duration: float, **kwargs):
+            if event == "/jax/core/compile/backend_compile_duration":
+                n[0] += 1
+
+        jax.monitoring.register_event_duration_secs_listener(on_event)
+        try:
+            yield n
+        finally:
+            jax.monitoring.unregister_event_duration_listener(on_event)
+    return counting

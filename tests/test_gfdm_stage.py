@@ -1,9 +1,7 @@
 """GFDM stage: metrics vs TensorFlow, tokenizer, precomputed-latent round trip, and a short real training run."""
 
+import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +10,9 @@ import pytest
 from flax import nnx
 
 from configs.gfdm import get_config
+from defi_jax import stage as stage_lib, trainer
 from defi_jax.gfdm import evaluation, latents, stage
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from defi_jax.models import byte_tokenizer
 
 
 def test_psnr_ssim_match_tensorflow():
@@ -27,12 +25,42 @@ def test_psnr_ssim_match_tensorflow():
     assert float(evaluation.ssim(a, a).min()) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_byte_tokenizer_pads_and_truncates_like_clip():
-    ids, mask = stage.ByteTokenizer()(["Open  the Drawer", "x" * 40], max_length=20)
-    assert ids.shape == mask.shape == (2, 20) and ids.dtype == np.int32
-    assert list(ids[0, :5]) == [1, ord("o") + 3, ord("p") + 3, ord("e") + 3, ord("n") + 3]
-    assert ids[0, 16] == 2 and mask[0].sum() == 17 and ids[0, 17:].tolist() == [2, 2, 2]  # eos, then eos-padding
-    assert ids[1, -1] == 2 and mask[1].all()  # truncated: end-of-text kept as the last token
+def test_byte_tokenizers_keep_their_ids():
+    """Both byte schemes, id for id (tiny checkpoints were trained on them), and the exported artifacts' copies."""
+    from defi_jax import inference
+
+    ids, mask = byte_tokenizer.clip_bytes("Open  the Drawer", 20)
+    assert ids.shape == mask.shape == (20,) and ids.dtype == mask.dtype == np.int32
+    assert list(ids[:5]) == [1, ord("o") + 3, ord("p") + 3, ord("e") + 3, ord("n") + 3]
+    assert ids[16] == 2 and mask.sum() == 17 and ids[17:].tolist() == [2, 2, 2]  # eos, then eos-padding
+    ids, mask = byte_tokenizer.clip_bytes("x" * 40, 20)
+    assert ids[-1] == 2 and mask.all()  # truncated: end-of-text kept as the last token
+
+    ids, mask = byte_tokenizer.gidm_bytes("Open  it", 10)
+    assert ids.tolist() == [ord(c) + 1 for c in "Open  it"] + [0, 0] and mask.tolist() == [1] * 8 + [0, 0]
+    assert byte_tokenizer.gidm_bytes("", 4)[0].tolist() == [33, 0, 0, 0]        # empty: one space
+    assert byte_tokenizer.gidm_bytes("é" * 3, 4)[0].tolist() == [196, 170, 196, 170]  # bytes, cut at max_length
+
+    for text in ("Open  the Drawer", "", "x" * 40, "Ünïcode  ➜ text"):
+        for ours, exported in ((byte_tokenizer.clip_bytes, inference._clip_bytes),
+                               (byte_tokenizer.gidm_bytes, inference._gidm_bytes)):
+            for a, b in zip(ours(text, 20), exported(text, 20)):
+                np.testing.assert_array_equal(a, b, err_msg=text)
+
+
+def test_tokenize_transform_pickles_without_its_tokenizers():
+    """The one data-worker transform: pickled into grain workers without built tokenizers, numeric output."""
+    import pickle
+
+    config = get_config("tiny")
+    transform = stage_lib.Tokenize(config, {("input_ids", "attention_mask"): stage.tokenizer})
+    sample = {"frames": np.zeros((4, 8, 8, 3), np.uint8), "instruction": b"Open the drawer", "dataset": "demo"}
+    out = transform(sample)
+    assert transform._tokenizers is not None and set(out) == {"frames", "input_ids", "attention_mask"}
+    np.testing.assert_array_equal(out["input_ids"], byte_tokenizer.clip_bytes("Open the drawer", 20)[0])
+    copy = pickle.loads(pickle.dumps(transform))
+    assert copy._tokenizers is None                     # built again in the worker, on first use
+    np.testing.assert_array_equal(copy(sample)["attention_mask"], out["attention_mask"])
 
 
 def _tiny_vae(config):
@@ -54,7 +82,7 @@ def test_precompute_latents_round_trip(demo_data_dir, tmp_path):
     import data_pipelines
     n_dev = len(jax.local_devices())
     clips = next(data_pipelines.make_loader("gfdm_clip", stage.loader_config(config), global_batch_size=n_dev,
-                                            seed=config.data.get("seed", config.seed), split="train"))
+                                            seed=config.seed, split="train"))
     frames = clips["frames"][:5]
     want = vae.encode(jnp.asarray(frames.reshape(-1, 32, 32, 3), jnp.float32) / 127.5 - 1.0) * 0.18215
     want = np.asarray(want).reshape(5, 4, 16, 16, 4)
@@ -79,19 +107,32 @@ def test_precompute_latents_round_trip(demo_data_dir, tmp_path):
     assert {k: v.shape for k, v in stage.batch_spec(config).items()} == {k: v.shape for k, v in batch.items()}
 
 
-def test_tiny_training_run_learns_and_writes_gif(demo_data_dir, tmp_path):
-    """``python -m launch.train --config=configs/gfdm.py:tiny`` on the demo data, through the real trainer."""
+def test_tiny_training_run_learns_compiles_evaluation_once_and_writes_gif(demo_data_dir, tmp_path, tiny_config,
+                                                                          one_device_mesh, count_compiles,
+                                                                          monkeypatch):
+    """``configs/gfdm.py:tiny`` on the demo data through the real trainer (in this process, on one device; the
+    entry point ``launch.train`` is covered by test_entry_points): the validation loss falls, the evaluation
+    compiles at its first call only, and the sampled clips are written as a GIF."""
+    compiles = []
+
+    def counted_evaluate(*args, **kwargs):
+        with count_compiles() as n:
+            out = stage.evaluate(*args, **kwargs)
+        compiles.append(n[0])
+        return out
+
+    monkeypatch.setattr(stage, "STAGE", dataclasses.replace(stage.STAGE, evaluate=counted_evaluate))
+    config = tiny_config("gfdm", num_steps=8, eval_every=4, save_every=8, batch_size=4, log_every=1)
+    config.data.data_dir = demo_data_dir
+    config.eval.batches = 1
+    config.model.sample_steps = 4
     workdir = tmp_path / "run"
-    env = dict(os.environ, XLA_FLAGS="", DEFI_JAX_DEMO_DIR=demo_data_dir, JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "launch.train", "--config=configs/gfdm.py:tiny", f"--workdir={workdir}",
-           "--config.train.num_steps=8", "--config.train.eval_every=4", "--config.train.save_every=8",
-           "--config.train.batch_size=4", "--config.train.log_every=1", "--config.train.progress_bar=False",
-           "--config.eval.batches=1", "--config.eval.sample_steps=4"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    trainer.Trainer(config, mesh=one_device_mesh).fit(str(workdir))
+
     rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     evals = {r["step"]: r for r in rows if "eval_loss" in r}
     assert sorted(evals) == [4, 8]
+    assert compiles[0] > 0 and compiles[1:] == [0], compiles   # compiled once per run, not per evaluation
     # Validation loss at fixed noise draws on fixed batches goes down as training proceeds.
     assert evals[8]["eval_loss"] < evals[4]["eval_loss"], evals
     assert all(np.isfinite([r["eval_psnr"], r["eval_ssim"]]).all() for r in evals.values())

@@ -10,7 +10,8 @@ import torch
 from flax import nnx
 
 from configs.gidm import model_config
-from defi_jax.gidm.model import NUM_ACTION_QUERIES, LatentActionModel, byte_tokenize
+from defi_jax.gidm.model import NUM_ACTION_QUERIES, LatentActionModel
+from defi_jax.models.byte_tokenizer import gidm_bytes
 from defi_jax.interop import defi_torch
 from defi_jax.torch_ref.gidm import LatentActionModel as TorchLatentActionModel
 
@@ -56,7 +57,7 @@ def test_shapes_tiny_pixels():
     B = 2
     s = c.image_size
     frames = jnp.asarray(np.random.default_rng(0).integers(0, 255, (B, 2, s, s, 3)), jnp.uint8)
-    ids, mask = zip(*(byte_tokenize(t, c.max_text_len) for t in ["pick up the red block", "open"]))
+    ids, mask = zip(*(gidm_bytes(t, c.max_text_len) for t in ["pick up the red block", "open"]))
     out = nnx.jit(lambda m, f, i, a: m(f, i, a, shuffle_rng=jax.random.PRNGKey(1)))(
         model, frames, jnp.asarray(np.stack(ids)), jnp.asarray(np.stack(mask)))
     n = (s // 8) ** 2

@@ -8,6 +8,7 @@ import defi_jax  # noqa: F401
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import gidm as gidm_configs
 from defi_jax import trainer
@@ -74,6 +75,30 @@ def test_validate_names_bad_keys():
         stage.validate(c)
 
 
+def test_evaluation_compiles_once_per_run(demo_data_dir, count_compiles):
+    """The second evaluation of a run reuses the first one's compiled step; another config compiles its own."""
+    c = gidm_configs.get_config("tiny")
+    c.data.data_dir = demo_data_dir
+    c.train.batch_size = 4
+    c.eval.batches = 2
+    model = stage.build_model(c, nnx.Rngs(0))
+    batches = [b for _, b in zip(range(2), stage.make_data(c, 0, 1, "eval"))]
+    assert {"actions", "has_actions", "input_ids"} <= set(batches[0])
+
+    def evaluate(config):
+        with count_compiles() as n:
+            metrics = stage.evaluate(model, config, None, 5, iter(batches))
+        return metrics, n[0]
+
+    first, compiles = evaluate(c)
+    assert compiles > 0 and np.isfinite(first["eval_recon_loss"])
+    again, compiles = evaluate(c)
+    assert compiles == 0 and again == first
+    c.model.vq_beta = 0.5      # another run's config: its own step (its loss weighs the commitment term more)
+    other, compiles = evaluate(c)
+    assert compiles > 0 and other["eval_loss"] != first["eval_loss"]
+
+
 def test_tiny_pretraining_on_demo_data(demo_data_dir, tmp_path):
     """Pretraining from scratch on the demo data through the real trainer: the loss falls, the codebook is
     in use, the decoder reads the latent actions (shuffling them across the batch costs a clear share of
@@ -88,7 +113,7 @@ def test_tiny_pretraining_on_demo_data(demo_data_dir, tmp_path):
     c.train.log_every = 25
     c.train.save_every = 1000
     c.train.progress_bar = False
-    c.data.eval_batches = 4
+    c.eval.batches = 4
     workdir = str(tmp_path / "gidm")
     trainer.train(c, workdir)
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]

@@ -7,6 +7,7 @@ runs from a folder outside the checkout.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -30,6 +31,7 @@ def _source_modules() -> set[str]:
 @pytest.fixture(scope="module")
 def wheel_venv(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
+    shutil.rmtree(REPO / "build", ignore_errors=True)   # setuptools' staging copy may hold deleted modules
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp / "dist"), str(REPO)], check=True, cwd=tmp)
     wheel = next((tmp / "dist").glob("defi_jax-*.whl"))
@@ -65,7 +67,7 @@ from configs import toy, gidm
 c = toy.get_config("tiny"); c.train.num_steps = 2; c.train.progress_bar = False
 assert trainer.train(c, os.path.abspath("toy")).step == 2
 c = gidm.get_config("tiny"); c.train.num_steps = 2; c.train.batch_size = 4; c.train.progress_bar = False
-c.data.data_dir = sys.argv[1]; c.data.mixture = "demo_robot"; c.data.eval_batches = 1
+c.data.data_dir = sys.argv[1]; c.data.mixture = "demo_robot"; c.eval.batches = 1
 assert trainer.train(c, os.path.abspath("gidm")).step == 2
 from configs import gfdm
 c = gfdm.get_config("tiny"); c.train.num_steps = 1; c.train.batch_size = 2; c.train.progress_bar = False

@@ -118,7 +118,6 @@ def _small_defi_config():
     m.enc_blocks = m.dec_blocks = 1
     m.num_heads = 2
     m.patch_size, m.image_size, m.max_text_len = 14, 28, 8
-    m.dtype = "float32"
     c.data.resolution = 28
     c.train.batch_size = 8
     c.train.compute_dtype = "float32"

@@ -53,11 +53,14 @@ class GFDMOptions:
     guidance_max: float = 7.5
     sample_noise_aug: float = 0.02         # the pipeline's time id at sampling (no noise is added to the image)
     decode_chunk_size: int = 0             # frames decoded together by the temporal VAE decoder; 0 = all
-    unet_remat: bool = False               # recompute each UNet block in the backward pass (memory)
+    remat: bool = False                    # recompute each UNet block in the backward pass (memory)
+    attention_impl: str | None = None      # jax.nn.dot_product_attention's: None = XLA, "cudnn" on GPU
 
     @classmethod
     def from_config(cls, model_cfg) -> GFDMOptions:
         d = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
+        if "unet_remat" in d:   # the key's name in configs saved with checkpoints before it became model.remat
+            d["remat"] = d.pop("unet_remat")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -107,6 +110,7 @@ class GFDM(nnx.Module):
 
     def __init__(self, opts: GFDMOptions, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
                  attention_impl: str | None = None):
+        """``attention_impl`` overrides ``opts.attention_impl`` when given."""
         from defi_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
         from defi_jax.models.svd_unet import UNetConfig, UNetSpatioTemporal
         from defi_jax.models.svd_vae import AutoencoderKLTemporalDecoder, VAEConfig
@@ -114,8 +118,9 @@ class GFDM(nnx.Module):
         self.opts = opts
         rngs = _traceable_rngs(rngs)
         mk = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        attention_impl = attention_impl or opts.attention_impl
         self.unet = UNetSpatioTemporal(UNetConfig.from_dict(dict(opts.unet)), attention_impl=attention_impl,
-                                       remat=opts.unet_remat, **mk)
+                                       remat=opts.remat, **mk)
         self.vae = AutoencoderKLTemporalDecoder(VAEConfig.from_dict(dict(opts.vae)), attention_impl=attention_impl,
                                                 **mk)
         self.text_encoder = CLIPTextEncoder(CLIPTextConfig(**dict(opts.text_encoder)), **mk)

@@ -33,6 +33,7 @@ from flax import nnx
 
 from defi_jax import nn
 from defi_jax.gidm.vq import VectorQuantizer
+from defi_jax.models.byte_tokenizer import GIDM_BYTES_VOCAB_SIZE
 from defi_jax.sharding import constrain
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -171,24 +172,16 @@ class PatchEncoder(nnx.Module):
 
 
 class ByteTextEncoder(nnx.Module):
-    """Tiny-config instruction encoder: a trainable embedding over UTF-8 bytes (id = byte + 1, 0 = pad)."""
+    """Tiny-config instruction encoder: a trainable embedding over UTF-8 bytes (id = byte + 1, 0 = pad; the ids of
+    ``defi_jax.models.byte_tokenizer.gidm_bytes``)."""
 
     def __init__(self, dim: int, *, rngs: nnx.Rngs):
-        self.embed = nnx.Embed(257, dim, rngs=rngs,
+        self.embed = nnx.Embed(GIDM_BYTES_VOCAB_SIZE, dim, rngs=rngs,
                                embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02),
                                                                     ("vocab", "embed")))
 
     def __call__(self, input_ids_BL, attention_mask_BL):
         return self.embed(input_ids_BL)
-
-
-def byte_tokenize(text: str, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Byte-level ids for ``ByteTextEncoder``: (input_ids int32[max_len], attention_mask int32[max_len])."""
-    raw = text.encode("utf-8")[:max_len] or b" "
-    ids = np.zeros((max_len,), np.int32)
-    ids[:len(raw)] = np.frombuffer(raw, np.uint8).astype(np.int32) + 1
-    mask = (ids > 0).astype(np.int32)
-    return ids, mask
 
 
 def patchify(pixels_BHWC: jax.Array, patch: int) -> jax.Array:
@@ -199,11 +192,11 @@ def patchify(pixels_BHWC: jax.Array, patch: int) -> jax.Array:
 
 
 class LatentActionModel(nnx.Module):
-    """The GIDM. ``config`` is ``config.model`` of ``configs/gidm.py`` (see its docstring for keys)."""
+    """The GIDM. ``config`` is ``config.model`` of ``configs/gidm.py`` (see its docstring for keys); ``dtype`` the
+    compute dtype of its layers (None: the parameters'; the stage passes ``config.train.compute_dtype``)."""
 
-    def __init__(self, config: Any, *, rngs: nnx.Rngs):
+    def __init__(self, config: Any, *, rngs: nnx.Rngs, dtype=None):
         c = config
-        dtype = None if c.get("dtype", "float32") == "float32" else jnp.dtype(c.dtype)
         self.visual_encoder_kind = c.visual_encoder
         self.text_encoder_kind = c.text_encoder
         self.target_kind = c.target

@@ -6,10 +6,10 @@ Training metrics (``metrics.jsonl``): ``loss``, ``recon_loss``, ``codebook_loss`
 ``codebook_perplexity`` (exp entropy of this batch's code histogram), ``codes_used`` (fraction of the
 codebook hit by the batch), ``action_info_gap`` (decoder loss with the latent actions moved to another
 sample of the batch minus the loss with the true ones: positive when the tokens carry the motion).
-Evaluation adds the same on held-out batches (``eval_*``) and ``probe_r2``: a closed-form ridge regression
-from the quantized tokens of held-out robot pairs to their true actions, fitted on the first half of the
-eval batches and scored (R^2, variance-weighted over action dims) on the second half;
-``probe_r2_continuous`` does the same from the pre-quantization latents.
+Evaluation (``config.eval.batches`` held-out batches) adds the same on them (``eval_*``) and ``probe_r2``: a
+closed-form ridge regression (strength ``config.eval.probe_ridge``) from the quantized tokens of held-out robot
+pairs to their true actions, fitted on the first half of the eval batches and scored (R^2, variance-weighted over
+action dims) on the second half; ``probe_r2_continuous`` does the same from the pre-quantization latents.
 
 ``config.train.reverse_pair_prob`` (0 in ``defi``, 0.5 in ``tiny``) swaps o_t and o_{t+n} of that share
 of training pairs (not in the reference; see ``loss_fn``).
@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from defi_jax.gidm.model import LatentActionModel, byte_tokenize
-from defi_jax import weights
-from defi_jax.stage import NumericBatches, Stage
+from defi_jax import stage as stage_lib, weights
+from defi_jax.gidm.model import LatentActionModel
+from defi_jax.models import byte_tokenizer
+from defi_jax.stage import NumericBatches, Stage, Tokenize
 
 _TRAIN_KEYS = ("frames", "input_ids", "attention_mask")
 _EVAL_KEYS = _TRAIN_KEYS + ("actions", "has_actions")
@@ -34,7 +35,7 @@ _EVAL_KEYS = _TRAIN_KEYS + ("actions", "has_actions")
 
 def build_model(config, rngs: nnx.Rngs) -> LatentActionModel:
     """Pure construction; the DINOv2 / T5 weights come in through ``config.init.sources`` (dinov2, t5)."""
-    return LatentActionModel(config.model, rngs=rngs)
+    return LatentActionModel(config.model, rngs=rngs, dtype=stage_lib.compute_dtype(config))
 
 
 def _metrics(model, batch, rng, config, *, train: bool):
@@ -57,7 +58,7 @@ def _metrics(model, batch, rng, config, *, train: bool):
 
 
 def loss_fn(model: LatentActionModel, batch, rng, config):
-    p = float(config.train.get("reverse_pair_prob", 0.0))
+    p = float(config.train.reverse_pair_prob)
     if p > 0:
         # Time-reversal augmentation (not in the reference): on deterministic scripted demos o_{t+n} is
         # predictable from o_t alone; reversing some pairs makes the direction of motion knowable only
@@ -72,11 +73,12 @@ def loss_fn(model: LatentActionModel, batch, rng, config):
 
 # ------------------------------------------------------------------------------------------ data
 
-def _tokenizer(config):
-    """Per-sample instruction -> (input_ids, attention_mask) of length ``model.max_text_len``."""
-    m = config.model
+def model_tokenizer(model_config) -> stage_lib.TextTokenizer:
+    """``text -> (ids, mask)`` of a GIDM ``config.model`` (``max_text_len`` tokens): the bytes of the trainable
+    byte embedding (``text_encoder="bytes"``) or T5's SentencePiece model (``tokenizer_path``). Also the policy's."""
+    m = model_config
     if m.text_encoder == "bytes":
-        return functools.partial(byte_tokenize, max_len=m.max_text_len)
+        return functools.partial(byte_tokenizer.gidm_bytes, max_length=m.max_text_len)
     from defi_jax.models.t5_tokenizer import T5Tokenizer
     if not m.tokenizer_path:
         raise ValueError("config.model.tokenizer_path is empty: the T5 SentencePiece model (folder or "
@@ -90,25 +92,9 @@ def _tokenizer(config):
     return encode
 
 
-class _Transform:
-    """Picklable per-sample transform (grain workers): tokenizes ``instruction`` in place."""
-
-    def __init__(self, config):
-        self.config = config
-        self._encode = None
-
-    def __call__(self, sample: dict) -> dict:
-        if self._encode is None:
-            self._encode = _tokenizer(self.config)
-        sample = dict(sample)
-        text = sample.pop("instruction")
-        if isinstance(text, bytes):
-            text = text.decode("utf-8")
-        sample["input_ids"], sample["attention_mask"] = self._encode(str(text))
-        return {k: v for k, v in sample.items() if not isinstance(v, (str, bytes))}   # numeric only
-
-    def __getstate__(self):
-        return {"config": self.config, "_encode": None}
+def tokenizer(config) -> stage_lib.TextTokenizer:
+    """This stage's instruction tokenizer (see :func:`model_tokenizer`)."""
+    return model_tokenizer(config.model)
 
 
 def make_data(config, process_index: int, process_count: int, split: str):
@@ -120,7 +106,8 @@ def make_data(config, process_index: int, process_count: int, split: str):
         demo.ensure_demo_data()
     loader = data_pipelines.make_loader(
         "gidm_pair", d, global_batch_size=config.train.batch_size, process_index=process_index,
-        process_count=process_count, seed=config.seed, split=split, transform=_Transform(config))
+        process_count=process_count, seed=config.seed, split=split,
+        transform=Tokenize(config, {("input_ids", "attention_mask"): tokenizer}))
     return NumericBatches(iter(loader), _TRAIN_KEYS if split == "train" else _EVAL_KEYS)
 
 
@@ -146,36 +133,29 @@ def ridge_probe_r2(x_train, y_train, x_test, y_test, ridge: float) -> float:
     return float(1.0 - sse / max(sst, 1e-12))
 
 
-_EVAL_STEPS: dict = {}
+def _eval_fns(graphdef, config):
+    """The jitted evaluation step for one model structure (built once per run, not at every evaluation)."""
 
+    @functools.partial(jax.jit, **stage_lib.jit_kwargs(config))
+    def one(state, batch, rng):
+        loss, metrics, out = _metrics(nnx.merge(graphdef, state), batch, rng, config, train=False)
+        return loss, metrics, out["z_q"], out["z_e"]
 
-def _eval_step(config):
-    """The jitted evaluation step, built once per config (not at every evaluation: no recompiles)."""
-    key = config.to_json_best_effort(sort_keys=True)
-    if key not in _EVAL_STEPS:
-        _EVAL_STEPS.clear()
-
-        @nnx.jit
-        def one(model, batch, rng):
-            loss, metrics, out = _metrics(model, batch, rng, config, train=False)
-            return loss, metrics, out["z_q"], out["z_e"]
-
-        _EVAL_STEPS[key] = one
-    return _EVAL_STEPS[key]
+    return one
 
 
 def evaluate(model, config, workdir, step, eval_iter) -> dict:
-    """Held-out losses and the linear action probe over ``config.data.eval_batches`` batches."""
+    """Held-out losses and the linear action probe over ``config.eval.batches`` batches."""
     del workdir
-
-    one = _eval_step(config)
+    graphdef, state = nnx.split(model)
+    one = stage_lib.eval_fns("gidm", config, graphdef, _eval_fns)
 
     rng = jax.random.PRNGKey(config.seed + int(step))
     sums: dict[str, float] = {}
     tokens, latents, actions = [], [], []
     n = 0
-    for i, batch in zip(range(int(config.data.eval_batches)), eval_iter):
-        loss, metrics, z_q, z_e = one(model, {k: batch[k] for k in _TRAIN_KEYS}, jax.random.fold_in(rng, i))
+    for i, batch in zip(range(int(config.eval.batches)), eval_iter):
+        loss, metrics, z_q, z_e = one(state, {k: batch[k] for k in _TRAIN_KEYS}, jax.random.fold_in(rng, i))
         for k, v in (metrics | {"loss": loss}).items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
@@ -188,7 +168,7 @@ def evaluate(model, config, workdir, step, eval_iter) -> dict:
     out = {f"eval_{k}": v / max(n, 1) for k, v in sums.items()}
     half = len(tokens) // 2
     if half and sum(len(a) for a in actions[:half]) > 1 and sum(len(a) for a in actions[half:]) > 1:
-        ridge = float(config.data.get("probe_ridge", 1e-3))
+        ridge = float(config.eval.probe_ridge)
         y_tr, y_te = np.concatenate(actions[:half]), np.concatenate(actions[half:])
         for name, feats in (("probe_r2", tokens), ("probe_r2_continuous", latents)):
             out[name] = ridge_probe_r2(np.concatenate(feats[:half]), y_tr, np.concatenate(feats[half:]), y_te,
@@ -209,7 +189,7 @@ def validate(config) -> None:
         raise ValueError(f"config.model.num_latents={m.num_latents} must be >= 2")
     if config.train.batch_size < 2:
         raise ValueError(f"config.train.batch_size={config.train.batch_size}: action_info_gap needs >= 2 samples")
-    if config.data.get("resolution", m.image_size) != m.image_size:
+    if config.data.resolution != m.image_size:
         raise ValueError(f"config.data.resolution={config.data.resolution} != config.model.image_size={m.image_size}")
     towers = {"dinov2": "dino_encoder/"} if m.visual_encoder == "dinov2" else {}
     towers |= {"t5": "text_encoder/"} if m.text_encoder == "t5" else {}

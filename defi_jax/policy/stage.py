@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from defi_jax import stage as stage_lib
 from defi_jax.policy.model import DeFIPolicyModel
-from defi_jax.stage import NumericBatches, Stage
+from defi_jax.stage import NumericBatches, Stage, Tokenize
 
 FINETUNE = ("gidm_adapter", "adapter_only", "all")
 _BATCH_KEYS = ("frames", "actions", "gfdm_ids", "gfdm_mask", "goal_ids", "goal_mask", "gidm_ids", "gidm_mask")
@@ -55,9 +56,8 @@ def frozen_patterns(config) -> tuple[str, ...]:
 
 
 def build_model(config, rngs: nnx.Rngs) -> DeFIPolicyModel:
-    t = config.train
-    dtype = None if t.compute_dtype == "float32" else jnp.dtype(t.compute_dtype)
-    return DeFIPolicyModel(config.model, rngs=rngs, dtype=dtype, param_dtype=jnp.dtype(t.param_dtype),
+    return DeFIPolicyModel(config.model, rngs=rngs, dtype=stage_lib.compute_dtype(config),
+                           param_dtype=jnp.dtype(config.train.param_dtype),
                            frozen_gfdm=config.policy.finetune != "all")
 
 
@@ -92,48 +92,34 @@ def loss_fn(model: DeFIPolicyModel, batch, rng, config):
 
 
 # ---- data -------------------------------------------------------------------------------------------
-def tokenizers(config):
+def _gfdm_tokenizer(config) -> stage_lib.TextTokenizer:
+    from defi_jax.gfdm.stage import clip_tokenizer
+    return clip_tokenizer(config.init.tokenizer_path, config.model.gfdm.text_tokens)
+
+
+def _goal_tokenizer(config) -> stage_lib.TextTokenizer:
+    from defi_jax.gfdm.stage import clip_tokenizer
+    return clip_tokenizer(config.init.tokenizer_path, int(dict(config.model.goal_text)["max_position_embeddings"]))
+
+
+def _gidm_tokenizer(config) -> stage_lib.TextTokenizer:
+    from defi_jax.gidm.stage import model_tokenizer
+    return model_tokenizer(config.model.gidm)
+
+
+# The instruction three ways: the GFDM's CLIP text, the CLIP goal token, the GIDM's instruction tower.
+_TOKENIZERS = {("gfdm_ids", "gfdm_mask"): _gfdm_tokenizer, ("goal_ids", "goal_mask"): _goal_tokenizer,
+               ("gidm_ids", "gidm_mask"): _gidm_tokenizer}
+
+
+def tokenizers(config) -> tuple[stage_lib.TextTokenizer, ...]:
     """(gfdm, goal, gidm) instruction tokenizers: callables ``text -> (ids int32[L], mask int32[L])``."""
-    from defi_jax.gfdm.stage import make_tokenizer as clip_tokenizer
-    from defi_jax.gidm.stage import _tokenizer as gidm_tokenizer
-
-    m = config.model
-    gfdm_tok = clip_tokenizer(config)
-    goal_len = int(dict(m.goal_text)["max_position_embeddings"])
-
-    def gfdm(text):
-        ids, mask = gfdm_tok([text], max_length=m.gfdm.text_tokens)
-        return ids[0], mask[0]
-
-    def goal(text):
-        ids, mask = gfdm_tok([text], max_length=goal_len)
-        return ids[0], mask[0]
-
-    gidm_config = config.copy_and_resolve_references()
-    gidm_config.model = m.gidm
-    return gfdm, goal, gidm_tokenizer(gidm_config)
+    return tuple(factory(config) for factory in _TOKENIZERS.values())
 
 
-class Tokenize:
-    """Per-sample transform (grain workers): the instruction three ways, the last observation frame per view."""
-
-    def __init__(self, config):
-        self.config = config
-        self._toks = None
-
-    def __getstate__(self):
-        return {"config": self.config, "_toks": None}
-
-    def __call__(self, sample: dict) -> dict:
-        if self._toks is None:
-            self._toks = tokenizers(self.config)
-        text = sample["instruction"]
-        text = text.decode() if isinstance(text, bytes) else str(text)
-        out = {"frames": np.asarray(sample["frames"])[:, -1], "actions": np.asarray(sample["actions"], np.float32)}
-        for name, tok in zip(("gfdm", "goal", "gidm"), self._toks):
-            ids, mask = tok(text)
-            out[f"{name}_ids"], out[f"{name}_mask"] = np.asarray(ids, np.int32), np.asarray(mask, np.int32)
-        return out
+def _last_frame(sample: dict) -> dict:
+    """A ``policy_window`` sample's last observation frame per view: ``frames`` [V, H, W, 3]."""
+    return dict(sample, frames=np.asarray(sample["frames"])[:, -1], actions=np.asarray(sample["actions"], np.float32))
 
 
 def make_data(config, process_index: int, process_count: int, split: str):
@@ -143,7 +129,7 @@ def make_data(config, process_index: int, process_count: int, split: str):
     seed = config.seed + (0 if split == "train" else 1_000_003)
     loader = data_pipelines.make_loader("policy_window", d, global_batch_size=config.train.batch_size,
                                         process_index=process_index, process_count=process_count, seed=seed,
-                                        split=split, transform=Tokenize(config))
+                                        split=split, transform=Tokenize(config, _TOKENIZERS, prepare=_last_frame))
     return NumericBatches(iter(loader), _BATCH_KEYS)
 
 
@@ -152,7 +138,7 @@ def stats_dataset(config) -> str:
     the mixture's largest robot dataset)."""
     from data_pipelines import mixtures
 
-    name = config.policy.get("action_stats_dataset", "")
+    name = config.policy.action_stats_dataset
     if name:
         return name
     weights = mixtures.resolve(config.data.mixture, key="config.data.mixture")
@@ -173,15 +159,11 @@ def assets(config) -> dict[str, str]:
 
 
 # ---- evaluation -------------------------------------------------------------------------------------
-_EVAL_FNS: dict = {}
-
-
 def _eval_fns(graphdef, config):
-    opts = config.train.get("compiler_options", None)
-    jit = functools.partial(jax.jit, **({"compiler_options": dict(opts)} if opts else {}))
+    """The jitted evaluation step for one model structure (built once per run, not at every evaluation)."""
     steps, sigma_min = int(config.model.sample_steps), float(config.model.sample_sigma_min)
 
-    @jit
+    @functools.partial(jax.jit, **stage_lib.jit_kwargs(config))
     def one(state, batch, rng):
         model = nnx.merge(graphdef, state)
         loss, metrics = _loss(model, batch, rng, config, train=False)
@@ -198,11 +180,7 @@ def evaluate(model: DeFIPolicyModel, config, workdir: str, step: int, eval_iter)
     """Held-out loss at fixed draws and the sampled chunks' MSE against the true actions."""
     del workdir, step
     graphdef, state = nnx.split(model)
-    key = (config.to_json_best_effort(sort_keys=True), str(graphdef))
-    if key not in _EVAL_FNS:
-        _EVAL_FNS.clear()
-        _EVAL_FNS[key] = _eval_fns(graphdef, config)
-    one = _EVAL_FNS[key]
+    one = stage_lib.eval_fns("policy", config, graphdef, _eval_fns)
     rng = jax.random.key(config.seed + 23)   # the same draws at every evaluation
     sums, n = {}, 0
     for i, batch in zip(range(int(config.eval.batches)), eval_iter):
@@ -248,7 +226,7 @@ def validate(config) -> None:
               "gidm": ("latent_actions/lam/encoder/", "gidm_init", "a GIDM workdir")}
     for name, (prefix, key, what) in wanted.items():
         if p[key] == "pretrained" and not any(re.match(t, prefix) for t in covered) \
-                and not config.init.get("allow_random", False):
+                and not config.init.allow_random:
             raise ValueError(f"config.init.sources.{name}.path is empty but config.policy.{key}='pretrained': point "
                              f"it at {what}, or set config.policy.{key} (the ablation without that pretraining)")
 
