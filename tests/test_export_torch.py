@@ -138,7 +138,7 @@ def test_a_tampered_folder_fails_naming_every_tensor_with_both_shapes(exported, 
     tensors = load_file(path)
     w = tensors.pop("model.inner_model.action_pred.weight")
     tensors["model.inner_model.action_pred.weight_renamed"] = w
-    tensors["Video_Former.latents"] = tensors["Video_Former.latents"][:, :1]
+    tensors["Video_Former.latents"] = tensors["Video_Former.latents"][:, :1].contiguous()
     save_file(tensors, path)
     with pytest.raises(ValueError) as err:
         DeFIPolicyTorch.from_pretrained(bad, device="cpu")
