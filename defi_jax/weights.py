@@ -14,6 +14,11 @@ An entry with an empty ``path`` is inactive. Kinds (what ``path`` points at):
   torch_hub_dinov2                 the facebookresearch/dinov2 state dict (``.safetensors``, or ``.pth``
                                    read with ``torch.load(weights_only=True)``)
   hf_t5_encoder                    a transformers T5 / T5EncoderModel folder
+  reference_policy                 the reference DeFI's stage-3 checkpoint (``saved_models/last.pt``, read with
+                                   ``weights_only=True``; or ``.safetensors``): its tensors under our full
+                                   parameter paths (``defi_jax.interop.defi_policy``), so ``target`` must match
+                                   without consuming the path, e.g. ``"^(?!gfdm/)"`` (all but the GFDM, which
+                                   the file does not hold) or ``"^(?!gfdm/(unet|vae)/)"`` (+ the GFDM's text)
   workdir                          another stage's workdir: its parameters at ``step`` (-1 = latest), the
                                    EMA with ``ema=True``; ``prefix`` is the sub-tree of that model read
                                    (the part of our path matched by ``target`` is replaced by ``prefix``)
@@ -249,6 +254,12 @@ def _read_t5(path: str) -> dict[str, np.ndarray]:
     return out
 
 
+def _read_reference_policy(path: str) -> dict[str, np.ndarray]:
+    from defi_jax.interop import defi_policy
+    params, _ = defi_policy.reference_policy_params(defi_policy.read_reference_checkpoint(path))
+    return {k.replace("/", "."): v for k, v in params.items()}
+
+
 KINDS: dict[str, Kind | None] = {
     "diffusers_unet": _diffusers("unet"),
     "diffusers_vae": _diffusers("vae"),
@@ -256,6 +267,7 @@ KINDS: dict[str, Kind | None] = {
     "hf_dinov2": Kind(read=_read_dinov2, rules=_dinov2_rules),
     "torch_hub_dinov2": Kind(read=_read_torch_hub_dinov2, rules=_dinov2_rules),
     "hf_t5_encoder": Kind(read=_read_t5, rules=_t5_rules),
+    "reference_policy": Kind(read=_read_reference_policy, rules=lambda: ()),   # already our names and layouts
     "workdir": None,   # read through defi_jax.checkpoint.restore_params
 }
 

@@ -201,6 +201,27 @@ OPENAI_CLIP_TEXT_RULES: tuple[tuple[str, str], ...] = (
     (r"^ln_final\.", "final_layer_norm."),
 )
 _IN_PROJ = re.compile(r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$")
+# The way back, for naming the file's tensors in messages.
+_HF_TO_OPENAI: tuple[tuple[str, str], ...] = (
+    (r"^encoder\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)$", r"transformer.resblocks.\1.attn.in_proj_\3"
+                                                                         r" (\2 rows)"),
+    (r"^embeddings\.token_embedding\.weight$", "token_embedding.weight"),
+    (r"^embeddings\.position_embedding\.weight$", "positional_embedding"),
+    (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"transformer.resblocks.\1.ln_1."),
+    (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"transformer.resblocks.\1.ln_2."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"transformer.resblocks.\1.attn.out_proj."),
+    (r"^encoder\.layers\.(\d+)\.mlp\.fc1\.", r"transformer.resblocks.\1.mlp.c_fc."),
+    (r"^encoder\.layers\.(\d+)\.mlp\.fc2\.", r"transformer.resblocks.\1.mlp.c_proj."),
+    (r"^final_layer_norm\.", "ln_final."),
+    (r"^text_projection\.weight$", "text_projection (transposed)"),
+)
+
+
+def _openai_name(hf_key: str) -> str:
+    for pattern, replacement in _HF_TO_OPENAI:
+        if re.search(pattern, hf_key):
+            return re.sub(pattern, replacement, hf_key)
+    return hf_key
 
 # Tensors of the file that carry nothing of the policy we build, with the reason they are skipped.
 SKIPPED: tuple[tuple[str, str], ...] = (
@@ -367,9 +388,8 @@ def _file_sizes(t: Mapping[str, np.ndarray], base) -> dict:
     d_ff = _need(t, p + "encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight")[0]
     t5 = dict(dict(gi.get("t5", {})), vocab_size=vocab, d_model=d_model, d_kv=t5_inner // t5_heads, d_ff=d_ff,
               num_layers=_count(t, p + "encoder.block."), num_heads=t5_heads, relative_attention_num_buckets=buckets)
-    base_ffp = dict(gi.get("t5", {})).get("feed_forward_proj", "relu")
-    if gated != base_ffp.startswith("gated"):   # the activation itself is not in the weights
-        t5["feed_forward_proj"] = "gated-gelu" if gated else "relu"
+    base_ffp = dict(gi.get("t5", {})).get("feed_forward_proj", "relu")   # the activation is not in the weights
+    t5["feed_forward_proj"] = base_ffp if gated == base_ffp.startswith("gated") else ("gated-gelu" if gated else "relu")
     # Goal token: OpenAI CLIP encode_text (heads = width // 64, as OpenAI's build_model).
     g = GOAL_CLIP_PREFIX
     vocab_g, W = _need(t, g + "token_embedding.weight")
@@ -457,22 +477,21 @@ def _abstract_parts(m, *, feature_dim: int, num_frames: int, gfdm_text: Mapping 
     from defi_jax.policy.video_former import VideoFormer
 
     vf = dict(m.video_former)
-    rngs = nnx.Rngs(0)
     builders = {
-        "video_former/": lambda: VideoFormer(condition_dim=feature_dim, num_frames=num_frames, rngs=rngs, **vf),
-        "head/": lambda: ActionHead(rngs=rngs, goal_dim=int(dict(m.goal_text).get("projection_dim", 512)),
+        "video_former/": lambda rngs: VideoFormer(condition_dim=feature_dim, num_frames=num_frames, rngs=rngs, **vf),
+        "head/": lambda rngs: ActionHead(rngs=rngs, goal_dim=int(dict(m.goal_text).get("projection_dim", 512)),
                                     video_dim=vf.get("dim", 384), latent_action_dim=m.gidm.model_dim,
                                     action_dim=m.action_dim, horizon=m.horizon, **dict(m.head)),
-        "latent_actions/": lambda: PolicyLatentActions(m.gidm, condition_dim=feature_dim,
+        "latent_actions/": lambda rngs: PolicyLatentActions(m.gidm, condition_dim=feature_dim,
                                                        frames=tuple(m.latent_action_frames), rngs=rngs),
-        "latent_actions/lam/text_encoder/": lambda: T5Encoder(T5Config(**dict(m.gidm.get("t5", {}))), rngs=rngs),
-        "goal_text/": lambda: CLIPTextEncoder(CLIPTextConfig(**dict(m.goal_text)), rngs=rngs, with_projection=True),
+        "latent_actions/lam/text_encoder/": lambda rngs: T5Encoder(T5Config(**dict(m.gidm.get("t5", {}))), rngs=rngs),
+        "goal_text/": lambda rngs: CLIPTextEncoder(CLIPTextConfig(**dict(m.goal_text)), rngs=rngs, with_projection=True),
     }
     if gfdm_text is not None:
-        builders["gfdm/text_encoder/"] = lambda: CLIPTextEncoder(CLIPTextConfig(**dict(gfdm_text)), rngs=rngs)
+        builders["gfdm/text_encoder/"] = lambda rngs: CLIPTextEncoder(CLIPTextConfig(**dict(gfdm_text)), rngs=rngs)
     out = {}
     for prefix, build in builders.items():
-        state = nnx.state(nnx.eval_shape(build), nnx.Param)
+        state = nnx.state(nnx.eval_shape(lambda: build(nnx.Rngs(0))), nnx.Param)
         out[prefix] = {".".join(str(p) for p in path): tuple(v.get_value().shape)
                        for path, v in nnx.to_flat_state(state)}
     return out
@@ -514,7 +533,7 @@ def _part_tables(tensors: Mapping[str, np.ndarray]):
         "head/": (ACTION_HEAD_PREFIX, ACTION_HEAD_RULES, groups["head"]),
         "latent_actions/": ("", LATENT_ACTION_RULES, groups["la"]),
         "latent_actions/lam/text_encoder/": (GIDM_T5_PREFIX, hf_t5.RULES, groups["t5"]),
-        "goal_text/": (GOAL_CLIP_PREFIX + "<openai>", hf_clip.RULES, goal),
+        "goal_text/": (GOAL_CLIP_PREFIX, hf_clip.RULES, goal),   # names as transformers', see _openai_name
         "gfdm/text_encoder/": (GFDM_TEXT_PREFIX, hf_clip.RULES, groups["tvp"]),
     }
     return tables, skipped, stray
@@ -534,18 +553,20 @@ def _gfdm_text_config_of(tvp: Mapping[str, np.ndarray], base: Mapping) -> dict |
 def _map_part(shapes: Mapping[str, tuple], prefix: str, table) -> tuple[dict, list, list, set]:
     """(params by our path, missing, mis-shaped, used checkpoint names) of one part."""
     ckpt_prefix, rules, group = table
+    name = (lambda k: ckpt_prefix + _openai_name(k)) if ckpt_prefix == GOAL_CLIP_PREFIX else \
+        (lambda k: ckpt_prefix + k)
     params, missing, bad, used = {}, [], [], set()
     for rel, shape in shapes.items():
         key, perm = torch_key(rel, len(shape), rules)
         ours = prefix + rel.replace(".", "/")
         if key not in group:
-            missing.append(f"{ckpt_prefix}{key} (ours: {ours} {shape})")
+            missing.append(f"{name(key)} (ours: {ours} {shape})")
             continue
         used.add(key)
         value = group[key]
         want = tuple(shape[i] for i in np.argsort(perm)) if perm else shape
         if tuple(value.shape) != want:
-            bad.append(f"{ckpt_prefix}{key}: file {tuple(value.shape)}, expected {want} (ours: {ours} {shape})")
+            bad.append(f"{name(key)}: file {tuple(value.shape)}, expected {want} (ours: {ours} {shape})")
             continue
         params[ours] = _f32(np.transpose(value, perm) if perm else value)
     return params, missing, bad, used
@@ -593,7 +614,8 @@ def reference_policy_params(tensors: Mapping[str, np.ndarray], config=None) -> t
         params |= got
         missing += miss
         bad += wrong
-        unexpected += [ckpt_prefix + k for k in sorted(set(group) - used)]
+        unexpected += [ckpt_prefix + (_openai_name(k) if ckpt_prefix == GOAL_CLIP_PREFIX else k)
+                       for k in sorted(set(group) - used)]
     if missing or unexpected or bad:
         lines = ["stage-3 checkpoint does not match the policy networks:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", bad)):
