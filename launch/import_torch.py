@@ -17,6 +17,7 @@ policy   the reference's stage-3 checkpoint (``saved_models/{step}.pt`` or ``las
 """
 
 import os
+import shlex
 import sys
 
 from absl import app, flags
@@ -34,24 +35,32 @@ KINDS = ("policy",)
 
 
 def _overrides(config, base) -> list[str]:
-    """``--config.k=v`` for every leaf where ``config`` differs from ``base`` (the resume command line)."""
+    """``--config.k=v`` for every leaf (outside ``init``) where ``config`` differs from ``base``: the fine-tune
+    command line. Keys ``base`` lacks cannot be set by flags; they are named instead."""
     def flat(d, prefix=""):
         out = {}
         for k, v in d.items():
-            if isinstance(v, dict) and v and k not in ("video_former", "head", "goal_text", "t5", "unet", "vae"):
-                out |= flat(v, f"{prefix}{k}.")
-            else:
-                out[prefix + k] = v
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
         return out
+
     new, old = flat(config.to_dict()), flat(base.to_dict())
-    return [f"--config.{k}={v!r}" if isinstance(v, (dict, str)) else f"--config.{k}={v}"
-            for k, v in sorted(new.items()) if old.get(k, object()) != v and not k.startswith("init.sources.")]
+    out = []
+    for key, value in sorted(new.items()):
+        if key.startswith("init.") or old.get(key, object()) == value:
+            continue
+        if key not in old:
+            print(f"launch.import_torch: config.{key}={value!r} has no flag in the base config", file=sys.stderr)
+            continue
+        out.append(shlex.quote(f"--config.{key}={value if isinstance(value, str) else repr(value)}"))
+    return out
 
 
 def main(argv):
     if len(argv) != 2 or argv[1] not in KINDS:
         print(f"python -m launch.import_torch: name what to import, one of {KINDS} (got {argv[1:]})", file=sys.stderr)
         return 2
+    import logging
+    logging.getLogger("absl").setLevel(logging.WARNING)   # Orbax logs every file it writes at INFO
     from defi_jax import paths
     from defi_jax.interop import defi_policy
 

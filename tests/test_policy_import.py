@@ -23,6 +23,7 @@ from flax import nnx
 
 from configs import policy as policy_configs
 from defi_jax.interop import defi_policy
+from defi_jax.models.t5 import T5Config
 from defi_jax.policy.model import DeFIPolicyModel
 from defi_jax.torch_ref import policy as tp
 
@@ -269,6 +270,7 @@ def _check_sizes(c: Small, config) -> None:
     assert (m.horizon, m.action_dim, config.data.action_horizon) == (c.horizon, c.action_dim, c.horizon)
     assert (m.gidm.model_dim, m.gidm.feature_dim, m.gidm.num_latents, m.gidm.latent_dim, m.gidm.enc_blocks) == (
         c.lam_dim, c.lam_width, c.num_latents, c.latent_dim, c.lam_blocks)
+    t5 = dataclasses.asdict(T5Config(**t5))   # keys at t5-base's values are left to T5Config's defaults
     assert m.gidm.text_encoder == "t5" and {k: t5[k] for k in c.t5} == c.t5
     assert dict(m.goal_text)["num_attention_heads"] == c.clip_width // 64
     assert dict(m.goal_text)["max_position_embeddings"] == c.clip_context
@@ -304,7 +306,8 @@ def test_imported_policy_matches_the_reference(tmp_path, caplog):
     model = _policy(config, params)
     # Every parameter of the adapter, the head and the two text towers came from the file; the file's GFDM text
     # tower does not fit this GFDM's: skipped, the reason logged, as are the tensors the policy never reads.
-    shapes = {"/".join(map(str, p)): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    shapes = {"/".join(map(str, p)): tuple(v.get_value().shape)
+              for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     assert set(params) == {k for k in shapes if not k.startswith("gfdm/")}
     assert "does not fit config.model.gfdm.text_encoder" in caplog.text
     assert "the goal CLIP's image tower" in caplog.text and "never read by the reference head" in caplog.text

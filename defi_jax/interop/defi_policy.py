@@ -1,5 +1,20 @@
 """Stage-3 (DeFI policy) networks <-> the reference's PyTorch state dict, by name / transpose rules.
 
+Importing a whole reference checkpoint (``saved_models/{step}.pt`` / ``last.pt``)::
+
+    config, params = load_reference_policy("saved_models/last.pt")        # sizes inferred on configs/policy.py:defi
+    config = import_policy_workdir("last.pt", "/ckpt/policy", svd_path="/ckpt/svd")   # python -m launch.import_torch
+
+``read_reference_checkpoint`` reads the file without unpickling anything but tensors (``weights_only=True``,
+memory-mapped; stand-ins for the OmegaConf ``args``). ``infer_policy_config`` reads every size off the tensors
+(heads, which weights cannot tell, and the GFDM, which the file does not hold, come from the base config).
+``reference_policy_params`` maps every tensor to our parameter paths or reports it: the tables below, plus
+``lam.text_encoder.*`` (T5, ``hf_t5``), ``language_goal.clip_rn50.*`` (OpenAI CLIP, renamed to transformers names
+by ``openai_clip_text_to_hf``: fused ``in_proj`` split into q / k / v, ``text_projection`` used as ``x @ P``, then
+``hf_clip``) and ``TVP_encoder.text_encoder.*`` (the GFDM's CLIP text, when it fits); the image tower of the goal
+CLIP, the head's unused tensors and tied copies are skipped with a reason (``SKIPPED``). The ``reference_policy``
+kind of ``defi_jax.weights`` reads a file through it, so the trainer's own init loads it.
+
 Three tables, one per trained network, each on paths relative to that network:
 
 ``VIDEO_FORMER_RULES``    ``defi_jax.policy.video_former.VideoFormer``   <-> ``Video_Former_3D``
@@ -26,6 +41,7 @@ left for their own interop.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -223,6 +239,7 @@ def _openai_name(hf_key: str) -> str:
             return re.sub(pattern, replacement, hf_key)
     return hf_key
 
+
 # Tensors of the file that carry nothing of the policy we build, with the reason they are skipped.
 SKIPPED: tuple[tuple[str, str], ...] = (
     (r"^model\.inner_model\.(pos_emb$|proprio_emb\.|goal_emb\.)", "never read by the reference head's forward"),
@@ -358,9 +375,12 @@ def _file_sizes(t: Mapping[str, np.ndarray], base) -> dict:
     inner, _ = _need(t, "Video_Former.layers.0.0.to_q.weight")
     heads = int(vf.get("heads", 8))
     video_former = dict(vf, dim=D, depth=_count(t, "Video_Former.layers."), queries_per_frame=Q, heads=heads,
-                        dim_head=_split(inner, heads, "Video_Former to_q width", "config.model.video_former.heads"),
-                        ff_mult=_need(t, "Video_Former.layers.0.2.1.weight")[0] // D,
-                        num_time_embeds=_need(t, "Video_Former.time_pos_emb")[0])
+                        dim_head=_split(inner, heads, "Video_Former to_q width", "config.model.video_former.heads"))
+    # Keys VideoFormer defaults (ff_mult 4, one time embedding per frame) are only written where the file differs.
+    for key, value, default in (("ff_mult", _need(t, "Video_Former.layers.0.2.1.weight")[0] // D, 4),
+                                ("num_time_embeds", _need(t, "Video_Former.time_pos_emb")[0], F)):
+        if value != vf.get(key, default):
+            video_former[key] = value
     _split(D, int(vf.get("temporal_heads", heads) or heads), "Video_Former width",
            "config.model.video_former.temporal_heads")
     E, video_dim = _need(t, "model.inner_model.tok_emb.weight")
@@ -386,10 +406,13 @@ def _file_sizes(t: Mapping[str, np.ndarray], base) -> dict:
     t5_inner = _need(t, p + "encoder.block.0.layer.0.SelfAttention.q.weight")[0]
     gated = p + "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in t
     d_ff = _need(t, p + "encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight")[0]
-    t5 = dict(dict(gi.get("t5", {})), vocab_size=vocab, d_model=d_model, d_kv=t5_inner // t5_heads, d_ff=d_ff,
-              num_layers=_count(t, p + "encoder.block."), num_heads=t5_heads, relative_attention_num_buckets=buckets)
-    base_ffp = dict(gi.get("t5", {})).get("feed_forward_proj", "relu")   # the activation is not in the weights
-    t5["feed_forward_proj"] = base_ffp if gated == base_ffp.startswith("gated") else ("gated-gelu" if gated else "relu")
+    from defi_jax.models.t5 import T5Config
+    base_t5 = dataclasses.asdict(T5Config()) | dict(gi.get("t5", {}))   # the base's T5 (t5-base where unset)
+    ffp = base_t5["feed_forward_proj"]   # the activation is not in the weights, only whether it is gated
+    read = dict(vocab_size=vocab, d_model=d_model, d_kv=t5_inner // t5_heads, d_ff=d_ff, num_heads=t5_heads,
+                num_layers=_count(t, p + "encoder.block."), relative_attention_num_buckets=buckets,
+                feed_forward_proj=ffp if gated == ffp.startswith("gated") else ("gated-gelu" if gated else "relu"))
+    t5 = dict(gi.get("t5", {})) | {k: v for k, v in read.items() if v != base_t5[k]}
     # Goal token: OpenAI CLIP encode_text (heads = width // 64, as OpenAI's build_model).
     g = GOAL_CLIP_PREFIX
     vocab_g, W = _need(t, g + "token_embedding.weight")
@@ -476,16 +499,18 @@ def _abstract_parts(m, *, feature_dim: int, num_frames: int, gfdm_text: Mapping 
     from defi_jax.policy.latent_action import PolicyLatentActions
     from defi_jax.policy.video_former import VideoFormer
 
-    vf = dict(m.video_former)
+    vf, goal_dim = dict(m.video_former), int(dict(m.goal_text).get("projection_dim", 512))
     builders = {
         "video_former/": lambda rngs: VideoFormer(condition_dim=feature_dim, num_frames=num_frames, rngs=rngs, **vf),
-        "head/": lambda rngs: ActionHead(rngs=rngs, goal_dim=int(dict(m.goal_text).get("projection_dim", 512)),
-                                    video_dim=vf.get("dim", 384), latent_action_dim=m.gidm.model_dim,
-                                    action_dim=m.action_dim, horizon=m.horizon, **dict(m.head)),
+        "head/": lambda rngs: ActionHead(rngs=rngs, goal_dim=goal_dim, video_dim=vf.get("dim", 384),
+                                         latent_action_dim=m.gidm.model_dim, action_dim=m.action_dim,
+                                         horizon=m.horizon, **dict(m.head)),
         "latent_actions/": lambda rngs: PolicyLatentActions(m.gidm, condition_dim=feature_dim,
-                                                       frames=tuple(m.latent_action_frames), rngs=rngs),
-        "latent_actions/lam/text_encoder/": lambda rngs: T5Encoder(T5Config(**dict(m.gidm.get("t5", {}))), rngs=rngs),
-        "goal_text/": lambda rngs: CLIPTextEncoder(CLIPTextConfig(**dict(m.goal_text)), rngs=rngs, with_projection=True),
+                                                            frames=tuple(m.latent_action_frames), rngs=rngs),
+        "latent_actions/lam/text_encoder/": lambda rngs: T5Encoder(T5Config(**dict(m.gidm.get("t5", {}))),
+                                                                   rngs=rngs),
+        "goal_text/": lambda rngs: CLIPTextEncoder(CLIPTextConfig(**dict(m.goal_text)), rngs=rngs,
+                                                   with_projection=True),
     }
     if gfdm_text is not None:
         builders["gfdm/text_encoder/"] = lambda rngs: CLIPTextEncoder(CLIPTextConfig(**dict(gfdm_text)), rngs=rngs)
@@ -703,7 +728,8 @@ def import_policy_workdir(src: str, workdir: str, config=None, *, gfdm_workdir: 
     for name, entry in s.items():   # sources the file replaces (the tiny variant's GIDM workdir, the goal CLIP)
         if entry.path and any(re.match(entry.target, p) for p in covered):
             entry.path = ""
-    s.reference = weights.source(target, "reference_policy", src)
+    with s.unlocked():   # a config from flags is locked
+        s.reference = weights.source(target, "reference_policy", src)
     del params
 
     tr = trainer.Trainer(config, mesh=mesh)
