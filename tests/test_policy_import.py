@@ -337,7 +337,7 @@ def test_missing_misshaped_and_unknown_tensors_are_named(tmp_path):
     msg = str(err.value)
     for needle in ("Video_Former.layers.0.1.qkv.bias", "lam.to_codebook.weight: file (3, 3)",
                    "language_goal.clip_rn50.transformer.resblocks.0.attn.in_proj_bias (q rows)",
-                   "model.inner_model.decoder.blocks.0.ln3.extra", "policy_head.weight", "missing", "unexpected",
+                   "model.inner_model.decoder.blocks.0.ln3.extra (2,)", "policy_head.weight (1,)", "missing", "unexpected",
                    "mis-shaped"):
         assert needle in msg, (needle, msg)
     # What the file cannot say or the GFDM (not in the file) cannot give is a config problem, named by its key.
@@ -350,6 +350,29 @@ def test_missing_misshaped_and_unknown_tensors_are_named(tmp_path):
         defi_policy.load_reference_policy(ok, base)
     with pytest.raises(KeyError, match="Video_Former.latents"):
         defi_policy.infer_policy_config({k: v.numpy() for k, v in sd.items() if "latents" not in k}, c.base_config())
+
+
+def test_file_variants_and_the_weights_source_read_the_same(tmp_path):
+    """fp16 tensors (the reference keeps its goal CLIP in half precision), a DDP ``module.`` prefix and a
+    ``.safetensors`` copy import to the same parameters; the ``reference_policy`` weights source (sizes from the
+    file alone) gives them under our dotted paths."""
+    from safetensors.torch import save_file
+
+    from defi_jax import weights
+
+    c = CONFIGS[0]
+    sd = _reference(c, seed=7)["state_dict"]
+    half = {k: v.half() if k.startswith("language_goal.") else v for k, v in sd.items()}
+    _, params = defi_policy.load_reference_policy(_save(half, tmp_path / "half.pt"), c.base_config())
+    np.testing.assert_array_equal(params["goal_text/token_embedding"],
+                                  sd["language_goal.clip_rn50.token_embedding.weight"].half().float().numpy())
+    ddp = _save({"module." + k: v for k, v in half.items()}, tmp_path / "ddp.pt")
+    save_file({k: v.contiguous() for k, v in half.items()}, str(tmp_path / "last.safetensors"))
+    from_source = weights.KINDS["reference_policy"].read(str(tmp_path / "last.safetensors"))
+    assert from_source.keys() == {k.replace("/", ".") for k in params}
+    for other in (defi_policy.load_reference_policy(ddp, c.base_config())[1], from_source):
+        for k, v in params.items():
+            np.testing.assert_array_equal(other[k if k in other else k.replace("/", ".")], v, err_msg=k)
 
 
 # ---------------------------------------------------------------------------------------------------

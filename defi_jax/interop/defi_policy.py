@@ -553,6 +553,7 @@ def _part_tables(tensors: Mapping[str, np.ndarray]):
             stray.append(key)
     goal, unknown = openai_clip_text_to_hf(groups["goal"])
     stray += [GOAL_CLIP_PREFIX + k for k in unknown]
+    stray = [f"{k} {tuple(tensors[k].shape)}" for k in stray]
     tables = {
         "video_former/": (VIDEO_FORMER_PREFIX, VIDEO_FORMER_RULES, groups["vf"]),
         "head/": (ACTION_HEAD_PREFIX, ACTION_HEAD_RULES, groups["head"]),
@@ -639,8 +640,8 @@ def reference_policy_params(tensors: Mapping[str, np.ndarray], config=None) -> t
         params |= got
         missing += miss
         bad += wrong
-        unexpected += [ckpt_prefix + (_openai_name(k) if ckpt_prefix == GOAL_CLIP_PREFIX else k)
-                       for k in sorted(set(group) - used)]
+        unexpected += [f"{ckpt_prefix}{_openai_name(k) if ckpt_prefix == GOAL_CLIP_PREFIX else k} "
+                       f"{tuple(group[k].shape)}" for k in sorted(set(group) - used)]
     if missing or unexpected or bad:
         lines = ["stage-3 checkpoint does not match the policy networks:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", bad)):
