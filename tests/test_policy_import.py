@@ -319,6 +319,32 @@ def test_imported_policy_matches_the_reference(tmp_path, caplog):
     _check_parity(c, ref, model)
 
 
+def test_the_released_sizes_are_configs_policy_defi():
+    """A checkpoint of the released sizes (shapes only: modules on torch's meta device) reads back as
+    ``configs/policy.py:defi`` with the reference's quirk and raw actions on, nothing else changed."""
+    with torch.device("meta"):
+        nets = {"Video_Former.": tp.VideoFormer3D(), "model.": tp.GCDenoiser(), "": tp.PolicyLatentActions(),
+                "lam.text_encoder.": transformers.T5EncoderModel(transformers.T5Config(
+                    d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12)),   # t5-base
+                "language_goal.clip_rn50.": OpenAIText(vocab=49408, width=512, layers=12, context=77, embed=512),
+                "TVP_encoder.text_encoder.": transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig())}
+    zero = np.zeros((), np.float16)
+    tensors = {prefix + k: np.broadcast_to(zero, tuple(v.shape)) for prefix, net in nets.items()
+               for k, v in net.state_dict().items()}
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
+        return out
+
+    got = flat(defi_policy.infer_policy_config(tensors).to_dict())
+    defi = flat(policy_configs.get_config("defi").to_dict())
+    assert {k: (got.get(k), defi.get(k)) for k in got.keys() | defi.keys() if got.get(k) != defi.get(k)} == {
+        "model.gidm.reference_mask_order": (True, False), "data.normalize_actions": (False, True),
+        "model.goal_text.pad_token_id": (0, 1)}   # OpenAI pads with 0 (after end-of-text: never read)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Problems are named
 # ---------------------------------------------------------------------------------------------------
@@ -337,8 +363,8 @@ def test_missing_misshaped_and_unknown_tensors_are_named(tmp_path):
     msg = str(err.value)
     for needle in ("Video_Former.layers.0.1.qkv.bias", "lam.to_codebook.weight: file (3, 3)",
                    "language_goal.clip_rn50.transformer.resblocks.0.attn.in_proj_bias (q rows)",
-                   "model.inner_model.decoder.blocks.0.ln3.extra (2,)", "policy_head.weight (1,)", "missing", "unexpected",
-                   "mis-shaped"):
+                   "model.inner_model.decoder.blocks.0.ln3.extra (2,)", "policy_head.weight (1,)", "missing",
+                   "unexpected", "mis-shaped"):
         assert needle in msg, (needle, msg)
     # What the file cannot say or the GFDM (not in the file) cannot give is a config problem, named by its key.
     ok = _save(sd, tmp_path / "ok.pt")

@@ -425,6 +425,7 @@ def _file_sizes(t: Mapping[str, np.ndarray], base) -> dict:
                      max_position_embeddings=_need(t, g + "positional_embedding")[0], hidden_act="quick_gelu",
                      layer_norm_eps=1e-5, bos_token_id=vocab_g - 2, eos_token_id=vocab_g - 1, pad_token_id=0)
     return dict(video_former=video_former, head=head, action_dim=action_dim, horizon=horizon, gidm=gidm, t5=t5,
+                t5_width=d_model,
                 goal_text=goal_text, num_frames=F, feature_dim=_need(t, "Video_Former.goal_emb.0.weight")[1],
                 video_dim=video_dim, goal_dim=_need(t, "model.inner_model.lang_emb.0.weight")[1],
                 latent_action_dim=_need(t, "model.inner_model.tok_emb_token.weight")[1],
@@ -464,7 +465,7 @@ def infer_policy_config(tensors: Mapping[str, np.ndarray], base=None):
     for key, got, want in (("model.inner_model.tok_emb.weight", s["video_dim"], s["video_former"]["dim"]),
                            ("model.inner_model.lang_emb.0.weight", s["goal_dim"], s["goal_text"]["projection_dim"]),
                            ("model.inner_model.tok_emb_token.weight", s["latent_action_dim"], s["gidm"]["model_dim"]),
-                           ("lam.lang_proj.weight", s["gidm"]["text_dim"], s["t5"]["d_model"])):
+                           ("lam.lang_proj.weight", s["gidm"]["text_dim"], s["t5_width"])):
         if got != want:
             problems.append(f"{key} expects inputs of width {got}, its producer gives {want}")
     if s["horizon"] <= 0:
