@@ -26,6 +26,8 @@ def main(argv):
     del argv
     from defi_jax import export_torch
 
+    print(f"launch.export_torch: {_WORKDIR.value} (step {_STEP.value or 'latest'}{', EMA' if _EMA.value else ''}) "
+          f"-> {_OUT.value}", flush=True)
     meta = export_torch.export(_WORKDIR.value, _OUT.value, step=_STEP.value, ema=_EMA.value, dtype=_DTYPE.value)
     print(f"launch.export_torch: {meta['stage']} -> {_OUT.value} ({', '.join(meta['parts'])}; {meta['dtype']})")
 

@@ -6,7 +6,6 @@ import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -14,7 +13,8 @@ from flax import nnx
 
 from configs import gfdm as gfdm_configs
 from configs import policy as policy_configs
-from defi_jax import checkpoint, export_torch, sharding, trainer
+from defi_jax import checkpoint, export_torch
+from defi_jax import stage as stage_lib
 from defi_jax.inference import DeFIPolicy, unnormalize
 from defi_jax_torch import DeFIPolicyTorch
 
@@ -22,26 +22,37 @@ STATS = {"normalized": True, "stats": {"q01": [-0.5, -0.4, -0.3, -0.2, -0.1, -0.
                                        "q99": [0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.0]}}
 
 
-def _one_device_mesh():
-    return sharding.make_mesh(policy_configs.get_config("tiny").mesh, devices=jax.devices()[:1])
+def _nested(flat: dict) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
 
 
-def _perturbed(tree, seed: int):
-    """Every float parameter plus 0.05 N(0, 1): no zero-initialised layer leaves a path unexercised."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
-                                        if jnp.issubdtype(x.dtype, jnp.floating) else x
-                                        for x, k in zip(leaves, keys)])
-
-
-def _save_initial(config, workdir: str, seed: int) -> None:
-    """A stage's initialised (then perturbed) train state as step 0 of ``workdir``: a stand-in fine-tuned run."""
-    state = trainer.Trainer(config, mesh=_one_device_mesh()).init_state()
-    state.params, state.frozen = _perturbed(state.params, seed), _perturbed(state.frozen, seed + 1)
+def _save_params(config, workdir: str, params: dict, extra: dict | None = None) -> None:
+    """A checkpoint holding only parameters (flat ``a/b/c`` paths): what ``restore_model`` and the export read."""
     ckpt = checkpoint.Checkpointer(workdir, async_save=False)
-    ckpt.save(0, state.as_dict(), None, config.to_json_best_effort())
+    ckpt.save(0, {"params": _nested(params), "extra": _nested(extra or {}), "step": np.int32(0)}, None,
+              config.to_json_best_effort())
     ckpt.close()
+
+
+def _flat(state) -> dict:
+    return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
+
+
+def _write_policy_workdir(config, workdir: str, seed: int) -> None:
+    """An initialised policy with every float parameter plus 0.05 N(0, 1) (no zero-initialised layer leaves a
+    path unexercised): a stand-in fine-tuned run, built eagerly (no train-state compile)."""
+    model = stage_lib.get("policy").build_model(config, nnx.Rngs(seed))
+    rs = np.random.default_rng(seed)
+    params = {k: (v + 0.05 * rs.standard_normal(v.shape)).astype(v.dtype) if v.dtype.kind == "f" else v
+              for k, v in _flat(nnx.state(model, nnx.Param)).items()}
+    _save_params(config, workdir, params, _flat(nnx.state(model, nnx.Not(nnx.Param))))
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +62,7 @@ def exported(tmp_path_factory):
     c.init.sources.gfdm.path = c.init.sources.gidm.path = ""
     c.policy.gfdm_init, c.policy.gidm_init = "initial", "random"
     workdir = str(tmp / "policy")
-    _save_initial(c, workdir, seed=0)
+    _write_policy_workdir(c, workdir, seed=0)
     os.makedirs(os.path.join(workdir, "assets"))
     with open(os.path.join(workdir, "assets", "action_stats.json"), "w") as f:
         json.dump(STATS, f)
@@ -165,16 +176,18 @@ def test_a_truncated_safetensors_file_fails_naming_it(exported, tmp_path):
         export_torch.verify(bad)
 
 
-def test_a_gfdm_workdir_exports_its_stage_in_bfloat16(tmp_path):
+def test_a_gfdm_workdir_exports_its_stage_in_bfloat16(exported, tmp_path):
     from diffusers import UNetSpatioTemporalConditionModel
 
-    c = gfdm_configs.get_config("tiny")
-    c.init.allow_random = True
-    _save_initial(c, str(tmp_path / "gfdm"), seed=3)
+    c = gfdm_configs.get_config("tiny")     # the policy's GFDM as a GFDM workdir of its own
+    _save_params(c, str(tmp_path / "gfdm"), checkpoint.restore_params(exported["workdir"], prefix="gfdm/"))
     meta = export_torch.export(str(tmp_path / "gfdm"), str(tmp_path / "out"), dtype="bfloat16")
     assert meta["stage"] == "gfdm" and meta["parts"] == ["gfdm/unet", "gfdm/vae", "gfdm/text_encoder"]
-    unet = UNetSpatioTemporalConditionModel.from_pretrained(str(tmp_path / "out" / "gfdm" / "unet"))
+    from safetensors.torch import load_file
+    folder = tmp_path / "out" / "gfdm" / "unet"
+    assert {t.dtype for t in load_file(str(folder / "diffusion_pytorch_model.safetensors")).values()} == {torch.bfloat16}
+    unet = UNetSpatioTemporalConditionModel.from_pretrained(str(folder), torch_dtype=torch.bfloat16)
     assert next(unet.parameters()).dtype == torch.bfloat16
     ours = checkpoint.restore_params(str(tmp_path / "gfdm"))["unet/conv_in/kernel"]   # [3, 3, in, out]
-    np.testing.assert_allclose(unet.conv_in.weight.float().numpy(), np.asarray(ours).transpose(3, 2, 0, 1),
+    np.testing.assert_allclose(unet.conv_in.weight.detach().float().numpy(), np.asarray(ours).transpose(3, 2, 0, 1),
                                rtol=1e-2, atol=1e-2)
