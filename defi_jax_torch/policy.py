@@ -253,8 +253,9 @@ class DeFIPolicyTorch(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, device=None, dtype=None, *, compile: bool = False) -> DeFIPolicyTorch:
         """The policy of an exported folder, strictly loaded, in eval mode on ``device`` (default: CUDA when
-        present) with ``dtype`` (default: the folder's). ``compile=True``: ``torch.compile`` the features and
-        the head."""
+        present). ``dtype`` (default: the folder's) is the GFDM's and the CLIP towers'; the Video Former, the
+        GIDM and the head (small) compute in float32. ``compile=True``: ``torch.compile`` the features and the
+        head."""
         from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -278,7 +279,10 @@ class DeFIPolicyTorch(nn.Module):
             tensors.update(read_safetensors(os.path.join(path, part, WEIGHTS)))
         policy.load_stage3_state_dict(tensors, what=f"{path}/{{gidm,policy}}/{WEIGHTS}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        policy = policy.to(device=device, dtype=dtype).eval()
+        dtype = dtype or getattr(torch, config.get("dtype", "float32"))
+        policy = policy.to(device=device).eval()
+        for tower in (policy.unet, policy.vae, policy.gfdm_text, policy.goal_text):
+            tower.to(dtype=dtype)   # the frozen towers in ``dtype``; the adapter and the head stay float32
         if compile:
             policy._features_fn = torch.compile(policy.features)
             policy._head_fn = torch.compile(policy._context_and_sample)
@@ -342,7 +346,7 @@ class DeFIPolicyTorch(nn.Module):
         """GFDM one-step features [B, V, T, h*w, C] (float32); ``noise``: unit Gaussian [B*V, T, 4, h, w]."""
         g = self.config["gfdm"]
         B, V = frames_BVHW3.shape[:2]
-        dtype = self.time_pos_emb.dtype
+        dtype = self.unet.dtype
         x = frames_BVHW3.reshape(B * V, *frames_BVHW3.shape[2:]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         text = gfdm_text_BLD.repeat_interleave(V, dim=0).to(dtype)
         cond = self.vae.encode(x.to(dtype)).latent_dist.mode()

@@ -12,6 +12,7 @@ import torch
 from flax import nnx
 
 from configs import gfdm as gfdm_configs
+from configs import gidm as gidm_configs
 from configs import policy as policy_configs
 from defi_jax import checkpoint, export_torch
 from defi_jax import stage as stage_lib
@@ -133,6 +134,10 @@ def test_torch_policy_acts_like_the_jax_policy(exported):
     # Different noise, different actions; the generator path draws it.
     other = tpol.act(images, instruction, generator=torch.Generator().manual_seed(1), normalized=True)
     assert _rel(other, theirs) > 1e-3
+    # bfloat16 compute: the same actions up to bfloat16 rounding.
+    bf16 = DeFIPolicyTorch.from_pretrained(exported["out"], device="cpu", dtype=torch.bfloat16)
+    assert bf16.unet.dtype == torch.bfloat16 and bf16.time_pos_emb.dtype == torch.float32
+    assert _rel(bf16.act(images, instruction, noise=noise, normalized=True), theirs) < 0.1
 
 
 def _rel(a, b) -> float:
@@ -191,3 +196,21 @@ def test_a_gfdm_workdir_exports_its_stage_in_bfloat16(exported, tmp_path):
     ours = checkpoint.restore_params(str(tmp_path / "gfdm"))["unet/conv_in/kernel"]   # [3, 3, in, out]
     np.testing.assert_allclose(unet.conv_in.weight.detach().float().numpy(), np.asarray(ours).transpose(3, 2, 0, 1),
                                rtol=1e-2, atol=1e-2)
+
+
+def test_a_gidm_workdir_exports_the_reference_stage2_names(tmp_path):
+    from safetensors.numpy import load_file
+
+    from defi_jax.interop import defi_torch
+
+    c = gidm_configs.get_config("tiny")
+    model = stage_lib.get("gidm").build_model(c, nnx.Rngs(4))
+    _save_params(c, str(tmp_path / "gidm"), _flat(nnx.state(model, nnx.Param)),
+                 _flat(nnx.state(model, nnx.Not(nnx.Param))))
+    meta = export_torch.export(str(tmp_path / "gidm"), str(tmp_path / "out"))
+    assert meta["stage"] == "gidm" and meta["parts"] == ["gidm"]
+    written = load_file(str(tmp_path / "out" / "gidm" / "model.safetensors"))
+    expected = defi_torch.gidm_state_dict(model)
+    assert written.keys() == expected.keys()
+    for k, v in expected.items():
+        np.testing.assert_array_equal(written[k], v, err_msg=k)
