@@ -1,7 +1,11 @@
 """A training stage = a model + a loss + a data spec. The one trainer runs every stage.
 
 Stages register by name (``config.stage``); modules are imported lazily so that running one stage never
-imports another's dependencies.
+imports another's dependencies. What every stage shares lives here: :class:`Tokenize` (the data workers'
+instruction transform), :class:`NumericBatches`, :func:`jit_kwargs` (``config.train.compiler_options``),
+:func:`compute_dtype` (``config.train.compute_dtype``) and :func:`eval_fns` (evaluation compiled once per run).
+Every stage spells a concept with the same key: ``config.eval.batches``, ``config.model.attention_impl``,
+``config.model.remat``, ``config.train.compute_dtype``, ``config.data.num_workers``, ``config.init.sources``.
 """
 
 from __future__ import annotations

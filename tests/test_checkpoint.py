@@ -9,35 +9,16 @@ import time
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
 import defi_jax  # noqa: F401
-from configs import toy
 from defi_jax import sharding, trainer as trainer_lib
 from defi_jax.checkpoint import Checkpointer
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-# Subprocesses get the same fast-compile options through XLA_FLAGS.
-SUB_ENV = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS=(
-    "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-    "--xla_llvm_disable_expensive_passes=true"))
-
-
-def _config(**train):
-    c = toy.get_config("tiny")
-    c.train.compiler_options = FAST
-    c.train.progress_bar = False
-    for k, v in train.items():
-        c.train[k] = v
-    return c
-
-
-def _mesh(shape):
-    n = int(np.prod(shape))
-    return sharding.make_mesh(ml_collections.ConfigDict(dict(shape=shape)), devices=jax.devices()[:n])
+# Configs come from the tiny_config fixture (configs/toy.py:tiny, fast compiles); subprocesses get the same
+# compile options through subprocess_env's XLA_FLAGS (tests/conftest.py).
 
 
 def _assert_trees_equal(a, b):
@@ -48,13 +29,13 @@ def _rows(workdir):
     return [json.loads(line) for line in open(Path(workdir) / "metrics.jsonl") if '"loss"' in line]
 
 
-def test_restore_onto_other_mesh_and_device_count(tmp_path):
-    config = _config(num_steps=3, ema_decay=0.5)
-    saved = trainer_lib.Trainer(config, mesh=_mesh((2, 2, 2))).fit(str(tmp_path)).state
+def test_restore_onto_other_mesh_and_device_count(tmp_path, tiny_config, make_mesh):
+    config = tiny_config(num_steps=3, ema_decay=0.5)
+    saved = trainer_lib.Trainer(config, mesh=make_mesh((2, 2, 2))).fit(str(tmp_path)).state
     ckpt = Checkpointer(str(tmp_path))
     assert ckpt.latest_step() == 3
     for shape in [(8, 1, 1), (4, 1, 1)]:
-        tr = trainer_lib.Trainer(config, mesh=_mesh(shape))
+        tr = trainer_lib.Trainer(config, mesh=make_mesh(shape))
         restored = tr.restore_or_init(ckpt)
         _assert_trees_equal(restored, saved)
         kernel = restored.params["mlp"]["up"]["kernel"]
@@ -63,24 +44,24 @@ def test_restore_onto_other_mesh_and_device_count(tmp_path):
     ckpt.close()
     # Library users (e.g. the policy loading a pretrained stage) get the model back, EMA or not.
     assert trainer_lib.checkpoint_config(str(tmp_path)).model.width == config.model.width
-    model = trainer_lib.restore_model(config, str(tmp_path), ema=True, mesh=_mesh((2, 1, 1)))
+    model = trainer_lib.restore_model(config, str(tmp_path), ema=True, mesh=make_mesh((2, 1, 1)))
     np.testing.assert_array_equal(np.asarray(model.mlp.up.kernel[...]),
                                   np.asarray(jax.device_get(saved.ema["mlp"]["up"]["kernel"])))
 
 
-def test_params_only_restore_reads_no_optimizer_state(tmp_path):
+def test_params_only_restore_reads_no_optimizer_state(tmp_path, tiny_config, make_mesh):
     """Parameters (or their EMA) come back without the optimizer moments: with those bytes deleted from the
     checkpoint, a full restore fails and the params-only restore still equals the trained model."""
     import shutil
 
     from defi_jax.checkpoint import restore_params
 
-    config = _config(num_steps=3, ema_decay=0.5, frozen=("^decoder/",))
-    saved = trainer_lib.Trainer(config, mesh=_mesh((2, 2, 2))).fit(str(tmp_path)).state
+    config = tiny_config(num_steps=3, ema_decay=0.5, frozen=("^decoder/",))
+    saved = trainer_lib.Trainer(config, mesh=make_mesh((2, 2, 2))).fit(str(tmp_path)).state
     step_dir = tmp_path / "checkpoints" / "3"
     assert {"params", "frozen", "opt_state", "ema", "counters"} <= {p.name for p in step_dir.iterdir()}
     shutil.rmtree(step_dir / "opt_state")
-    tr = trainer_lib.Trainer(config, mesh=_mesh((4, 1, 1)))
+    tr = trainer_lib.Trainer(config, mesh=make_mesh((4, 1, 1)))
     with pytest.raises(RuntimeError, match="does not fit"):
         tr.restore_or_init(Checkpointer(str(tmp_path)))
 
@@ -91,7 +72,7 @@ def test_params_only_restore_reads_no_optimizer_state(tmp_path):
     for k in want:
         np.testing.assert_array_equal(flat[k], want[k], err_msg=k)
     for ema in (False, True):
-        model = trainer_lib.restore_model(config, str(tmp_path), ema=ema, mesh=_mesh((2, 1, 1)))
+        model = trainer_lib.restore_model(config, str(tmp_path), ema=ema, mesh=make_mesh((2, 1, 1)))
         trained = saved.ema if ema else saved.params
         np.testing.assert_array_equal(np.asarray(model.mlp.up.kernel[...]),
                                       np.asarray(jax.device_get(trained["mlp"]["up"]["kernel"])))
@@ -104,10 +85,10 @@ def test_params_only_restore_reads_no_optimizer_state(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, tiny_config, make_mesh):
     """One trainer (compiled once) and its uninterrupted 12-step run, shared by the resume tests."""
-    config = _config(num_steps=12, save_every=4, log_every=1, eval_every=6)
-    tr = trainer_lib.Trainer(config, mesh=_mesh((2, 4, 1)))
+    config = tiny_config(num_steps=12, save_every=4, log_every=1, eval_every=6)
+    tr = trainer_lib.Trainer(config, mesh=make_mesh((2, 4, 1)))
     workdir = tmp_path_factory.mktemp("reference")
     result = tr.fit(str(workdir))
     assert result.status == "done" and result.step == 12
@@ -166,10 +147,10 @@ def _wait_for(predicate, proc, timeout=120):
         time.sleep(0.2)
 
 
-def test_launch_train_sigterm_exits_zero_and_resumes(tmp_path):
+def test_launch_train_sigterm_exits_zero_and_resumes(tmp_path, tiny_config, subprocess_env):
     workdir = tmp_path / "run"
     proc = subprocess.Popen(_train_cmd(workdir, "--config.train.num_steps=100000", "--config.train.log_every=1"),
-                            cwd=ROOT, env=SUB_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = workdir / "metrics.jsonl"
     _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc)
     proc.send_signal(signal.SIGTERM)
@@ -179,7 +160,7 @@ def test_launch_train_sigterm_exits_zero_and_resumes(tmp_path):
     ckpt = Checkpointer(str(workdir))
     stopped = ckpt.latest_step()
     assert stopped is not None and stopped >= 2 and f"at step {stopped} in" in err
-    restored = trainer_lib.Trainer(_config()).restore_or_init(ckpt)  # (resuming is tested above)
+    restored = trainer_lib.Trainer(tiny_config()).restore_or_init(ckpt)  # (resuming is tested above)
     assert int(restored.step) == stopped
 
 
@@ -201,13 +182,13 @@ app.run(train.main)
 """
 
 
-def test_sigkill_during_save_resumes_from_last_good(tmp_path, reference):
+def test_sigkill_during_save_resumes_from_last_good(tmp_path, reference, subprocess_env):
     tr, reference, _ = reference
     workdir, marker = tmp_path / "run", tmp_path / "saving"
     args = ["--config=configs/toy.py:tiny", f"--workdir={workdir}", "--config.train.num_steps=12",
             "--config.train.save_every=4", "--config.train.log_every=1", "--config.train.progress_bar=False",
             "--config.mesh.shape=(2,4,1)"]
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_DURING_SAVE, str(marker), *args], cwd=ROOT, env=SUB_ENV,
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_DURING_SAVE, str(marker), *args], cwd=ROOT, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(marker.exists, proc)
     proc.kill()

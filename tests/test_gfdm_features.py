@@ -60,15 +60,14 @@ def rel_err(ours, ref) -> float:
     return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
-def compiled(fn, model, *args):
-    """``fn(model, *args)`` jitted at XLA's lowest CPU optimisation level (each program runs once here)."""
+def compiled(fn, model, *args, options):
+    """``fn(model, *args)`` jitted with the fast-compile ``options`` (each program runs once here)."""
     graphdef, state = nnx.split(model)
-    run = jax.jit(lambda state, *a: fn(nnx.merge(graphdef, state), *a)).lower(state, *args).compile(
-        {"xla_backend_optimization_level": 0})
+    run = jax.jit(lambda state, *a: fn(nnx.merge(graphdef, state), *a)).lower(state, *args).compile(options)
     return run(state, *args)
 
 
-def test_one_step_features_match_diffusers(models):
+def test_one_step_features_match_diffusers(models, fast_compile):
     ours, t_unet, t_vae = models
     B, T, H = 2, 3, 16
     rs = np.random.default_rng(0)
@@ -80,7 +79,7 @@ def test_one_step_features_match_diffusers(models):
         return (*m.one_step_features(f, t, None, noise_BThwc=n),
                 m.one_step_features(f, t, None, noise_BThwc=n, predict_latents=False))
 
-    feats, pred, (cut, none) = compiled(both, ours, frame, text, noise)
+    feats, pred, (cut, none) = compiled(both, ours, frame, text, noise, options=fast_compile)
     # Full size: up_blocks[0] (1280 ch) upsampled + up_blocks[1] (1280 ch) = 2560 at 16 x 16; here 64 + 64 at the
     # latent resolution (three levels instead of four).
     assert feats.shape == (B, T, H // 2, H // 2, 128) and pred.shape == (B, T, H // 2, H // 2, 4)

@@ -15,22 +15,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import gfdm as gfdm_configs
-from configs import gidm as gidm_configs
-from configs import policy as policy_configs
-from defi_jax import checkpoint, sharding, trainer
+from defi_jax import checkpoint, trainer
 from defi_jax.policy import stage as policy_stage
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _one_device_mesh():
-    return sharding.make_mesh(policy_configs.get_config("tiny").mesh, devices=jax.devices()[:1])
-
-
-def _write_initial_workdir(config, workdir: str) -> dict:
+def _write_initial_workdir(config, workdir: str, mesh) -> dict:
     """A stage's freshly initialised train state saved as step 0 of ``workdir``; returns its flat params."""
-    tr = trainer.Trainer(config, mesh=_one_device_mesh())
+    tr = trainer.Trainer(config, mesh=mesh)
     state = tr.init_state()
     ckpt = checkpoint.Checkpointer(workdir, async_save=False)
     ckpt.save(0, state.as_dict(), None, config.to_json_best_effort())
@@ -38,32 +31,30 @@ def _write_initial_workdir(config, workdir: str) -> dict:
     return checkpoint.restore_params(workdir)
 
 
-def _policy_config(demo_data_dir, tmp, **policy):
-    c = policy_configs.get_config("tiny")
+def _policy_config(tiny_config, demo_data_dir, tmp, **policy):
+    c = tiny_config("policy", batch_size=4)
     c.init.sources.gfdm.path = str(tmp / "gfdm")
     c.init.sources.gidm.path = str(tmp / "gidm")
     c.data.data_dir = demo_data_dir
-    c.train.batch_size = 4
-    c.train.progress_bar = False
     for k, v in policy.items():
         c.policy[k] = v
     return c
 
 
 @pytest.fixture(scope="module")
-def finetuned(tmp_path_factory, demo_data_dir):
+def finetuned(tmp_path_factory, demo_data_dir, tiny_config, one_device_mesh):
     tmp = tmp_path_factory.mktemp("policy")
-    gf, gi = gfdm_configs.get_config("tiny"), gidm_configs.get_config("tiny")
+    gf, gi = tiny_config("gfdm"), tiny_config("gidm")
     gf.init.allow_random = gi.init.allow_random = True
-    gfdm_params = _write_initial_workdir(gf, str(tmp / "gfdm"))
-    gidm_params = _write_initial_workdir(gi, str(tmp / "gidm"))
-    c = _policy_config(demo_data_dir, tmp)
+    gfdm_params = _write_initial_workdir(gf, str(tmp / "gfdm"), one_device_mesh)
+    gidm_params = _write_initial_workdir(gi, str(tmp / "gidm"), one_device_mesh)
+    c = _policy_config(tiny_config, demo_data_dir, tmp)
     c.train.num_steps = 30
     c.train.log_every = 10
     c.train.save_every = 30
     c.eval.batches = 1
     workdir = str(tmp / "run")
-    result = trainer.Trainer(c, mesh=_one_device_mesh()).fit(workdir)
+    result = trainer.Trainer(c, mesh=one_device_mesh).fit(workdir)
     return dict(tmp=tmp, config=c, workdir=workdir, result=result, gfdm=gfdm_params, gidm=gidm_params)
 
 
@@ -86,23 +77,40 @@ def _fixed_draw_action_loss(model, batch, config) -> float:
     return float(np.mean([float(f(model, batch, jax.random.key(i))) for i in range(8)]))
 
 
-def test_short_finetune_lowers_the_action_loss(finetuned):
+def test_short_finetune_lowers_the_action_loss(finetuned, one_device_mesh):
     c = finetuned["config"]
     it = policy_stage.make_data(c, 0, 1, "train")
     batch = {k: jax.numpy.asarray(v) for k, v in next(it).items()}
-    initial = trainer.Trainer(c, mesh=_one_device_mesh())
+    initial = trainer.Trainer(c, mesh=one_device_mesh)
     before = _fixed_draw_action_loss(initial.model(initial.init_state()), batch, c)
-    after = _fixed_draw_action_loss(trainer.restore_model(c, finetuned["workdir"], mesh=_one_device_mesh()), batch, c)
+    finetuned_model = trainer.restore_model(c, finetuned["workdir"], mesh=one_device_mesh)
+    after = _fixed_draw_action_loss(finetuned_model, batch, c)
     assert after < 0.85 * before, (before, after)
     assert "eval_action_mse" in finetuned["result"].metrics
     stats = json.load(open(os.path.join(finetuned["workdir"], "assets", "action_stats.json")))
     assert stats["normalized"] and len(stats["stats"]["q01"]) == 7
 
 
+def test_evaluation_compiles_once_per_run(finetuned, one_device_mesh, count_compiles):
+    """Evaluating again with the run's config and model structure compiles nothing (the fixture's fine-tune
+    evaluated with them already); a rebuilt or mis-keyed cache would compile at every call."""
+    c = finetuned["config"]
+    model = trainer.restore_model(c, finetuned["workdir"], mesh=one_device_mesh)
+    batch = next(policy_stage.make_data(c, 0, 1, "eval"))
+    runs = []
+    for _ in range(2):
+        with count_compiles() as n:
+            metrics = policy_stage.evaluate(model, c, None, 30, iter([batch]))
+        runs.append((metrics, n[0]))
+    (first, _), (again, recompiles) = runs
+    assert recompiles == 0
+    assert again == first and np.isfinite(first["eval_action_mse"])   # the same fixed draws
+
+
 @pytest.mark.parametrize("mode", ["gidm_adapter", "adapter_only", "all"])
-def test_finetune_modes_train_exactly_their_parameters(finetuned, demo_data_dir, mode):
-    c = _policy_config(demo_data_dir, finetuned["tmp"], finetune=mode)
-    layout = trainer.Trainer(c, mesh=_one_device_mesh()).layout
+def test_finetune_modes_train_exactly_their_parameters(finetuned, demo_data_dir, tiny_config, one_device_mesh, mode):
+    c = _policy_config(tiny_config, demo_data_dir, finetuned["tmp"], finetune=mode)
+    layout = trainer.Trainer(c, mesh=one_device_mesh).layout
     abstract = layout.abstract_state()
     trained = set(trainer._flat(abstract.params))
     frozen = set(trainer._flat(abstract.frozen))
@@ -122,10 +130,10 @@ def test_finetune_modes_train_exactly_their_parameters(finetuned, demo_data_dir,
     assert any(m.endswith("head/inner_model/action_pred/kernel") for m in moment_paths)
 
 
-def test_all_mode_updates_the_unet(finetuned, demo_data_dir, tmp_path):
-    c = _policy_config(demo_data_dir, finetuned["tmp"], finetune="all")
+def test_all_mode_updates_the_unet(finetuned, demo_data_dir, tiny_config, one_device_mesh, tmp_path):
+    c = _policy_config(tiny_config, demo_data_dir, finetuned["tmp"], finetune="all")
     c.train.num_steps = 1
-    trainer.Trainer(c, mesh=_one_device_mesh()).fit(str(tmp_path / "all"))
+    trainer.Trainer(c, mesh=one_device_mesh).fit(str(tmp_path / "all"))
     after = checkpoint.restore_params(str(tmp_path / "all"))
     changed = [k for k, v in finetuned["gfdm"].items()
                if k.startswith("unet/") and not np.array_equal(np.asarray(after["gfdm/" + k]), np.asarray(v))]
@@ -137,8 +145,8 @@ def test_all_mode_updates_the_unet(finetuned, demo_data_dir, tmp_path):
 @pytest.mark.parametrize("variant", [dict(latent_action="continuous"), dict(latent_action="binning"),
                                      dict(latent_action="gmm"), dict(gfdm_steps=2),
                                      dict(head=dict(cross_attention="full"))])
-def test_ablation_variants_build_and_give_a_finite_loss(finetuned, demo_data_dir, variant):
-    c = _policy_config(demo_data_dir, finetuned["tmp"], gidm_init="random")
+def test_ablation_variants_build_and_give_a_finite_loss(finetuned, demo_data_dir, tiny_config, variant):
+    c = _policy_config(tiny_config, demo_data_dir, finetuned["tmp"], gidm_init="random")
     for k, v in variant.items():
         c.model[k] = dict(c.model[k], **v) if isinstance(v, dict) else v
     model = policy_stage.build_model(c, nnx.Rngs(0))
@@ -148,9 +156,9 @@ def test_ablation_variants_build_and_give_a_finite_loss(finetuned, demo_data_dir
     assert np.isfinite(float(loss)) and float(metrics["action_loss"]) > 0
 
 
-def test_validation_names_missing_pretrained_stages(demo_data_dir, tmp_path):
+def test_validation_names_missing_pretrained_stages(demo_data_dir, tiny_config, tmp_path):
     from defi_jax import config_validation
-    c = _policy_config(demo_data_dir, tmp_path)
+    c = _policy_config(tiny_config, demo_data_dir, tmp_path)
     c.init.sources.gidm.path = ""
     c.init.allow_random = False
     with pytest.raises((ValueError, config_validation.ConfigError), match="config.init.sources.goal_text.path"):

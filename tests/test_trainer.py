@@ -4,33 +4,17 @@ import dataclasses
 import json
 
 import jax
-import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import defi_jax  # noqa: F401
 from configs import toy
-from defi_jax import optim, sharding, trainer as trainer_lib
+from defi_jax import optim, trainer as trainer_lib
 from defi_jax.toy import STAGE
 
-
-# Unoptimized CPU code compiles ~5x faster; these tests compare runs compiled the same way.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def _config(**train):
-    c = toy.get_config("tiny")
-    c.mesh.shape = (1, -1, 1)
-    c.train.compiler_options = FAST_COMPILE
-    for k, v in train.items():
-        c.train[k] = v
-    return c
-
-
-def _mesh(shape):
-    n = int(np.prod(shape))
-    return sharding.make_mesh(ml_collections.ConfigDict(dict(shape=shape)), devices=jax.devices()[:n])
+# tiny_config (configs/toy.py:tiny, fast compiles: the tests compare runs compiled the same way) and make_mesh
+# are tests/conftest.py fixtures.
 
 
 def _on(tr, state):
@@ -49,22 +33,22 @@ def _losses(config, mesh, steps, state0=None):
     return np.array(losses), state
 
 
-def test_same_losses_on_different_meshes():
-    config = _config(batch_size=16)
-    state0 = trainer_lib.Trainer(config, mesh=_mesh((1, 1, 1))).init_state()
-    ref, _ = _losses(config, _mesh((1, 1, 1)), 5, state0)
+def test_same_losses_on_different_meshes(tiny_config, make_mesh):
+    config = tiny_config(batch_size=16)
+    state0 = trainer_lib.Trainer(config, mesh=make_mesh((1, 1, 1))).init_state()
+    ref, _ = _losses(config, make_mesh((1, 1, 1)), 5, state0)
     assert ref[-1] < ref[0]  # it learns
     for shape in [(2, 2, 2), (1, 8, 1)]:
-        losses, state = _losses(config, _mesh(shape), 5, state0)
+        losses, state = _losses(config, make_mesh(shape), 5, state0)
         np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=1e-7, err_msg=str(shape))
     # (1, 8, 1) really shards: the MLP's [embed, mlp] kernel is split over fsdp.
     kernel = state.params["mlp"]["up"]["kernel"]
     assert kernel.sharding.spec[0] == "fsdp" and len(kernel.addressable_shards[0].data) == kernel.shape[0] // 8
 
 
-def test_frozen_subtrees_get_no_optimizer_state_and_stay_fixed():
-    config = _config(frozen=("^encoder/",))
-    tr = trainer_lib.Trainer(config, mesh=_mesh((2, 2, 2)))
+def test_frozen_subtrees_get_no_optimizer_state_and_stay_fixed(tiny_config, make_mesh):
+    config = tiny_config(frozen=("^encoder/",))
+    tr = trainer_lib.Trainer(config, mesh=make_mesh((2, 2, 2)))
     state = tr.init_state()
     before = jax.device_get(state.frozen)
     before_mlp = jax.device_get(state.params["mlp"])
@@ -79,9 +63,9 @@ def test_frozen_subtrees_get_no_optimizer_state_and_stay_fixed():
     assert all(jax.tree.leaves(changed))
 
 
-def test_nonfinite_guard_skips_then_stops(tmp_path):
-    config = _config(max_nonfinite_steps=3, num_steps=20, log_every=1)
-    tr = trainer_lib.Trainer(config, mesh=_mesh((8, 1, 1)))
+def test_nonfinite_guard_skips_then_stops(tmp_path, tiny_config, make_mesh):
+    config = tiny_config(max_nonfinite_steps=3, num_steps=20, log_every=1)
+    tr = trainer_lib.Trainer(config, mesh=make_mesh((8, 1, 1)))
     state = tr.init_state()
     good = next(STAGE.make_data(config, 0, 1, "train"))
     bad = dict(good, frames=np.full_like(good["frames"], np.nan))
@@ -110,9 +94,9 @@ def test_nonfinite_guard_skips_then_stops(tmp_path):
     assert rows[0]["skipped_steps"] == 1 and rows[-1]["skipped_steps"] >= 3
 
 
-def test_grad_accumulation_equals_big_batch_step():
-    mesh = _mesh((2, 2, 1))
-    config = _config(batch_size=16)
+def test_grad_accumulation_equals_big_batch_step(tiny_config, make_mesh):
+    mesh = make_mesh((2, 2, 1))
+    config = tiny_config(batch_size=16)
     batch = next(STAGE.make_data(config, 0, 1, "train"))
     results, state0 = [], None
     for accum in (1, 4):
@@ -127,10 +111,10 @@ def test_grad_accumulation_equals_big_batch_step():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p4, p1)
 
 
-def test_ema_bf16_and_remat():
-    mesh = _mesh((2, 1, 1))
-    batch = next(STAGE.make_data(_config(), 0, 1, "train"))
-    config = _config(ema_decay=0.9, schedule="constant", warmup_steps=0)
+def test_ema_bf16_and_remat(tiny_config, make_mesh):
+    mesh = make_mesh((2, 1, 1))
+    batch = next(STAGE.make_data(tiny_config(), 0, 1, "train"))
+    config = tiny_config(ema_decay=0.9, schedule="constant", warmup_steps=0)
     tr = trainer_lib.Trainer(config, mesh=mesh)
     state = state0 = tr.init_state()
     p0 = jax.device_get(state.params)
@@ -143,18 +127,18 @@ def test_ema_bf16_and_remat():
     ref_loss = float(out["loss"])
 
     # bf16 compute keeps fp32 master weights and a close loss; remat changes memory, not values.
-    tr16 = trainer_lib.Trainer(_config(compute_dtype="bfloat16", ema_decay=0.9), mesh=mesh)
+    tr16 = trainer_lib.Trainer(tiny_config(compute_dtype="bfloat16", ema_decay=0.9), mesh=mesh)
     s16, out16 = tr16.step(_on(tr16, state0), tr16.global_batch(batch))
     assert s16.params["mlp"]["up"]["kernel"].dtype == jnp.float32
     np.testing.assert_allclose(float(out16["loss"]), ref_loss, rtol=5e-2)
     assert float(out16["loss"]) != ref_loss  # really computed in bf16
-    trr = trainer_lib.Trainer(_config(remat_policy="full", ema_decay=0.9), mesh=mesh)
+    trr = trainer_lib.Trainer(tiny_config(remat_policy="full", ema_decay=0.9), mesh=mesh)
     _, outr = trr.step(_on(trr, state0), trr.global_batch(batch))
     np.testing.assert_allclose(float(outr["loss"]), ref_loss, rtol=1e-6)
 
 
-def test_schedules():
-    t = _config(lr=1.0, num_steps=1000, schedule="tri_stage").train
+def test_schedules(tiny_config):
+    t = tiny_config(lr=1.0, num_steps=1000, schedule="tri_stage").train
     f = optim.schedule(t)
     np.testing.assert_allclose([f(0), f(20), f(50), f(100), f(1000)], [0.01, 1.0, 1.0, 1.0, 0.01], rtol=1e-4)
     assert 0.01 < f(550) < 1.0
@@ -165,8 +149,8 @@ def test_schedules():
     np.testing.assert_allclose(optim.schedule(t)(500), 1.0)
 
 
-def test_describe_helpers_and_aot_compile():
-    config = _config()
+def test_describe_helpers_and_aot_compile(tiny_config):
+    config = tiny_config()
     config.mesh.shape = (2, 2, 2)
     counts = trainer_lib.param_counts(config)
     assert set(counts) == {"encoder", "mlp", "decoder", "total"}
@@ -178,7 +162,7 @@ def test_describe_helpers_and_aot_compile():
     assert stats["argument"] > 0 and stats["peak_estimate"] > 0
 
 
-def test_launch_describe_and_benchmark_table(tmp_path):
+def test_launch_describe_and_benchmark_table(tmp_path, subprocess_env):
     import subprocess
     import sys
     from pathlib import Path
@@ -188,8 +172,7 @@ def test_launch_describe_and_benchmark_table(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "launch.describe", "--config=configs/toy.py:tiny", "--num_devices=8",
          "--config.mesh.shape=(2,2,2)", "--compile"], cwd=root, capture_output=True, text=True, timeout=300,
-        env={**__import__("os").environ, "PYTHONPATH": str(root),
-             "XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"})
+        env=subprocess_env(devices=0))
     assert out.returncode == 0, out.stderr[-3000:]
     lines = dict(line.split(": ", 1) for line in out.stdout.splitlines())
     counts = trainer_lib.param_counts(toy.get_config("tiny"))

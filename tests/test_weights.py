@@ -8,21 +8,13 @@ weights, the compiled init takes them as arguments (no weight constant), and err
 import re
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 import torch
 
 import defi_jax  # noqa: F401
-from configs import gfdm as gfdm_configs, gidm as gidm_configs, toy
-from defi_jax import config_validation, sharding, trainer as trainer_lib, weights
-
-FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def _mesh(shape):
-    n = int(np.prod(shape))
-    return sharding.make_mesh(ml_collections.ConfigDict(dict(shape=shape)), devices=jax.devices()[:n])
+from configs import gfdm as gfdm_configs, gidm as gidm_configs
+from defi_jax import config_validation, trainer as trainer_lib, weights
 
 
 def _flat(tree):
@@ -60,16 +52,15 @@ def _write_svd_and_clip(config, root):
     transformers.CLIPTextModel(transformers.CLIPTextConfig(**t)).save_pretrained(root / "clip")
 
 
-def test_gfdm_starts_from_diffusers_and_transformers_folders(tmp_path):
+def test_gfdm_starts_from_diffusers_and_transformers_folders(tmp_path, tiny_config, make_mesh):
     from defi_jax.interop import diffusers_svd, hf_clip
 
-    config = gfdm_configs.get_config("tiny")
-    config.train.compiler_options = FAST
+    config = tiny_config("gfdm")
     config.init.allow_random = False
     _write_svd_and_clip(config, tmp_path)
     config.init.svd_path = str(tmp_path / "svd")
     config.init.clip_path = str(tmp_path / "clip")
-    tr = trainer_lib.Trainer(config, mesh=_mesh((1, 8, 1)))
+    tr = trainer_lib.Trainer(config, mesh=make_mesh((1, 8, 1)))
 
     # The init program takes the weights as arguments and spells none of them as a constant.
     lowered = tr.lower_init()
@@ -108,7 +99,7 @@ T5 = dict(vocab_size=64, d_model=24, d_kv=8, d_ff=40, num_layers=2, num_heads=3,
           relative_attention_num_buckets=8, relative_attention_max_distance=16)
 
 
-def _small_defi_config():
+def _small_defi_config(fast_compile):
     """``configs/gidm.py:defi`` in shape (frozen DINOv2-with-registers + T5 encoder), tiny widths."""
     c = gidm_configs.get_config("defi")
     m = c.model
@@ -121,7 +112,7 @@ def _small_defi_config():
     c.data.resolution = 28
     c.train.batch_size = 8
     c.train.compute_dtype = "float32"
-    c.train.compiler_options = FAST
+    c.train.compiler_options = fast_compile
     return c
 
 
@@ -139,12 +130,12 @@ def _write_dino_and_t5(root):
     return str(root / "dino"), str(root / "t5")
 
 
-def test_gidm_loads_dinov2_and_t5_and_refuses_random_frozen_towers(tmp_path):
+def test_gidm_loads_dinov2_and_t5_and_refuses_random_frozen_towers(tmp_path, make_mesh, fast_compile):
     from safetensors.numpy import save_file
 
     from defi_jax.interop import hf_dinov2, hf_t5
 
-    c = _small_defi_config()
+    c = _small_defi_config(fast_compile)
     with pytest.raises(config_validation.ConfigError, match=r"config.init.sources.dinov2.path is empty.*"
                        r"dino_encoder/\* is frozen.*config.init.allow_random=True"):
         config_validation.validate(c)
@@ -154,7 +145,7 @@ def test_gidm_loads_dinov2_and_t5_and_refuses_random_frozen_towers(tmp_path):
         config_validation.validate(c)
     c.init.sources.t5.path = t5_dir
 
-    tr = trainer_lib.Trainer(c, mesh=_mesh((2, 4, 1)))
+    tr = trainer_lib.Trainer(c, mesh=make_mesh((2, 4, 1)))
     state = tr.init_state()
     dino, t5 = hf_dinov2.load(dino_dir), hf_t5.load_encoder(t5_dir)
     _assert_bitwise(state.frozen["dino_encoder"], dino)
@@ -177,11 +168,12 @@ def test_gidm_loads_dinov2_and_t5_and_refuses_random_frozen_towers(tmp_path):
     assert t5_emb.sharding == tr.state_shardings.frozen["text_encoder"]["shared"]
 
 
-def test_mismatched_sources_fail_naming_every_tensor_with_both_shapes(tmp_path):
+def test_mismatched_sources_fail_naming_every_tensor_with_both_shapes(tmp_path, make_mesh, fast_compile,
+                                                                    error_message):
     import transformers
 
-    c = _small_defi_config()
-    layout = trainer_lib.StateLayout(c, mesh=_mesh((1, 8, 1)))
+    c = _small_defi_config(fast_compile)
+    layout = trainer_lib.StateLayout(c, mesh=make_mesh((1, 8, 1)))
     wide = dict(DINO, mlp_ratio=3)  # every fc1 / fc2 of both layers has the wrong width
     transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(**wide)).save_pretrained(
         tmp_path / "dino")
@@ -195,9 +187,7 @@ def test_mismatched_sources_fail_naming_every_tensor_with_both_shapes(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"config.init.sources.t5.path='.*no_t5' \(hf_t5_encoder\)"):
         weights.load_init_params(c, layout.abstract_params())
     c.init.sources.t5.path = ""
-    with pytest.raises(ValueError) as e:
-        weights.load_init_params(c, layout.abstract_params())
-    msg = str(e.value)
+    msg = error_message(weights.load_init_params, c, layout.abstract_params(), exc=ValueError)
     assert msg.count("mis-shaped") == 6, msg   # 2 layers x (fc1 weight, fc1 bias, fc2 weight), all listed
     assert "missing embeddings.cls_token (ours: dino_encoder/cls_token (1, 1, 32))" in msg
     assert "encoder.layer.1.mlp.fc2.weight: file (32, 96), expected (32, 64) (ours: " \
@@ -206,18 +196,9 @@ def test_mismatched_sources_fail_naming_every_tensor_with_both_shapes(tmp_path):
 
 # ------------------------------------------------------------------------------------------ any stage
 
-def _toy(**train):
-    c = toy.get_config("tiny")
-    c.train.compiler_options = FAST
-    c.train.progress_bar = False
-    for k, v in train.items():
-        c.train[k] = v
-    return c
-
-
-def test_describe_and_compile_read_no_weight_file():
+def test_describe_and_compile_read_no_weight_file(tiny_config):
     """Shapes, memory and the AOT-compiled step need no weights: a source that does not exist is not read."""
-    c = _toy()
+    c = tiny_config()
     c.mesh.shape = (2, 2, 2)
     c.init.sources.enc = weights.source("^encoder/", "hf_dinov2", "/nonexistent/dinov2")
     counts = trainer_lib.param_counts(c)
@@ -228,11 +209,11 @@ def test_describe_and_compile_read_no_weight_file():
         trainer_lib.Trainer(c).init_state()
 
 
-def test_a_stage_starts_from_another_stages_workdir(tmp_path):
+def test_a_stage_starts_from_another_stages_workdir(tmp_path, tiny_config, make_mesh):
     """A ``workdir`` source: the encoder from a trained run's EMA, the rest initialised as without it."""
-    mesh = _mesh((2, 2, 1))
-    trained = trainer_lib.Trainer(_toy(num_steps=2, ema_decay=0.5), mesh=mesh).fit(str(tmp_path / "a")).state
-    c = _toy()
+    mesh = make_mesh((2, 2, 1))
+    trained = trainer_lib.Trainer(tiny_config(num_steps=2, ema_decay=0.5), mesh=mesh).fit(str(tmp_path / "a")).state
+    c = tiny_config()
     c.seed = 7
     fresh = trainer_lib.Trainer(c, mesh=mesh).init_state()
     # Our encoder/... <- the source's encoder/... (the part matched by target is replaced by prefix).
