@@ -35,6 +35,7 @@ setup(
                 "tensorflow-cpu>=2.18"],
         "torch": ["torch>=2.4", "safetensors>=0.4"],
         "sim": ["metaworld>=3.0", "mujoco>=3.2"],
+        "tensorboard": ["tensorboard>=2.16"],   # the viewer for WORKDIR/tensorboard (the trainer writes with tensorboardX)
         "tpu": ["jax[tpu]>=0.10,<0.11"],  # libtpu at the version jax pins (TPU VMs; launch.aot --topology)
     },
 )

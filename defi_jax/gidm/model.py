@@ -177,8 +177,9 @@ class ByteTextEncoder(nnx.Module):
 
     def __init__(self, dim: int, *, rngs: nnx.Rngs):
         self.embed = nnx.Embed(GIDM_BYTES_VOCAB_SIZE, dim, rngs=rngs,
-                               embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02),
-                                                                    ("vocab", "embed")))
+                               # unsplit: a 257-row table; splitting it made XLA fully rematerialize the
+                               # looked-up tokens on tensor-parallel meshes
+                               embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), (None, None)))
 
     def __call__(self, input_ids_BL, attention_mask_BL):
         return self.embed(input_ids_BL)
