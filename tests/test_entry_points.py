@@ -9,25 +9,27 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS=(
-    "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-    "--xla_llvm_disable_expensive_passes=true"))
 ENTRY_POINTS = sorted(p.stem for p in (ROOT / "launch").glob("*.py") if p.stem != "__init__")
 CONFIG_ENTRY_POINTS = ("train", "precompute_latents", "describe")
 # Entry points whose file adopts `app.run(main, flags_parser=config_validation.parse_flags)` in another change.
 PENDING: set[str] = set()
 
 
-def _run(*args, cwd=ROOT, timeout=120):
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+@pytest.fixture
+def run(subprocess_env):
+    """``run("launch.x", *args, cwd=ROOT, timeout=120)``: ``python -m`` in a child process (8 fake devices, fast
+    compiles)."""
+    def run_module(*args, cwd=ROOT, timeout=120):
+        return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=subprocess_env(), capture_output=True,
+                              text=True, timeout=timeout)
+    return run_module
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
     n in PENDING, strict=True, reason="absl's --help exits 1 until the entry point uses parse_flags"))
     for n in ENTRY_POINTS])
-def test_help_exits_zero(name):
-    out = _run(f"launch.{name}", "--help")
+def test_help_exits_zero(name, run):
+    out = run(f"launch.{name}", "--help")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "python -m launch." + name in out.stdout                 # the module docstring's usage line
     if name in CONFIG_ENTRY_POINTS:
@@ -36,8 +38,8 @@ def test_help_exits_zero(name):
             assert text in out.stdout, (text, out.stdout)
 
 
-def test_help_with_a_config_lists_its_keys():
-    out = _run("launch.train", "--help", "--config=configs/toy.py:tiny", "--config.train.num_steps=3")
+def test_help_with_a_config_lists_its_keys(run):
+    out = run("launch.train", "--help", "--config=configs/toy.py:tiny", "--config.train.num_steps=3")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--config.train.num_steps = 3" in out.stdout            # the most used keys, with their values
     assert "  model.frame_size = 8" in out.stdout and "  mesh.shape = (1, -1, 1)" in out.stdout  # every key
@@ -45,16 +47,17 @@ def test_help_with_a_config_lists_its_keys():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--config.train.bogus=1"], "config.train.bogus: unknown key; config.train has: b1, b2, batch_size"),
+    (["--config.train.bogus=1"],
+     "config.train.bogus: unknown key; config.train has: async_checkpointing, b1, b2, batch_size"),
     (["--config.train.num_step=1"], "config.train.num_step: unknown key; did you mean config.train.num_steps"),
     (["--config.mesh.shape=abc"], "config.mesh.shape='abc': expected a tuple of int like (1, -1, 1)"),
     (["--config.train.lr", "fast"], "config.train.lr='fast': expected a number; the config has 0.003"),
     (["--config=configs/toy.py:huge"], "--config=configs/toy.py:huge: configs/toy.py: unknown variant 'huge'"),
     (["--workdri=/tmp/x"], "Unknown command line flag 'workdri'. Did you mean: workdir ?"),
 ])
-def test_usage_errors_are_one_line(args, message):
+def test_usage_errors_are_one_line(args, message, run):
     argv = ["--config=configs/toy.py:tiny", "--workdir=/tmp/never_written", *args]
-    out = _run("launch.train", *argv)
+    out = run("launch.train", *argv)
     assert out.returncode == 2, out.stderr[-3000:]
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"python -m launch.train: {message}"), out.stderr
@@ -62,18 +65,18 @@ def test_usage_errors_are_one_line(args, message):
     assert not os.path.exists("/tmp/never_written")
 
 
-def test_precompute_latents_usage_errors():
-    out = _run("launch.precompute_latents", "--config=configs/gfdm.py:tiny", "--out=/tmp/x", "--config.data.sourse=x")
+def test_precompute_latents_usage_errors(run):
+    out = run("launch.precompute_latents", "--config=configs/gfdm.py:tiny", "--out=/tmp/x", "--config.data.sourse=x")
     assert out.returncode == 2 and "config.data.sourse: unknown key; did you mean config.data.source" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
-    out = _run("launch.precompute_latents", "--config=configs/toy.py:tiny", "--out=/tmp/x")
+    out = run("launch.precompute_latents", "--config=configs/toy.py:tiny", "--out=/tmp/x")
     assert out.returncode == 2 and "needs a GFDM config" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_train_relative_workdir_first_and_closing_lines(tmp_path):
+def test_train_relative_workdir_first_and_closing_lines(tmp_path, run):
     """A relative --workdir is made absolute (Orbax needs it); stdout says what runs where, then where things
     landed; no TensorFlow banner or traceback on stderr."""
-    out = _run("launch.train", f"--config={ROOT}/configs/toy.py:tiny", "--workdir=runs/toy",
+    out = run("launch.train", f"--config={ROOT}/configs/toy.py:tiny", "--workdir=runs/toy",
                "--config.mesh.shape=(8,1,1)", "--config.train.num_steps=2", "--config.train.log_every=1", "--config.train.progress_bar=false",
                cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -2,7 +2,6 @@
 and resume together."""
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -27,14 +26,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_two_processes(workdir, *overrides):
+def _start_two_processes(subprocess_env, workdir, *overrides):
     port = _free_port()
     procs = []
     for pid in range(2):
-        env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
-                   XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 "
-                             "--xla_llvm_disable_expensive_passes=true")
+        env = subprocess_env(devices=4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                             JAX_PROCESS_ID=str(pid))
         cmd = [sys.executable, "-m", "launch.train", "--config=configs/toy.py:tiny", f"--workdir={workdir}",
                "--config.train.log_every=1", "--config.mesh.shape=(2,-1,1)", "--config.train.progress_bar=False",
                *overrides]
@@ -54,9 +51,9 @@ def _logged_steps(workdir):
     return [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl") if '"loss"' in line]
 
 
-def test_two_processes_train_preempt_checkpoint_and_resume(tmp_path):
+def test_two_processes_train_preempt_checkpoint_and_resume(tmp_path, subprocess_env):
     workdir = tmp_path / "run"
-    procs = _start_two_processes(workdir, "--config.train.num_steps=100000", "--config.train.save_every=2")
+    procs = _start_two_processes(subprocess_env, workdir, "--config.train.num_steps=100000", "--config.train.save_every=2")
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 240
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
@@ -80,7 +77,7 @@ def test_two_processes_train_preempt_checkpoint_and_resume(tmp_path):
     assert _logged_steps(workdir) == list(range(1, stopped + 1))
 
     # Both processes resume together.
-    errs = _finish(_start_two_processes(workdir, f"--config.train.num_steps={stopped + 2}"))
+    errs = _finish(_start_two_processes(subprocess_env, workdir, f"--config.train.num_steps={stopped + 2}"))
     assert all(f"at step {stopped}" in err and "resumed from" in err for err in errs)
     assert _logged_steps(workdir) == list(range(1, stopped + 3))
 
