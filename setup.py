@@ -33,7 +33,7 @@ setup(
         # Parity tests use the real reference libraries on random weights; TFRecord RLDS needs TensorFlow.
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "diffusers>=0.35", "transformers>=4.50", "sentencepiece",
                 "tensorflow-cpu>=2.18"],
-        "torch": ["torch>=2.4", "safetensors>=0.4"],
+        "torch": ["torch>=2.4", "safetensors>=0.4", "diffusers>=0.35", "transformers>=4.50"],   # defi_jax_torch
         "sim": ["metaworld>=3.0", "mujoco>=3.2"],
         "tensorboard": ["tensorboard>=2.16"],   # the viewer for WORKDIR/tensorboard (the trainer writes with tensorboardX)
         "tpu": ["jax[tpu]>=0.10,<0.11"],  # libtpu at the version jax pins (TPU VMs; launch.aot --topology)

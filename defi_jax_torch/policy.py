@@ -195,25 +195,11 @@ def build_head(c: Mapping) -> tp.GCDenoiser:
                          mlp_pdrop=h.get("mlp_pdrop", 0.0), cross_causal=h.get("cross_attention", "causal") == "causal")
 
 
-class EncoderOnlyLAM(tp.EncoderOnlyLAM):
-    """``defi_jax.torch_ref.policy.EncoderOnlyLAM`` with its mask built on the inputs' device (CUDA)."""
-
-    def forward(self, feats, text_hidden, text_mask):
-        B, T, N, _ = feats.shape
-        lang = self.lang_proj(text_hidden)
-        ones = torch.ones(B, self.num_codes + N, dtype=text_mask.dtype, device=text_mask.device)
-        mask = torch.cat([ones, text_mask], dim=-1)
-        tokens = torch.cat([self.action_latent.expand(B, T, -1, -1), feats], dim=2)
-        z = self.encoder(tokens, lang[:, None].expand(B, T, -1, -1), mask.repeat(T, 1))   # the row-order quirk
-        z = self.to_codebook(z[:, 1:, :self.num_codes]).reshape(B * (T - 1), self.num_codes, self.latent_dim)
-        return self.action_up(self.vq(z)[0])
-
-
-def build_latent_actions(c: Mapping) -> tuple[nn.Sequential, EncoderOnlyLAM]:
+def build_latent_actions(c: Mapping) -> tuple[nn.Sequential, tp.EncoderOnlyLAM]:
     """``goal_emb`` and ``lam`` (the GIDM encoder, VQ and its instruction tower ``lam.text_encoder``)."""
     g, width = c["gidm"], c["gidm"]["feature_dim"]
     goal_emb = nn.Sequential(nn.Linear(c["feature_dim"], width), nn.GELU(), nn.Linear(width, width))
-    lam = EncoderOnlyLAM(dino_dim=width, model_dim=g["model_dim"], latent_dim=g["latent_dim"],
+    lam = tp.EncoderOnlyLAM(dino_dim=width, model_dim=g["model_dim"], latent_dim=g["latent_dim"],
                          num_latents=g["num_latents"], enc_blocks=g["enc_blocks"], num_heads=g["num_heads"],
                          text_dim=g["text_dim"])
     if g["text_encoder"] == "bytes":
@@ -385,7 +371,7 @@ class DeFIPolicyTorch(nn.Module):
         video = self.Video_Former(feats_BVTNC.transpose(1, 2).reshape(B, T, V * N, C))
         f0, f1 = self.latent_action_frames
         pair = torch.stack([feats_BVTNC[:, 0, f0], feats_BVTNC[:, 0, f1]], dim=1)   # static view
-        tokens = self.lam(self.goal_emb(pair) + self.time_pos_emb.unsqueeze(0), gidm.to(dtype), gidm_mask)
+        tokens = self.lam(self.goal_emb(pair) + self.time_pos_emb.unsqueeze(0), gidm.to(dtype), gidm_mask)["tokens"]
         inner = self.model.inner_model
         context = inner.forward_enc_only(video, tokens, goal.to(dtype))
         h = self.config["head"]

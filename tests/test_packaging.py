@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _source_modules() -> set[str]:
     out = set()
-    for top in ("defi_jax", "data_pipelines", "launch", "configs"):
+    for top in ("defi_jax", "defi_jax_torch", "data_pipelines", "launch", "configs"):
         for path in (REPO / top).rglob("*.py"):
             if "__pycache__" not in path.parts:
                 out.add(path.relative_to(REPO).as_posix())

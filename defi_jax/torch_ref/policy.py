@@ -241,7 +241,7 @@ class SinusoidalPosEmb(nn.Module):
         half = self.dim // 2
         freqs = torch.exp(torch.arange(half, device=x.device) * -(math.log(10000) / (half - 1)))
         arg = x[:, None] * freqs[None, :]
-        return torch.cat((arg.sin(), arg.cos()), dim=-1)
+        return torch.cat((arg.sin(), arg.cos()), dim=-1).to(x.dtype)
 
 
 class DiffusionTransformer(nn.Module):
@@ -363,7 +363,8 @@ class EncoderOnlyLAM(nn.Module):
     def forward(self, feats, text_hidden, text_mask):
         B, T, N, _ = feats.shape
         lang = self.lang_proj(text_hidden)
-        mask = torch.cat([torch.ones(B, self.num_codes + N, dtype=text_mask.dtype), text_mask], dim=-1)
+        mask = torch.cat([torch.ones(B, self.num_codes + N, dtype=text_mask.dtype, device=text_mask.device),
+                          text_mask], dim=-1)
         tokens = torch.cat([self.action_latent.expand(B, T, -1, -1), feats], dim=2)
         z = self.encoder(tokens, lang[:, None].expand(B, T, -1, -1), mask.repeat(T, 1))   # the row-order quirk
         z = self.to_codebook(z[:, 1:, :self.num_codes]).reshape(B * (T - 1), self.num_codes, self.latent_dim)
