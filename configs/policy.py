@@ -12,8 +12,8 @@ Variants:
         queries), head 384 wide, 4 + 4 layers, 8 heads, 10 x 7 actions; AdamW (0.9, 0.9), wd 0.05, constant lr
         1e-4, no clipping, batch 32; static + wrist views.
   tiny  minutes on a CPU: the demo's tiny GFDM and GIDM (``configs/gfdm.py:tiny``, ``configs/gidm.py:tiny``)
-        loaded from ``workdirs/demo/{gfdm,gidm}`` (``make demo`` trains them), a small adapter and head, the
-        embedded Meta-World demo data.
+        loaded from ``workdirs/demo/{gfdm,gidm}`` (trained there first when missing: ``policy.pretrain_missing``),
+        a small adapter and head, the embedded Meta-World demo data.
 
 Keys beyond the stage configs':
   policy.finetune        gidm_adapter (default) | adapter_only | all      (what is trained: paper Table 9)
@@ -83,6 +83,7 @@ def get_config(arg: str | None = None):
     c.policy.gfdm_init = "pretrained"
     c.policy.gidm_init = "pretrained"
     c.policy.action_stats_dataset = ""      # whose statistics inference unnormalizes with ("" = largest in the mix)
+    c.policy.pretrain_missing = False       # train a missing GFDM / GIDM source workdir first (tiny configs)
 
     c.init = weights.init_config()
     s = c.init.sources
@@ -127,6 +128,7 @@ def get_config(arg: str | None = None):
         m.video_former = dict(dim=32, depth=1, queries_per_frame=2, heads=2, dim_head=16, temporal_heads=2)
         m.head = dict(m.head, dim=32, enc_layers=1, dec_layers=1, heads=2)
         m.sample_steps = 10
+        c.policy.pretrain_missing = True    # trains the demo's GFDM / GIDM first when they are missing
         demo = os.path.abspath(os.path.join("workdirs", "demo"))
         s.gfdm.path = os.path.join(demo, "gfdm")
         s.gidm.path = os.path.join(demo, "gidm")

@@ -5,6 +5,8 @@
 Variants: ``tiny`` (tests, seconds on CPU), ``small`` (default; a minute on CPU), ``wide`` (benchmarks).
 """
 
+import ml_collections
+
 from configs.base import get_base_config
 
 
@@ -20,7 +22,8 @@ def get_config(arg: str | None = None):
 
     c.data.seed = 0
     c.data.num_examples = 4096
-    c.data.eval_batches = 4
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batches = 4                 # held-out batches per evaluation
     c.data.worker_count = 0            # grain worker processes (0 = in-process)
 
     c.train.batch_size = 32
@@ -36,7 +39,7 @@ def get_config(arg: str | None = None):
         c.model.width = 8
         c.model.hidden = 32
         c.data.num_examples = 512
-        c.data.eval_batches = 2
+        c.eval.batches = 2
         c.train.batch_size = 16
         c.train.num_steps = 20
         c.train.warmup_steps = 2

@@ -123,6 +123,9 @@ class Stage:
     frozen(config) -> tuple of regexes   (optional)
         Parameters the stage freezes because of its own config keys (e.g. ``config.policy.finetune``), on top
         of ``config.train.frozen``; see :func:`frozen_patterns`.
+    prepare(config) -> None   (optional)
+        Runs before anything else of a run (e.g. the tiny policy trains the demo's GFDM / GIDM workdirs it starts
+        from when they are missing).
     check_data(config) -> None   (optional)
         Checks, before the first step, that every dataset and split the run will read is there (one error
         listing every problem; ``data_pipelines.check_sources``), so a missing eval split does not end a long run.
@@ -140,6 +143,7 @@ class Stage:
     frozen: Callable[[Any], tuple[str, ...]] | None = None
     assets: Callable[[Any], Mapping[str, str]] | None = None
     check_data: Callable[[Any], None] | None = None
+    prepare: Callable[[Any], None] | None = None
 
 
 def jit_kwargs(config) -> dict:

@@ -124,9 +124,9 @@ def _eval_mse(model, batch):
 
 
 def evaluate(model, config, workdir, step, eval_iter) -> dict:
-    """Mean squared error over ``config.data.eval_batches`` held-out batches."""
+    """Mean squared error over ``config.eval.batches`` held-out batches."""
     del workdir, step
-    losses = [float(_eval_mse(model, batch)) for _, batch in zip(range(config.data.eval_batches), eval_iter)]
+    losses = [float(_eval_mse(model, batch)) for _, batch in zip(range(config.eval.batches), eval_iter)]
     return {"eval_mse": float(np.mean(losses))}
 
 

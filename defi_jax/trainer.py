@@ -296,8 +296,7 @@ class Trainer:
         self.compute_dtype = _DTYPES[t.compute_dtype]
         # XLA options for every compile of this run (e.g. {"xla_backend_optimization_level": 0} makes CPU
         # test compiles ~5x faster); empty by default.
-        opts = t.get("compiler_options", None)
-        self._jit_kwargs = {"compiler_options": dict(opts)} if opts else {}
+        self._jit_kwargs = stage_lib.jit_kwargs(config)
         if not jax.tree.leaves(self.layout.logical["params"]):
             raise config_validation.ConfigError(
                 f"config.train.frozen={tuple(t.frozen)!r}: every parameter is frozen, nothing to train")
@@ -515,6 +514,8 @@ class Trainer:
             record_config(workdir, config_json)
             for name, text in (self.stage.assets(c) if self.stage.assets is not None else {}).items():
                 paths.write_text(paths.join(workdir, "assets", name), text)   # atomic, local or gs://
+        if self.stage.prepare is not None:
+            self.stage.prepare(c)
         if self.stage.check_data is not None:
             self.stage.check_data(c)   # every dataset and both splits, before anything is spent
         ckpt = Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.get("async_checkpointing", True))

@@ -67,7 +67,7 @@ def encode_split(config, vae, out_dir: str, split: str, num_clips: int, batch_pe
     per_call = batch_per_device * len(local)
     share = -(-num_clips // pc)  # this process's clips (ceil)
     loader = data_pipelines.make_loader("gfdm_clip", loader_config(config), global_batch_size=per_call * pc, process_index=pi,
-                                        process_count=pc, seed=config.data.get("seed", config.seed), split=split)
+                                        process_count=pc, seed=config.seed, split=split)
     sf = float(dict(config.model.vae).get("scaling_factor", 0.18215))
     shard = NamedSharding(mesh, P("batch"))
 

@@ -215,3 +215,17 @@ assert not bad, bad
     from defi_jax.inference import load_exported
     with pytest.raises(ValueError, match="format"):
         load_exported(str(tmp_path / "broken"))
+
+
+def test_tiny_policy_trains_its_missing_stage_workdirs_first(tmp_path, monkeypatch, finetuned, tiny_config):
+    c = tiny_config("policy")
+    c.init.sources.gfdm.path = str(tmp_path / "gfdm")            # missing: trained first
+    c.init.sources.gidm.path = str(finetuned["tmp"] / "gidm")    # has a checkpoint: left alone
+    calls = []
+    monkeypatch.setattr(trainer, "train", lambda config, workdir: calls.append((config.stage, workdir)))
+    policy_stage.prepare(c)
+    assert calls == [("gfdm", str(tmp_path / "gfdm"))]
+    c.policy.pretrain_missing = False                            # the defi variant's default
+    calls.clear()
+    policy_stage.prepare(c)
+    assert calls == []

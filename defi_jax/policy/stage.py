@@ -249,5 +249,25 @@ def check_data(config) -> None:
     data_pipelines.check_sources(config.data, "policy_window")
 
 
+def prepare(config) -> None:
+    """With ``policy.pretrain_missing`` (the tiny variant): trains the tiny GFDM / GIDM into their source workdirs
+    first when those hold no checkpoint yet, on this run's data (the demo's by default)."""
+    if not config.policy.get("pretrain_missing", False):
+        return
+    import importlib
+
+    from defi_jax import paths, trainer
+
+    for name in ("gidm", "gfdm"):
+        path = config.init.sources[name].path
+        if config.policy[f"{name}_init"] != "pretrained" or not path or paths.isdir(paths.join(path, "checkpoints")):
+            continue
+        stage_config = importlib.import_module(f"configs.{name}").get_config("tiny")
+        stage_config.data.data_dir = config.data.data_dir
+        print(f"policy: no {name.upper()} checkpoint in {path} (config.init.sources.{name}.path): training "
+              f"configs/{name}.py:tiny there first", flush=True)
+        trainer.train(stage_config, path)
+
+
 STAGE = Stage(build_model=build_model, loss_fn=loss_fn, make_data=make_data, evaluate=evaluate, validate=validate,
-              batch_spec=batch_spec, frozen=frozen_patterns, assets=assets, check_data=check_data)
+              batch_spec=batch_spec, frozen=frozen_patterns, assets=assets, check_data=check_data, prepare=prepare)
