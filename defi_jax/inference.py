@@ -108,7 +108,13 @@ class DeFIPolicy:
             raise FileNotFoundError(f"{asset}: the policy's action statistics are missing (written when training "
                                     f"starts); without them actions cannot be unnormalized")
         stats = json.loads(paths.read_text(asset))
-        model = trainer.restore_model(config, workdir, step=step, ema=ema)
+        # One device: a policy acts with batch sizes of a few robots, and every array then has one placement.
+        import jax
+        import ml_collections
+
+        from defi_jax import sharding
+        mesh = sharding.make_mesh(ml_collections.ConfigDict({"shape": (1, 1, 1)}), devices=jax.devices()[:1])
+        model = trainer.restore_model(config, workdir, step=step, ema=ema, mesh=mesh)
         return cls(config, model, stats, seed=seed)
 
     # ---- acting ---------------------------------------------------------------------------------
