@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 test: install
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --durations=15 tests
 
 demo: install
 	$(PY) -m launch.demo --workdir=workdirs/demo $(DEMO_ARGS)
