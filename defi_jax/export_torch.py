@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 
 import numpy as np
 
@@ -50,10 +49,7 @@ def export(workdir: str, out: str, *, step: int | None = None, ema: bool = False
     if stage not in ("policy", "gfdm", "gidm"):
         raise ValueError(f"{workdir}: a {stage!r} checkpoint; export_torch writes policy, gfdm and gidm workdirs")
     model = trainer.restore_model(config, workdir, step=step, ema=ema)
-    final = os.path.abspath(out)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=os.path.dirname(final))
-    try:
+    with paths.staged_dir(out) as tmp:   # renamed into place only once written and verified
         if stage == "policy":
             meta = _write_policy(model, config, workdir, tmp)
         elif stage == "gfdm":
@@ -68,12 +64,6 @@ def export(workdir: str, out: str, *, step: int | None = None, ema: bool = False
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(_readme(meta))
         verify(tmp)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 

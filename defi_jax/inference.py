@@ -176,9 +176,6 @@ class DeFIPolicy:
         text towers), ``weights.npz``, the tokenizer files, the statistics and ``manifest.json``. The folder is
         written under a temporary name and renamed when complete. Returns the manifest."""
         import datetime
-        import shutil
-        import tempfile
-
         import jax
         from jax import export as jax_export
 
@@ -209,10 +206,8 @@ class DeFIPolicy:
         exp_act = jax_export.export(jax.jit(act), platforms=platforms)(flat_spec, frames_spec, text_spec, key_spec)
         exp_enc = jax_export.export(jax.jit(encode), platforms=platforms)(flat_spec, ids_spec)
 
-        final = os.path.abspath(path)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=os.path.dirname(final))
-        try:
+        from defi_jax import paths
+        with paths.staged_dir(path) as tmp:
             with open(os.path.join(tmp, "act.jax"), "wb") as f:
                 f.write(exp_act.serialize())
             with open(os.path.join(tmp, "encode.jax"), "wb") as f:
@@ -228,12 +223,6 @@ class DeFIPolicy:
             }
             with open(os.path.join(tmp, "manifest.json"), "w") as f:
                 json.dump(manifest, f, indent=1)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return manifest
 
 

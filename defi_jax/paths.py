@@ -11,6 +11,7 @@ once its upload completes, so it is written directly (a rename there is a copy p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from typing import IO
@@ -108,3 +109,23 @@ def copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Copies one file, across backends too (e.g. a local staging file to ``gs://``); atomic like writes."""
     write_bytes(dst, read_bytes(src))
 
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | os.PathLike):
+    """Yields a temporary local folder beside ``final``; when the block ends normally it replaces ``final``
+    (renamed into place: never half-written), when it raises it is removed and ``final`` is left as it was."""
+    import shutil
+    import tempfile
+
+    final = os.path.abspath(os.fspath(final))
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=os.path.dirname(final))
+    try:
+        yield tmp
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
