@@ -19,11 +19,21 @@ the map ``{b"__ndarray__": True, b"data": raw bytes, b"dtype": dtype.str, b"shap
 - Each client frame is one observation: ``{"images": {view: uint8[H, W, 3]}, "prompt": str}`` (openpi's
   convention). Also accepted: ``"instruction"`` for the text, each view as a top-level key instead of under
   ``"images"``, channels-first ``uint8[3, H, W]`` images (openpi's ALOHA clients send those). Other keys
-  (``"state"``, ...) are ignored. Images of another size are resized to ``resolution`` by the policy.
+  (``"state"``, ...) are ignored. Images of another size are resized to ``resolution`` by the policy. Clients that
+  name their cameras otherwise are served with ``image_keys`` (``launch.serve --image_keys``): openpi's LIBERO
+  client (``examples/libero/main.py``) sends ``"observation/image"``, ``"observation/wrist_image"``,
+  ``"observation/state"`` and ``"prompt"`` and reads ``"actions"``, so it needs
+  ``image_keys={"observation/image": "primary", "observation/wrist_image": "wrist"}``.
+- A control frame ``{"__ctrl__": "episode_start" | "episode_end", ...}`` (openpi client's ``episode_start()`` /
+  ``episode_end()``) is answered ``{"__ack__": "episode_start" | "episode_end"}`` (``"ignored"`` for another
+  value), as openpi's server does; the policy keeps no per-episode state, so nothing else happens.
 - The reply is ``{"actions": float32[horizon, action_dim], "server_timing": {"infer_ms", "batch_size",
   "queue_ms"}}``, or ``{"error": "<message naming the field>"}`` for a request the server cannot act on (not
   msgpack, not a map, a missing view, an image of the wrong dtype or shape, an empty prompt); the connection
-  stays open and the next request is served. ``GET /healthz`` answers ``200 OK`` once the server listens.
+  stays open and the next request is served. ``GET /healthz`` answers ``200 OK`` once the server listens (and
+  ``GET /health`` ``{"status": "ok"}``, vla-eval's probe).
+
+The same server speaks allenai's vla-evaluation-harness protocol through :mod:`defi_jax.evaluation.vla_eval`.
 
 Inference runs in one worker thread, off the event loop. Requests that arrive within ``batch_window_ms`` of the
 first waiting one (at most ``max_batch``) go through one ``policy.act_batch`` call; the batch is padded (with
@@ -55,6 +65,7 @@ import numpy as np
 _log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 2**20   # a few full-resolution camera views fit; a runaway client does not
+CONTROLS = ("episode_start", "episode_end")   # openpi client's {"__ctrl__": ...} frames, acknowledged
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -101,8 +112,14 @@ class RequestError(ValueError):
     """A request the server cannot act on; the message names the field."""
 
 
-def parse_observation(obs: Any, views: Sequence[str]) -> tuple[dict[str, np.ndarray], str]:
-    """``({view: uint8[H, W, 3]}, prompt)`` from one decoded request; raises :class:`RequestError` naming the field."""
+def parse_observation(obs: Any, views: Sequence[str],
+                      image_keys: Mapping[str, str] | None = None) -> tuple[dict[str, np.ndarray], str]:
+    """``({view: uint8[H, W, 3]}, prompt)`` from one decoded request; raises :class:`RequestError` naming the field.
+
+    ``image_keys`` maps request keys to views for clients that name their cameras otherwise (openpi's LIBERO
+    client: ``{"observation/image": "primary", "observation/wrist_image": "wrist"}``); the keys are read at the
+    top level of the request.
+    """
     if not isinstance(obs, Mapping):
         raise RequestError(f"request: expected a map {{'images': {{view: uint8[H, W, 3]}}, 'prompt': str}}, "
                            f"got {type(obs).__name__}")
@@ -113,31 +130,38 @@ def parse_observation(obs: Any, views: Sequence[str]) -> tuple[dict[str, np.ndar
     prompt = obs[key]
     if not isinstance(prompt, str) or not prompt.strip():
         raise RequestError(f"{key}: expected a non-empty string, got {prompt!r}")
-    if "images" in obs:
-        source, prefix = obs["images"], "images."
+    if image_keys:
+        field_of = {view: request_key for request_key, view in image_keys.items()}
+        source = {view: obs[k] for view, k in field_of.items() if k in obs}
+        where = "request"
+    elif "images" in obs:
+        source, where = obs["images"], "images"
         if not isinstance(source, Mapping):
             raise RequestError(f"images: expected a map {{view: uint8[H, W, 3]}}, got {type(source).__name__}")
+        field_of = {view: f"images.{view}" for view in views}
     else:
-        source, prefix = obs, ""
+        source, where = obs, "request (no 'images' map)"
+        field_of = {view: view for view in views}
     missing = [v for v in views if v not in source]
     if missing:
-        where = "images" if prefix else "request (no 'images' map)"
-        raise RequestError(f"{prefix}{missing[0]}: missing view; {where} has {sorted(map(str, source))}, the policy "
-                           f"reads {list(views)}")
-    images = {}
-    for view in views:
-        image = source[view]
-        field = prefix + view
-        if not isinstance(image, np.ndarray):
-            raise RequestError(f"{field}: expected a numpy uint8 [H, W, 3] array, got {type(image).__name__}")
-        if image.dtype != np.uint8:
-            raise RequestError(f"{field}: expected dtype uint8, got {image.dtype} {list(image.shape)}")
-        if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
-            image = image.transpose(1, 2, 0)   # [3, H, W] -> [H, W, 3]
-        if image.ndim != 3 or image.shape[-1] != 3 or 0 in image.shape:
-            raise RequestError(f"{field}: expected shape [H, W, 3], got {list(image.shape)}")
-        images[view] = image
-    return images, prompt
+        have = sorted(map(str, obs if image_keys else source))
+        raise RequestError(f"{field_of.get(missing[0], missing[0])}: missing view; {where} has {have}, the policy "
+                           f"reads {list(views)}" + (f" through image_keys {dict(image_keys)}" if image_keys else ""))
+    return {view: check_image(source[view], field_of[view]) for view in views}, prompt
+
+
+def check_image(image: Any, field: str) -> np.ndarray:
+    """``image`` as uint8 [H, W, 3] (a channels-first [3, H, W] one is transposed); :class:`RequestError` naming
+    ``field`` otherwise."""
+    if not isinstance(image, np.ndarray):
+        raise RequestError(f"{field}: expected a numpy uint8 [H, W, 3] array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise RequestError(f"{field}: expected dtype uint8, got {image.dtype} {list(image.shape)}")
+    if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
+        image = image.transpose(1, 2, 0)   # [3, H, W] -> [H, W, 3]
+    if image.ndim != 3 or image.shape[-1] != 3 or 0 in image.shape:
+        raise RequestError(f"{field}: expected shape [H, W, 3], got {list(image.shape)}")
+    return image
 
 
 def _bucket(n: int, max_batch: int) -> int:
@@ -164,11 +188,12 @@ class PolicyServer:
     ``start()`` / ``stop()`` (or ``with server:``) run it in a background thread. ``port=0`` picks a free port,
     readable as ``server.port`` once started. ``warmup=True`` runs every padded batch size once before listening,
     so a compiled policy compiles before the first robot waits on it. ``metadata`` adds entries to the first frame.
+    ``image_keys`` renames request keys to views (see :func:`parse_observation`).
     """
 
     def __init__(self, policy, *, host: str = "0.0.0.0", port: int = 8000, max_batch: int = 8,
                  batch_window_ms: float = 5.0, warmup: bool = False, description: str | None = None,
-                 metadata: Mapping[str, Any] | None = None):
+                 metadata: Mapping[str, Any] | None = None, image_keys: Mapping[str, str] | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch}: must be >= 1")
         if batch_window_ms < 0:
@@ -179,6 +204,10 @@ class PolicyServer:
         self.host, self.port = host, port
         self.max_batch, self.batch_window_ms = int(max_batch), float(batch_window_ms)
         self.warmup = warmup
+        self.image_keys = dict(image_keys or {})
+        unknown = sorted(set(self.image_keys.values()) - set(self.views))
+        if unknown:
+            raise ValueError(f"image_keys {self.image_keys}: view(s) {unknown} are not the policy's {list(self.views)}")
         self.description = description or _describe(policy)
         self.metadata: dict[str, Any] = {}
         self._extra_metadata = dict(metadata or {})
@@ -344,10 +373,20 @@ class PolicyServer:
                 if not request.reply.done():
                     request.reply.set_result(reply)
 
+    async def submit(self, images: dict[str, np.ndarray], prompt: str) -> dict:
+        """Queues one observation for the next batch; ``{"actions", "server_timing"}`` or ``{"error"}``."""
+        loop = asyncio.get_running_loop()
+        request = _Request(images, prompt, loop.time(), loop.create_future())
+        await self._queue.put(request)
+        try:
+            return await request.reply
+        except asyncio.CancelledError:
+            request.reply.cancel()
+            raise
+
     async def _handle(self, websocket):
         from websockets.exceptions import ConnectionClosed
 
-        loop = asyncio.get_running_loop()
         peer = _peer(websocket)
         self._clients += 1
         _log.info("client %s connected (%d open)", peer, self._clients)
@@ -356,18 +395,16 @@ class PolicyServer:
             await websocket.send(packb(self.metadata))
             async for message in websocket:
                 try:
-                    images, prompt = self._decode(message)
+                    obs = self._unpack(message)
+                    if isinstance(obs, Mapping) and "__ctrl__" in obs:   # openpi client's episode_start / _end
+                        ctrl = obs["__ctrl__"]
+                        await websocket.send(packb({"__ack__": ctrl if ctrl in CONTROLS else "ignored"}))
+                        continue
+                    images, prompt = parse_observation(obs, self.views, self.image_keys)
                 except RequestError as e:
                     await websocket.send(packb({"error": str(e)}))
                     continue
-                request = _Request(images, prompt, loop.time(), loop.create_future())
-                await self._queue.put(request)
-                try:
-                    reply = await request.reply
-                except asyncio.CancelledError:
-                    request.reply.cancel()
-                    raise
-                await websocket.send(packb(reply))
+                await websocket.send(packb(await self.submit(images, prompt)))
                 served += 1
         except ConnectionClosed:
             pass
@@ -375,21 +412,27 @@ class PolicyServer:
             self._clients -= 1
             _log.info("client %s disconnected after %d request(s) (%d open)", peer, served, self._clients)
 
-    def _decode(self, message) -> tuple[dict[str, np.ndarray], str]:
+    @staticmethod
+    def _unpack(message) -> Any:
         if isinstance(message, str):
             raise RequestError("request: expected a binary msgpack frame, got a text frame")
         try:
-            obs = unpackb(message)
+            return unpackb(message)
         except Exception as e:   # msgpack raises several types, the numpy hook ValueError / TypeError
             why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             raise RequestError(f"request: not msgpack-numpy ({why})") from None
-        return parse_observation(obs, self.views)
 
 
 def _healthz(connection, request):
-    """``process_request`` hook: ``GET /healthz`` -> 200 OK; anything else goes on to the websocket handshake."""
+    """``process_request`` hook: ``GET /healthz`` -> 200 OK (openpi), ``GET /health`` -> 200 ``{"status": "ok"}``
+    (vla-eval's readiness probe); anything else goes on to the websocket handshake."""
     if request.path == "/healthz":
         return connection.respond(http.HTTPStatus.OK, "OK\n")
+    if request.path == "/health":
+        response = connection.respond(http.HTTPStatus.OK, '{"status": "ok"}\n')
+        del response.headers["Content-Type"]   # respond() sets text/plain
+        response.headers["Content-Type"] = "application/json"
+        return response
     return None
 
 
