@@ -37,8 +37,12 @@ DTYPES = ("float32", "bfloat16")
 FORMAT = 1
 
 
-def export(workdir: str, out: str, *, step: int | None = None, ema: bool = False, dtype: str = "float32") -> dict:
-    """Writes the deployment folder of ``workdir``'s checkpoint (latest ``step``) to ``out``; returns its config."""
+def export(workdir: str, out: str, *, step: int | None = None, ema: bool = False, dtype: str = "float32",
+           lerobot: bool = False) -> dict:
+    """Writes the deployment folder of ``workdir``'s checkpoint (latest ``step``) to ``out``; returns its config.
+
+    ``lerobot`` (a policy workdir): also ``OUT/lerobot/``, the LeRobot saved-policy folder
+    (:mod:`defi_jax_torch.lerobot_folder`; a second copy of every weight, in one ``model.safetensors``)."""
     from defi_jax import paths, trainer
 
     if dtype not in DTYPES:
@@ -48,6 +52,8 @@ def export(workdir: str, out: str, *, step: int | None = None, ema: bool = False
     stage = config.get("stage")
     if stage not in ("policy", "gfdm", "gidm"):
         raise ValueError(f"{workdir}: a {stage!r} checkpoint; export_torch writes policy, gfdm and gidm workdirs")
+    if lerobot and stage != "policy":
+        raise ValueError(f"{workdir}: a {stage} workdir; --lerobot writes a policy's LeRobot folder only")
     model = trainer.restore_model(config, workdir, step=step, ema=ema)
     with paths.staged_dir(out) as tmp:   # renamed into place only once written and verified
         if stage == "policy":
@@ -58,12 +64,18 @@ def export(workdir: str, out: str, *, step: int | None = None, ema: bool = False
             meta = _write_gidm(model, config, os.path.join(tmp, "gidm")) | {"stage": "gidm"}
         meta = {"format": FORMAT, **meta, "dtype": dtype, "source": {"workdir": workdir, "step": step, "ema": ema},
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        if lerobot:
+            meta["parts"] = meta["parts"] + ["lerobot"]
         _write_json(os.path.join(tmp, "config.json"), meta)
         if dtype == "bfloat16":
             _cast_floats(tmp, "bfloat16")
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(_readme(meta))
-        verify(tmp)
+        policy = verify(tmp)
+        if lerobot:
+            from defi_jax_torch import lerobot_folder
+            lerobot_folder.write(tmp, os.path.join(tmp, "lerobot"), policy)
+            verify_lerobot(os.path.join(tmp, "lerobot"))
     return meta
 
 
@@ -229,22 +241,22 @@ def _cast_floats(root: str, dtype: str) -> None:
 # Loading back, strictly
 # ---------------------------------------------------------------------------------------------------
 
-def verify(path: str) -> None:
-    """Loads every part of an exported folder back strictly; raises naming every mismatched tensor."""
+def verify(path: str):
+    """Loads every part of an exported folder back strictly; raises naming every mismatched tensor. Returns the
+    ``DeFIPolicyTorch`` of a policy folder (on the CPU), else None."""
     from defi_jax_torch import policy as tpolicy
 
     with open(os.path.join(path, "config.json")) as f:
         meta = json.load(f)
     if meta["stage"] == "policy":
-        tpolicy.DeFIPolicyTorch.from_pretrained(path, device="cpu")
-        return
+        return tpolicy.DeFIPolicyTorch.from_pretrained(path, device="cpu")
     if meta["stage"] == "gfdm":
         from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
         from transformers import CLIPTextModel
         tpolicy.load_diffusers(UNetSpatioTemporalConditionModel, os.path.join(path, "gfdm", "unet"))
         tpolicy.load_diffusers(AutoencoderKLTemporalDecoder, os.path.join(path, "gfdm", "vae"))
         tpolicy.load_transformers(CLIPTextModel, os.path.join(path, "gfdm", "text_encoder"))
-        return
+        return None
     # gidm: the reference's stage-2 names, read back into our model strictly (defi_torch's own checks).
     import ml_collections
     from flax import nnx
@@ -258,6 +270,35 @@ def verify(path: str) -> None:
     tensors = {k: v.float().numpy() for k, v in tpolicy.read_safetensors(
         os.path.join(path, "gidm", "model.safetensors")).items()}
     defi_torch.load_gidm_state_dict(model, tensors)
+    return None
+
+
+def verify_lerobot(path: str) -> None:
+    """The LeRobot folder's ``model.safetensors`` loaded strictly into the skeleton its ``defi/`` configs build
+    (what LeRobot's ``DeFIPolicy.from_pretrained`` does, without LeRobot)."""
+    import torch
+
+    from defi_jax_torch import lerobot_folder
+    from defi_jax_torch import policy as tpolicy
+
+    holder = torch.nn.Module()
+    holder.defi = tpolicy.DeFIPolicyTorch.from_configs(os.path.join(path, lerobot_folder.SKELETON))
+    weights = os.path.join(path, lerobot_folder.WEIGHTS)
+    tensors = tpolicy.read_safetensors(weights)
+    expected = {k: tuple(v.shape) for k, v in holder.state_dict().items()}
+    # safetensors stores a tied tensor once (under one of its names): the others are filled from it.
+    problems = [p for p in tpolicy.mismatches(expected, {k: tuple(v.shape) for k, v in tensors.items()})
+                if not (p.startswith("missing ") and _tied(holder, p.split()[1], tensors))]
+    if problems:
+        raise ValueError(f"{weights} does not match the policy ({len(problems)} problem(s)):\n  "
+                         + "\n  ".join(problems))
+
+
+def _tied(module, name: str, tensors) -> bool:
+    """Whether parameter ``name`` shares its storage with a tensor present in ``tensors``."""
+    state = module.state_dict(keep_vars=True)
+    ptr = state[name].data_ptr()
+    return any(k in tensors for k, v in state.items() if k != name and v.data_ptr() == ptr)
 
 
 def _readme(meta: dict) -> str:
@@ -277,6 +318,8 @@ def _readme(meta: dict) -> str:
         "gidm": ("GIDM encoder, VQ and instruction tower: `goal_emb.*`, `time_pos_emb`, `lam.*`" if stage == "policy"
                  else "GIDM (the reference's stage-2 state-dict names)", "`safetensors.torch.load_file`"),
         "policy": ("Video Former (`Video_Former.*`) and action head (`model.*`)", "`safetensors.torch.load_file`"),
+        "lerobot": ("the LeRobot saved-policy folder (type `defi`; every weight again, in one file)",
+                    "`defi_jax_torch.lerobot.DeFIPolicy.from_pretrained` (LeRobot installed)"),
     }
     lines += [f"| `{p}` | {rows[p][0]} | {rows[p][1]} |" for p in meta["parts"]]
     if stage == "policy":

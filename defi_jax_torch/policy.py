@@ -249,15 +249,7 @@ class DeFIPolicyTorch(nn.Module):
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
         path = os.path.abspath(path)
-        cfg_file = os.path.join(path, CONFIG)
-        if not os.path.isfile(cfg_file):
-            raise FileNotFoundError(f"{cfg_file}: not a DeFI PyTorch folder (write one with python -m "
-                                    f"launch.export_torch)")
-        with open(cfg_file) as f:
-            config = json.load(f)
-        if config.get("format") != FORMAT or config.get("stage") != "policy":
-            raise ValueError(f"{cfg_file}: format {config.get('format')!r} stage {config.get('stage')!r}; this "
-                             f"reads format {FORMAT} policy folders")
+        config = _read_config(path)
         unet = load_diffusers(UNetSpatioTemporalConditionModel, os.path.join(path, "gfdm", "unet"))
         vae = load_diffusers(AutoencoderKLTemporalDecoder, os.path.join(path, "gfdm", "vae"))
         gfdm_text = load_transformers(CLIPTextModel, os.path.join(path, "gfdm", "text_encoder"))
@@ -276,6 +268,26 @@ class DeFIPolicyTorch(nn.Module):
             policy._features_fn = torch.compile(policy.features)
             policy._head_fn = torch.compile(policy._context_and_sample)
         return policy
+
+    @classmethod
+    def from_configs(cls, path: str) -> DeFIPolicyTorch:
+        """The policy's networks built from the ``config.json`` files of a folder's parts, randomly initialised
+        (float32, CPU): the skeleton a whole-policy state dict (``state_dict()``) loads into. ``path`` needs the
+        folder's ``config.json``, ``gfdm/{unet,vae,text_encoder}/config.json``, ``text_encoder/config.json``
+        and ``tokenizers/``; no weight file is read."""
+        from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        path = os.path.abspath(path)
+        config = _read_config(path)
+        towers = {}
+        for name, model_cls, folder in (("unet", UNetSpatioTemporalConditionModel, "gfdm/unet"),
+                                        ("vae", AutoencoderKLTemporalDecoder, "gfdm/vae")):
+            towers[name] = model_cls.from_config(model_cls.load_config(os.path.join(path, folder)))
+        for name, model_cls, folder in (("gfdm_text", CLIPTextModel, "gfdm/text_encoder"),
+                                        ("goal_text", CLIPTextModelWithProjection, "text_encoder")):
+            towers[name] = model_cls(CLIPTextConfig.from_pretrained(os.path.join(path, folder)))
+        return cls(config, root=path, **towers).eval()
 
     def trained_modules(self) -> nn.Module:
         """The stage-3 trained part as one module whose state dict has the reference's names."""
@@ -422,6 +434,20 @@ class DeFIPolicyTorch(nn.Module):
                             torch.as_tensor(noise["actions"], device=dev).float()[None])
         actions = out[0].cpu().numpy().astype(np.float32)
         return actions if normalized else unnormalize(actions, self.action_stats)
+
+
+def _read_config(path: str) -> dict:
+    """A policy folder's ``config.json`` (format and stage checked)."""
+    cfg_file = os.path.join(path, CONFIG)
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"{cfg_file}: not a DeFI PyTorch folder (write one with python -m "
+                                f"launch.export_torch)")
+    with open(cfg_file) as f:
+        config = json.load(f)
+    if config.get("format") != FORMAT or config.get("stage") != "policy":
+        raise ValueError(f"{cfg_file}: format {config.get('format')!r} stage {config.get('stage')!r}; this "
+                         f"reads format {FORMAT} policy folders")
+    return config
 
 
 def unnormalize(actions: np.ndarray, stats_asset: Mapping) -> np.ndarray:
