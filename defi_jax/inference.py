@@ -7,6 +7,8 @@
     policy.export("/tmp/policy_exported")                             # jax.export artifact + weights
     exported = load_exported("/tmp/policy_exported")                  # jax + numpy only, no model code
     actions = exported.act({"primary": rgb_HW3, "wrist": wrist_HW3}, "open the drawer")
+    actions, future = policy.act_and_predict_batch([obs_a], ["push the block"], "primary")  # + uint8 [1, T, r, r, 3]
+    torch_policy = load_torch("/tmp/defi_torch")                      # launch.export_torch's folder, same act_batch
 
 ``act`` runs the frozen GFDM for ``model.gfdm_steps`` denoising steps (1 by default), computes the action
 head's encoder once and reuses it across the sampler's steps (``model.sample_steps``, sigma_min
@@ -14,6 +16,10 @@ head's encoder once and reuses it across the sampler's steps (``model.sample_ste
 (``WORKDIR/assets/action_stats.json``). Instructions are tokenized and encoded by the three text towers once
 per distinct string (cached). Images are uint8 [H, W, 3], resized to the training resolution when they differ.
 Calls are deterministic for a seed: the i-th call of a policy built with ``seed`` draws the same noise.
+``act_and_predict_batch`` also returns the GFDM's one-step prediction of a view's future frames (the VAE-decoded
+x0 estimate of the single denoising step whose features the actions came from), for evaluation videos and
+failure attribution (``defi_jax/evaluation``); only the JAX policy has it (the exported artifact and the
+PyTorch folder compute actions only).
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ _log = logging.getLogger(__name__)
 EXPORT_FORMAT = 1
 
 
-def _resize(image: np.ndarray, size: int, name: str) -> np.ndarray:
+def resize_image(image: np.ndarray, size: int, name: str) -> np.ndarray:
+    """uint8 [H, W, 3] -> [size, size, 3] (PIL bilinear), as every policy backend resizes its inputs; ``name``
+    is the view named in the error."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image {name!r}: expected uint8 [H, W, 3], got {image.dtype} {list(image.shape)}")
@@ -47,7 +55,7 @@ def stack_views(observations: Sequence[Mapping[str, np.ndarray]], views: Sequenc
         missing = [v for v in views if v not in obs]
         if missing:
             raise KeyError(f"observation {i}: missing view(s) {missing}; the policy reads {list(views)}")
-        out.append(np.stack([_resize(obs[v], size, v) for v in views]))
+        out.append(np.stack([resize_image(obs[v], size, v) for v in views]))
     return np.stack(out)
 
 
@@ -80,6 +88,7 @@ class DeFIPolicy:
         self._calls = 0
         self._text_cache: dict[str, dict] = {}
         self._act_fns: dict[int, object] = {}
+        self._predict_fns: dict[tuple[int, int], object] = {}
         graphdef = self._graphdef
 
         @jax.jit
@@ -137,7 +146,6 @@ class DeFIPolicy:
 
     def _act_fn(self, batch: int):
         if batch not in self._act_fns:
-            import jax
             from flax import nnx
 
             graphdef, steps, sigma_min = self._graphdef, self.num_steps, self.sigma_min
@@ -145,10 +153,44 @@ class DeFIPolicy:
             def act(state, frames, text, key):
                 return nnx.merge(graphdef, state).act(frames, text, key, num_steps=steps, sigma_min=sigma_min)
 
-            frames = jax.ShapeDtypeStruct((batch, len(self.views), self.resolution, self.resolution, 3), np.uint8)
-            text = jax.eval_shape(lambda: self.encode_instructions(["a"] * batch))
-            self._act_fns[batch] = jax.jit(act).lower(self._state, frames, text, self._key).compile()
+            self._act_fns[batch] = self._compile(act, batch)
         return self._act_fns[batch]
+
+    def _predict_fn(self, batch: int, view: int):
+        """``act`` that also decodes the GFDM's one-step x0 estimate of view ``view``'s future."""
+        if (batch, view) not in self._predict_fns:
+            import jax
+            import jax.numpy as jnp
+            from flax import nnx
+
+            graphdef, steps, sigma_min = self._graphdef, self.num_steps, self.sigma_min
+
+            def act_and_predict(state, frames_BVHW3, text, key):
+                # DeFIPolicyModel.act / .features, keeping the x0 estimate of the very UNet step whose features
+                # the policy reads (same key split, same noise): the prediction is what the actions came from.
+                model = nnx.merge(graphdef, state)
+                k_feat, k_noise = jax.random.split(key)
+                B, V = frames_BVHW3.shape[:2]
+                frames_NHW3 = frames_BVHW3.reshape(B * V, *frames_BVHW3.shape[2:]).astype(jnp.float32) / 127.5 - 1
+                feats_NThwC, latents_NThwc = model.gfdm.one_step_features(
+                    frames_NHW3, jnp.repeat(text["gfdm"], V, axis=0), k_feat, denoise_steps=model.gfdm_steps)
+                N, T, h, w, C = feats_NThwC.shape
+                context, _ = model.context(feats_NThwC.reshape(B, V, T, h * w, C), text)
+                noise = model.head.initial_noise(k_noise, B)
+                actions = model.head.sample(context, noise, num_steps=steps, sigma_min=sigma_min)
+                latents_BThwc = latents_NThwc.reshape(B, V, *latents_NThwc.shape[1:])[:, view]
+                future_BTHW3 = model.gfdm.decode(latents_BThwc)                    # [-1, 1]
+                return actions, jnp.clip(jnp.round((future_BTHW3 + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+            self._predict_fns[(batch, view)] = self._compile(act_and_predict, batch)
+        return self._predict_fns[(batch, view)]
+
+    def _compile(self, fn, batch: int):
+        import jax
+
+        frames = jax.ShapeDtypeStruct((batch, len(self.views), self.resolution, self.resolution, 3), np.uint8)
+        text = jax.eval_shape(lambda: self.encode_instructions(["a"] * batch))
+        return jax.jit(fn).lower(self._state, frames, text, self._key).compile()
 
     def next_key(self):
         import jax
@@ -169,6 +211,25 @@ class DeFIPolicy:
     def act(self, images: Mapping[str, np.ndarray], instruction: str) -> np.ndarray:
         """float32 [horizon, action_dim] unnormalized actions for one observation."""
         return self.act_batch([images], [instruction])[0]
+
+    def act_and_predict_batch(self, observations: Sequence[Mapping[str, np.ndarray]], instructions: Sequence[str],
+                              view: str | None = None, *, normalized: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``act_batch``'s actions (the same draws: the i-th call of either acts alike) and the GFDM's one-step
+        predicted future of ``view`` (default: the first, the static camera) that they were computed from:
+        uint8 [B, T, resolution, resolution, 3], frame 0 the GFDM's rendering of the observed frame, then the
+        predicted next frames (the GFDM's ``data.frame_stride`` apart). Compiled once per batch size and view,
+        apart from ``act_batch``, which stays as fast as without it."""
+        view = self.views[0] if view is None else view
+        if view not in self.views:
+            raise ValueError(f"view {view!r}: the policy reads {list(self.views)}")
+        if len(observations) != len(instructions):
+            raise ValueError(f"{len(observations)} observations but {len(instructions)} instructions")
+        frames = stack_views(observations, self.views, self.resolution)
+        text = self.encode_instructions(instructions)
+        fn = self._predict_fn(len(frames), self.views.index(view))
+        actions, future = fn(self._state, frames, text, self.next_key())
+        actions = np.asarray(actions, np.float32)
+        return (actions if normalized else unnormalize(actions, self.stats_asset)), np.asarray(future)
 
     # ---- serialization --------------------------------------------------------------------------
     def export(self, path: str, *, platforms: Sequence[str] | None = None) -> dict:
@@ -374,3 +435,37 @@ class ExportedPolicy:
 def load_exported(path: str) -> ExportedPolicy:
     """Reads a folder written by :meth:`DeFIPolicy.export`; refuses one it cannot read, saying why."""
     return ExportedPolicy(os.path.abspath(path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A PyTorch deployment folder behind the same batch interface (torch + the torch extra; no jax needed)
+# ---------------------------------------------------------------------------------------------------------
+
+class TorchPolicy:
+    """A folder of ``python -m launch.export_torch`` as ``act_batch``: :class:`defi_jax_torch.DeFIPolicyTorch`
+    acts on one observation at a time, so a batch runs row by row, each row's noise drawn from one
+    ``torch.Generator`` seeded with ``seed`` (rows in order: the same batches draw the same noise)."""
+
+    def __init__(self, path: str, *, seed: int = 0, device=None):
+        import torch
+        from defi_jax_torch import DeFIPolicyTorch
+
+        self.path = path
+        self.policy = DeFIPolicyTorch.from_pretrained(path, device=device)
+        self.views = self.policy.views
+        self.resolution = self.policy.resolution
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def act_batch(self, observations, instructions) -> np.ndarray:
+        """float32 [B, horizon, action_dim] robot actions."""
+        if len(observations) != len(instructions):
+            raise ValueError(f"{len(observations)} observations but {len(instructions)} instructions")
+        return np.stack([self.policy.act(o, t, generator=self._generator) for o, t in zip(observations, instructions)])
+
+    def act(self, images, instruction: str) -> np.ndarray:
+        return self.act_batch([images], [instruction])[0]
+
+
+def load_torch(path: str, *, seed: int = 0, device=None) -> TorchPolicy:
+    """Reads a PyTorch folder written by ``python -m launch.export_torch`` (see :class:`TorchPolicy`)."""
+    return TorchPolicy(os.path.abspath(path), seed=seed, device=device)

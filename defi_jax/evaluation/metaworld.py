@@ -29,10 +29,30 @@ on the same seeds and goals in the same workers, acting every step (it generated
 policy give the same episodes; a stochastic policy's noise can depend on the batch a row shares, so
 ``workers`` is part of the protocol.
 
+The GFDM's predicted future (``Protocol.predict_future``, on by default; the policy needs
+``act_and_predict_batch``, which the JAX ``DeFIPolicy`` has and the exported / PyTorch backends have not: the
+summary then says so). At every replanning step the call that computes the actions also returns the VAE-decoded
+one-step prediction of the video view, from the same single denoising step whose features the policy read;
+frame k shows ``k * future_stride`` env steps ahead. The workers keep the video view at every step and
+
+- put the prediction beside the real frames in the GIFs. Layout: each GIF frame is two panels side by side,
+  [real | predicted], each ``resolution`` wide: on the left the real frame at env step t; on the right the
+  latest prediction (made at replanning step r <= t) showing its frame (t - r) // future_stride (frame 0 is
+  the GFDM's rendering of the observed frame), enlarged (nearest) from the policy's resolution; once t runs
+  past the predicted frames, the last one is held at half brightness (:data:`VIDEO_LAYOUT`).
+- score it against what really followed (PSNR at the policy's resolution, ``attribution.step_scores``): each
+  episode record carries ``prediction_score`` and ``prediction_steps``, and the failed episodes are split
+  into forward-dynamics failures (the prediction was bad) and inverse-dynamics failures (it was good, the actions
+  failed) by ``defi_jax/evaluation/attribution.py``'s rule: below the ``attribution_percentile``-th (10th)
+  percentile of the task's successful episodes' scores -> forward dynamics. The paper's reference point is its
+  hand-labelled split of 200 CALVIN failures: 62% forward / 38% inverse dynamics.
+
 Outputs under ``out``: ``summary.json`` (protocol, per-task success with a 95% Wilson interval, the means, every
-episode, throughput), ``summary.csv`` (one row per task plus ``mean``, protocol columns on every row) and
-``videos/<task>/ep<e>_<success|failure>.gif`` (the primary camera, one frame per env step; a rerun replaces
-the GIFs of its tasks). Progress: one line per finished episode.
+episode, throughput, ``attribution``), ``summary.csv`` (one row per task plus ``mean``, protocol columns on every
+row), ``attribution.csv`` (per task and ``all``: failures, forward / inverse dynamics counts and fractions, the
+threshold; only when the prediction was available, also printed) and ``videos/<task>/ep<e>_<success|failure>.gif``
+(the video view, one frame per env step, with the prediction beside it when available; a rerun replaces the
+GIFs of its tasks). Every file is written atomically. Progress: one line per finished episode.
 """
 
 from __future__ import annotations
@@ -41,6 +61,7 @@ import collections
 import csv
 import dataclasses
 import functools
+import io
 import itertools
 import json
 import math
@@ -54,12 +75,19 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from defi_jax import paths
+from defi_jax.evaluation import attribution
+
 # Imported lazily in the workers only: mujoco, gymnasium, metaworld (the parent holds JAX and maybe TensorFlow).
 
 CAMERAS = {"primary": "corner", "wrist": "gripperPOV"}    # data_pipelines/demo.py: image / wrist_image
 FLIP = "rotated 180 degrees (rows and columns reversed), as the demo data"
 NUM_GOALS = 50                                           # Meta-World's goals per task (metaworld._N_GOALS)
 Z95 = 1.959963984540054
+VIDEO_LAYOUT = ("two panels per env step t: left, the real frame of the video view; right, the GFDM's one-step "
+                "prediction made at the latest replanning step r <= t: its frame (t - r) // future_stride (frame 0: "
+                "the GFDM's rendering of the observed frame), enlarged (nearest) from the policy's resolution; past "
+                "the last predicted frame, that frame held at half brightness")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +106,12 @@ class Protocol:
     videos_per_task: int | None = None  # GIFs of the first N episodes of each task (None: all, 0: none)
     video_view: str = "primary"
     gif_frame_ms: int = 40              # GIF frame duration (one frame per env step; 80 Hz control)
+    # The GFDM's one-step predicted future of the video view beside the real frames in the GIFs, scored against
+    # what followed for failure attribution; where the policy can (``act_and_predict_batch``: the JAX policy),
+    # else recorded as unavailable.
+    predict_future: bool = True
+    future_stride: int = 1              # env steps between the GFDM's predicted frames (its data.frame_stride)
+    attribution_percentile: float = 10.0   # attribution.py's rule: failures below this percentile of successes
 
     def check(self, policy=None):
         """Raises ValueError naming the field (or the policy's view) that cannot work."""
@@ -89,9 +123,12 @@ class Protocol:
             raise ValueError(f"tasks: unknown Meta-World v3 task(s) {unknown}; e.g. {known[:6]}")
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks: duplicates in {list(self.tasks)}")
-        for name in ("episodes", "horizon", "steps_per_chunk", "resolution", "workers", "gif_frame_ms"):
+        for name in ("episodes", "horizon", "steps_per_chunk", "resolution", "workers", "gif_frame_ms",
+                     "future_stride"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.attribution_percentile <= 100.0:
+            raise ValueError(f"attribution_percentile: must be in [0, 100], got {self.attribution_percentile}")
         if self.video_view not in self.cameras:
             raise ValueError(f"video_view: {self.video_view!r} is not one of cameras {sorted(self.cameras)}")
         if policy is not None:
@@ -181,8 +218,14 @@ class _Episode:
         self.job = job
         self.t = 0
         self.success_step = None
-        self.frames: list[np.ndarray] = []   # the GIF: the video view before each step, then the last state
-        self.shown = None                    # the video view the policy was last shown (reused as a GIF frame)
+        self.frames: list[np.ndarray] = []   # the video view before each step, then the last state
+        self.shown = None                    # the video view the policy was last shown (reused as a frame)
+        self.futures: list[tuple[int, np.ndarray]] = []   # (env step, the GFDM's predicted frames [T, r, r, 3])
+
+    @property
+    def recording(self) -> bool:
+        """Whether the video view is kept at every step: for the GIF or to score the predicted futures."""
+        return bool(self.job.get("video")) or bool(self.futures)
 
     @property
     def over(self) -> bool:
@@ -236,10 +279,11 @@ class _Sim:
 _SIMS_PER_WORKER = 2   # jobs come task by task (experts, then the policy): two envs avoid most rebuilds
 
 
-def _worker(conn, resolution: int, cameras: dict, video_view: str, gif_frame_ms: int, seed: int):
+def _worker(conn, resolution: int, cameras: dict, video_view: str, gif_frame_ms: int, seed: int,
+            future_stride: int):
     """Serves one pipe: ("expert", job) -> ("expert", record); ("reset", job) -> ("obs", obs);
-    ("step", actions [K, 4]) -> ("obs", obs) or ("done", record); ("stats",) -> ("stats", dict); ("close",).
-    Errors go back as ("error", traceback)."""
+    ("step", actions [K, 4], predicted future [T, r, r, 3] or None) -> ("obs", obs) or ("done", record);
+    ("stats",) -> ("stats", dict); ("close",). Errors go back as ("error", traceback)."""
     os.environ.setdefault("MUJOCO_GL", "egl")
     import warnings
     warnings.filterwarnings("ignore")   # gymnasium's env checker warns about Meta-World's spaces on every reset
@@ -270,14 +314,31 @@ def _worker(conn, resolution: int, cameras: dict, video_view: str, gif_frame_ms:
     def finish(ep: _Episode) -> dict:
         rec = {k: ep.job[k] for k in ("task", "episode", "seed", "goal")}
         rec.update(success=ep.success_step is not None, success_step=ep.success_step, steps=ep.t, video=None)
-        if ep.job.get("video"):
-            from PIL import Image
-            t0 = time.perf_counter()
+        if ep.recording:
             ep.frames.append(sim.render(cameras[video_view]))   # the state the last action led to
+        if ep.futures:
+            from defi_jax.evaluation import attribution
+            from defi_jax.inference import resize_image
+            t0 = time.perf_counter()
+            size = ep.futures[0][1].shape[1]                    # the policy's resolution
+            real = [resize_image(f, size, video_view) for f in ep.frames]
+            steps = attribution.step_scores(real, ep.futures, future_stride)
+            rec.update(prediction_score=attribution.episode_score(steps), prediction_steps=steps)
+            stats["score_s"] += time.perf_counter() - t0
+        if ep.job.get("video"):
+            import io
+
+            from PIL import Image
+
+            from defi_jax import paths
+            t0 = time.perf_counter()
+            frames = _beside_predictions(ep.frames, ep.futures, future_stride) if ep.futures else ep.frames
             path = ep.job["video"] + ("_success.gif" if rec["success"] else "_failure.gif")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            images = [Image.fromarray(f) for f in ep.frames]
-            images[0].save(path, save_all=True, append_images=images[1:], duration=gif_frame_ms, loop=0)
+            images = [Image.fromarray(f) for f in frames]
+            gif = io.BytesIO()
+            images[0].save(gif, format="GIF", save_all=True, append_images=images[1:], duration=gif_frame_ms,
+                           loop=0)
+            paths.write_bytes(path, gif.getvalue())
             stats["video_s"] += time.perf_counter() - t0
             rec["video"] = path
         return rec
@@ -317,8 +378,10 @@ def _worker(conn, resolution: int, cameras: dict, video_view: str, gif_frame_ms:
                 conn.send(reply)
             elif cmd == "step":
                 ep = episode
+                if msg[2] is not None:
+                    ep.futures.append((ep.t, msg[2]))
                 for k, a in enumerate(msg[1]):
-                    if ep.job.get("video"):   # at k = 0 the policy was just shown this view: no second render
+                    if ep.recording:          # at k = 0 the policy was just shown this view: no second render
                         ep.frames.append(ep.shown if k == 0 and ep.shown is not None else
                                          sim.render(cameras[video_view]))
                     if sim.step(a):
@@ -343,6 +406,27 @@ def _worker(conn, resolution: int, cameras: dict, video_view: str, gif_frame_ms:
         s.close()
 
 
+def _beside_predictions(frames: Sequence[np.ndarray], futures: Sequence[tuple[int, np.ndarray]],
+                        stride: int) -> list[np.ndarray]:
+    """The GIF with predictions: frame t = [real frame t | what the latest prediction (made at step r <= t) shows
+    for t: its frame (t - r) // stride, enlarged (nearest) to the real frame's size; past its last predicted
+    frame, that frame held at half brightness]."""
+    from PIL import Image
+
+    out, latest, cache = [], -1, {}
+    for t, real in enumerate(frames):
+        while latest + 1 < len(futures) and futures[latest + 1][0] <= t:
+            latest += 1
+        r, pred_THW3 = futures[latest]
+        k = (t - r) // stride
+        key = (latest, min(k, len(pred_THW3)))
+        if key not in cache:
+            shown = pred_THW3[k] if k < len(pred_THW3) else pred_THW3[-1] // 2
+            cache[key] = np.asarray(Image.fromarray(shown).resize(real.shape[1::-1], Image.NEAREST))
+        out.append(np.concatenate([real, cache[key]], axis=1))
+    return out
+
+
 class _Workers:
     """``n`` spawned env workers, each behind a pipe; closed on exit (joined, terminated if stuck)."""
 
@@ -353,7 +437,7 @@ class _Workers:
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_worker, name=f"metaworld-worker-{i}", daemon=True,
                             args=(child, protocol.resolution, dict(protocol.cameras), protocol.video_view,
-                                  protocol.gif_frame_ms, protocol.seed))
+                                  protocol.gif_frame_ms, protocol.seed, protocol.future_stride))
             p.start()
             child.close()
             self.conns.append(parent)
@@ -468,9 +552,16 @@ def evaluate(policy, protocol: Protocol, out: str, *, policy_info: Mapping | Non
     summary = _summary(protocol, policy, policy_info, instructions, records, expert_records, calls, n_workers)
     summary["throughput"] = _throughput(worker_stats, calls, policy_phase_s, expert_s,
                                         time.perf_counter() - t_start)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    paths.write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
     _write_csv(os.path.join(out, "summary.csv"), summary)
+    table = os.path.join(out, "attribution.csv")
+    if summary["attribution"]["available"]:
+        _write_attribution_csv(table, summary["attribution"])
+        say("metaworld: failure attribution (" + summary["attribution"]["rule"] + ")\n"
+            + attribution.format_table(summary["attribution"]))
+    else:
+        paths.remove(table, missing_ok=True)      # never leave an earlier run's table beside this summary
+        say(f"metaworld: no failure attribution: {summary['attribution']['reason']}")
     say(f"metaworld: mean success {summary['mean_success']:.3f}"
         + (f" (scripted expert {summary['mean_expert_success']:.3f})" if protocol.expert else "")
         + f"; {summary['throughput']['env_steps_per_s_per_worker']:.1f} env steps/s per worker")
@@ -504,7 +595,8 @@ def _run_policy(workers: _Workers, jobs: list[dict], policy, instructions: Mappi
     on every run of a protocol."""
     n = len(workers.conns)
     queue, records = collections.deque(jobs), []
-    calls = {"calls": 0, "rows": 0, "seconds": 0.0, "first_call_s": None, "chunk_length": None}
+    calls = {"calls": 0, "rows": 0, "seconds": 0.0, "first_call_s": None, "chunk_length": None, "future": None}
+    predicting = _prediction(policy, protocol)[0]
     pending = []
     for i in range(n):
         if queue:
@@ -532,7 +624,16 @@ def _run_policy(workers: _Workers, jobs: list[dict], policy, instructions: Mappi
         texts = [instructions[workers.jobs[i]["task"]] for i in live]
         pad = n - len(live)            # one batch size for the whole run: no recompilation at the tail
         t0 = time.perf_counter()
-        chunks = np.asarray(policy.act_batch(obs + [obs[-1]] * pad, texts + [texts[-1]] * pad))
+        if predicting:
+            chunks, future = policy.act_and_predict_batch(obs + [obs[-1]] * pad, texts + [texts[-1]] * pad,
+                                                          protocol.video_view)
+            chunks, future = np.asarray(chunks), np.asarray(future)
+            if future.dtype != np.uint8 or future.ndim != 5 or future.shape[0] != n or future.shape[-1] != 3:
+                raise ValueError(f"policy.act_and_predict_batch: predicted future {future.dtype} "
+                                 f"{list(future.shape)}, expected uint8 [{n}, frames, H, W, 3]")
+            calls["future"] = list(future.shape[1:4])
+        else:
+            chunks, future = np.asarray(policy.act_batch(obs + [obs[-1]] * pad, texts + [texts[-1]] * pad)), None
         dt = time.perf_counter() - t0
         if chunks.ndim != 3 or chunks.shape[0] != n or chunks.shape[2] != 7:
             raise ValueError(f"policy.act_batch returned {list(chunks.shape)}, expected [{n}, chunk, 7] "
@@ -549,7 +650,7 @@ def _run_policy(workers: _Workers, jobs: list[dict], policy, instructions: Mappi
             calls["seconds"] += dt
         for row, i in enumerate(live):
             actions = to_env_action(chunks[row, :protocol.steps_per_chunk])
-            workers.send(i, ("step", actions))
+            workers.send(i, ("step", actions, None if future is None else future[row]))
         pending = live
     return sorted(records, key=lambda r: (r["task"], r["episode"])), calls
 
@@ -563,6 +664,28 @@ def _rates(records: list[dict], task: str) -> dict:
     return {"episodes": n, "successes": k, "success": k / n if n else float("nan"), "wilson95": [lo, hi]}
 
 
+def _prediction(policy, protocol: Protocol) -> tuple[bool, str | None]:
+    """Whether this run shows and scores the GFDM's predicted future, and if not, why."""
+    if not protocol.predict_future:
+        return False, "off (predict_future=False)"
+    if not callable(getattr(policy, "act_and_predict_batch", None)):
+        return False, (f"{type(policy).__name__} computes actions only (no act_and_predict_batch); the GFDM's "
+                       f"predicted future needs the JAX policy (launch.evaluate --backend=jax)")
+    if protocol.video_view not in policy.views:
+        return False, f"the policy predicts its views {list(policy.views)}, not video_view {protocol.video_view!r}"
+    return True, None
+
+
+def _attribution(protocol: Protocol, records: list[dict], reason: str | None) -> dict:
+    """attribution.attribute over the episodes (each record gets its label), or why there is none."""
+    if reason is not None:
+        return {"available": False, "reason": reason}
+    result = attribution.attribute(records, percentile=protocol.attribution_percentile)
+    for rec, label in zip(records, result.pop("labels")):
+        rec["attribution"] = label
+    return {"available": True, **result}
+
+
 def _summary(protocol: Protocol, policy, policy_info, instructions, records, expert_records, calls,
              workers: int) -> dict:
     import importlib.metadata
@@ -573,6 +696,7 @@ def _summary(protocol: Protocol, policy, policy_info, instructions, records, exp
         except importlib.metadata.PackageNotFoundError:
             return None
 
+    predicting, reason = _prediction(policy, protocol)
     proto = {
         "suite": "metaworld", "benchmark": "Meta-World v3, MT1 goal sets (gym.make('Meta-World/MT1', seed=seed))",
         "tasks": list(protocol.tasks), "episodes_per_task": protocol.episodes, "horizon": protocol.horizon,
@@ -590,7 +714,12 @@ def _summary(protocol: Protocol, policy, policy_info, instructions, records, exp
         "workers": workers,
         "batch": "one act_batch per round over all live episodes, padded to the worker count",
         "videos": {"view": protocol.video_view, "camera": protocol.cameras[protocol.video_view],
-                   "frame_ms": protocol.gif_frame_ms, "per_task": protocol.videos_per_task},
+                   "frame_ms": protocol.gif_frame_ms, "per_task": protocol.videos_per_task,
+                   "layout": VIDEO_LAYOUT if predicting else "the real frames of the view, one per env step"},
+        "predict_future": {"requested": protocol.predict_future, "used": predicting, "unavailable": reason,
+                           "stride": protocol.future_stride, "frames_resolution": calls["future"],
+                           "score": "PSNR (dB) of predicted vs real next frames at the policy's resolution "
+                                    "(defi_jax/evaluation/attribution.py)"},
         "versions": {p: version(p) for p in ("metaworld", "mujoco", "gymnasium", "defi-jax")},
     }
     tasks = {}
@@ -606,6 +735,7 @@ def _summary(protocol: Protocol, policy, policy_info, instructions, records, exp
     if protocol.expert:
         summary["mean_expert_success"] = float(np.mean([tasks[t]["expert"]["success"] for t in protocol.tasks]))
         summary["pooled_expert"] = _rates([dict(r, task="*") for r in expert_records], "*")
+    summary["attribution"] = _attribution(protocol, records, reason)
     expert_by = {(r["task"], r["episode"]): r for r in expert_records}
     summary["episodes"] = [dict(r, expert_success=expert_by[(r["task"], r["episode"])]["success"]
                                 if expert_by else None) for r in records]
@@ -643,22 +773,32 @@ def _write_csv(path: str, summary: dict):
               "flip", "checkpoint"]
     common = {"suite": proto["suite"], **{k: proto[k] for k in CSV_PROTOCOL}, "cameras": cameras,
               "flip": "rot180", "checkpoint": summary["policy"].get("source", "")}
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for task, r in summary["tasks"].items():
-            e = r.get("expert")
-            w.writerow({"task": task, "episodes": r["episodes"], "successes": r["successes"],
-                        "success": f"{r['success']:.4f}", "wilson95_low": f"{r['wilson95'][0]:.4f}",
-                        "wilson95_high": f"{r['wilson95'][1]:.4f}",
-                        "expert_successes": e["successes"] if e else "", "expert_success":
-                        f"{e['success']:.4f}" if e else "", "expert_wilson95_low": f"{e['wilson95'][0]:.4f}" if e
-                        else "", "expert_wilson95_high": f"{e['wilson95'][1]:.4f}" if e else "", **common})
-        # Every task has the same episode count, so the mean of the task rates is the pooled rate.
-        p, e = summary["pooled"], summary.get("pooled_expert")
-        w.writerow({"task": "mean", "episodes": p["episodes"], "successes": p["successes"],
-                    "success": f"{summary['mean_success']:.4f}", "wilson95_low": f"{p['wilson95'][0]:.4f}",
-                    "wilson95_high": f"{p['wilson95'][1]:.4f}", "expert_successes": e["successes"] if e else "",
-                    "expert_success": f"{summary['mean_expert_success']:.4f}" if e else "",
-                    "expert_wilson95_low": f"{e['wilson95'][0]:.4f}" if e else "",
-                    "expert_wilson95_high": f"{e['wilson95'][1]:.4f}" if e else "", **common})
+    f = io.StringIO()
+    w = csv.DictWriter(f, fieldnames=fields)
+    w.writeheader()
+    for task, r in summary["tasks"].items():
+        e = r.get("expert")
+        w.writerow({"task": task, "episodes": r["episodes"], "successes": r["successes"],
+                    "success": f"{r['success']:.4f}", "wilson95_low": f"{r['wilson95'][0]:.4f}",
+                    "wilson95_high": f"{r['wilson95'][1]:.4f}",
+                    "expert_successes": e["successes"] if e else "", "expert_success":
+                    f"{e['success']:.4f}" if e else "", "expert_wilson95_low": f"{e['wilson95'][0]:.4f}" if e
+                    else "", "expert_wilson95_high": f"{e['wilson95'][1]:.4f}" if e else "", **common})
+    # Every task has the same episode count, so the mean of the task rates is the pooled rate.
+    p, e = summary["pooled"], summary.get("pooled_expert")
+    w.writerow({"task": "mean", "episodes": p["episodes"], "successes": p["successes"],
+                "success": f"{summary['mean_success']:.4f}", "wilson95_low": f"{p['wilson95'][0]:.4f}",
+                "wilson95_high": f"{p['wilson95'][1]:.4f}", "expert_successes": e["successes"] if e else "",
+                "expert_success": f"{summary['mean_expert_success']:.4f}" if e else "",
+                "expert_wilson95_low": f"{e['wilson95'][0]:.4f}" if e else "",
+                "expert_wilson95_high": f"{e['wilson95'][1]:.4f}" if e else "", **common})
+    paths.write_text(path, f.getvalue())
+
+
+def _write_attribution_csv(path: str, result: dict):
+    f = io.StringIO()
+    w = csv.DictWriter(f, fieldnames=attribution.COLUMNS)
+    w.writeheader()
+    for row in attribution.table_rows(result):
+        w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else "" if v is None else v) for k, v in row.items()})
+    paths.write_text(path, f.getvalue())
