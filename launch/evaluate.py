@@ -3,11 +3,15 @@
     python -m launch.evaluate --checkpoint=workdirs/demo/policy --suite=metaworld --tasks=demo --episodes=50
     python -m launch.evaluate --checkpoint=workdirs/demo/policy --tasks=mt10 --workers=8 --out=/tmp/eval_mt10
     python -m launch.evaluate --backend=exported --exported=workdirs/demo/exported --tasks=reach-v3,push-v3
+    python -m launch.evaluate --backend=torch --torch_folder=/tmp/defi_torch --tasks=demo   # launch.export_torch's
 
 ``--tasks``: ``demo`` (the robot tasks of the demo data), ``mt10``, ``mt50`` or a comma-separated list. Each
 episode runs ``--horizon`` env steps at most, replanning every ``--steps_per_chunk`` steps; the scripted experts
 run on the same seeds. Writes ``summary.json``, ``summary.csv`` (per-task success with a 95% Wilson interval,
-the protocol on every row) and ``videos/<task>/*.gif`` under ``--out`` (default: ``<checkpoint>/eval_metaworld``).
+the protocol on every row), ``attribution.csv`` (failed episodes split into forward / inverse dynamics failures)
+and ``videos/<task>/*.gif`` (the real frames beside the GFDM's predicted future) under ``--out`` (default:
+``<checkpoint, exported or torch folder>/eval_metaworld``). The predicted future and the attribution need the
+JAX policy (``--backend=jax``); with the exported or PyTorch backends the summary records them as unavailable.
 """
 
 import os
@@ -25,9 +29,14 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Policy workdir (local or 
 _SUITE = flags.DEFINE_enum("suite", "metaworld", ["metaworld"], "Simulation benchmark.")
 _TASKS = flags.DEFINE_string("tasks", "demo", "demo | mt10 | mt50 | comma-separated Meta-World v3 task names.")
 _EPISODES = flags.DEFINE_integer("episodes", 50, "Episodes per task.", lower_bound=1)
-_BACKEND = flags.DEFINE_enum("backend", None, ["jax", "exported"], "Run the checkpoint in JAX or a jax.export "
-                             "artifact (default: exported when --exported is given, else jax).")
+_BACKEND = flags.DEFINE_enum("backend", None, ["jax", "exported", "torch"], "Run the checkpoint in JAX, a "
+                             "jax.export artifact or a PyTorch folder (default: exported when --exported is given, "
+                             "torch when --torch_folder is, else jax).")
 _EXPORTED = flags.DEFINE_string("exported", None, "Folder written by DeFIPolicy.export (--backend=exported).")
+_TORCH = flags.DEFINE_string("torch_folder", None, "Folder written by python -m launch.export_torch "
+                             "(--backend=torch).")
+_TORCH_DEVICE = flags.DEFINE_string("torch_device", None, "--backend=torch: torch device (default: cuda when "
+                                    "available, else cpu).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _EMA = flags.DEFINE_bool("ema", False, "Evaluate the checkpoint's EMA parameters.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: <checkpoint or exported>/eval_metaworld).")
@@ -44,6 +53,13 @@ _VIDEOS = flags.DEFINE_integer("videos_per_task", -1, "GIFs of the first N episo
                                lower_bound=-1)
 _GIF_MS = flags.DEFINE_integer("gif_frame_ms", 40, "GIF frame duration in ms (one frame per env step).",
                                lower_bound=1)
+_PREDICT = flags.DEFINE_bool("predict_future", True, "Show the GFDM's one-step predicted future beside the real "
+                             "frames and attribute failures to forward / inverse dynamics (JAX backend).")
+_FUTURE_STRIDE = flags.DEFINE_integer("future_stride", 1, "Env steps between the GFDM's predicted frames (the "
+                                      "GFDM's config.data.frame_stride).", lower_bound=1)
+_PERCENTILE = flags.DEFINE_float("attribution_percentile", 10.0, "A failure scoring below this percentile of the "
+                                 "task's successful episodes' prediction scores is a forward-dynamics failure.",
+                                 lower_bound=0.0, upper_bound=100.0)
 
 
 def main(argv):
@@ -55,9 +71,13 @@ def main(argv):
     from defi_jax import inference
     from defi_jax.evaluation import metaworld
 
-    backend = _BACKEND.value or ("exported" if _EXPORTED.value else "jax")
+    backend = _BACKEND.value or ("exported" if _EXPORTED.value else "torch" if _TORCH.value else "jax")
     if backend == "exported" and not _EXPORTED.value:
         print("launch.evaluate: --backend=exported needs --exported=PATH (a DeFIPolicy.export folder)", file=sys.stderr)
+        return 2
+    if backend == "torch" and not _TORCH.value:
+        print("launch.evaluate: --backend=torch needs --torch_folder=PATH (a launch.export_torch folder)",
+              file=sys.stderr)
         return 2
     if backend == "jax" and not _CHECKPOINT.value:
         print("launch.evaluate: --checkpoint=DIR is required with --backend=jax", file=sys.stderr)
@@ -65,6 +85,10 @@ def main(argv):
     if backend == "exported":
         source = os.path.abspath(_EXPORTED.value)
         info = {"source": source, "backend": "exported"}
+    elif backend == "torch":
+        source = os.path.abspath(_TORCH.value)
+        info = {"source": source, "backend": "torch", "device": _TORCH_DEVICE.value,
+                "noise": f"one torch.Generator seeded with --seed={_SEED.value}, rows in batch order"}
     else:
         source = paths.abspath(_CHECKPOINT.value)
         info = {"source": source, "backend": "jax", "step": _STEP.value, "ema": _EMA.value}
@@ -80,7 +104,8 @@ def main(argv):
             tasks=metaworld.task_list(_TASKS.value), episodes=_EPISODES.value, horizon=_HORIZON.value,
             steps_per_chunk=_STEPS_PER_CHUNK.value, seed=_SEED.value, resolution=_RESOLUTION.value,
             workers=_WORKERS.value, expert=_EXPERT.value, gif_frame_ms=_GIF_MS.value,
-            videos_per_task=None if _VIDEOS.value < 0 else _VIDEOS.value)
+            videos_per_task=None if _VIDEOS.value < 0 else _VIDEOS.value, predict_future=_PREDICT.value,
+            future_stride=_FUTURE_STRIDE.value, attribution_percentile=_PERCENTILE.value)
         protocol.check()
     except ValueError as e:
         print(f"launch.evaluate: --{e}", file=sys.stderr)
@@ -90,15 +115,18 @@ def main(argv):
     try:
         if backend == "exported":
             policy = inference.load_exported(source)
+        elif backend == "torch":
+            policy = inference.load_torch(source, seed=_SEED.value, device=_TORCH_DEVICE.value)
         else:
             policy = inference.DeFIPolicy.from_checkpoint(source, step=_STEP.value, ema=_EMA.value, seed=_SEED.value)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"launch.evaluate: {e}", file=sys.stderr)
         return 2
     summary = metaworld.evaluate(policy, protocol, out, policy_info=info,
                                  progress=lambda line: print(line, flush=True))
-    print(f"launch.evaluate: mean success {summary['mean_success']:.3f}; outputs in {out} (summary.json, "
-          f"summary.csv, videos/)", flush=True)
+    files = "summary.json, summary.csv, " + ("attribution.csv, " if summary["attribution"]["available"] else "")
+    print(f"launch.evaluate: mean success {summary['mean_success']:.3f}; outputs in {out} ({files}videos/)",
+          flush=True)
     return 0
 
 

@@ -67,9 +67,10 @@ def test_percentile_rule_per_task_pooled_and_unattributed():
     # a higher percentile moves failures from inverse to forward dynamics
     assert at.attribute(eps, percentile=50)["tasks"]["a"]["forward_dynamics"] == 3
 
-    none = at.attribute(_episodes("d", [], [12.0, 13.0]))
-    assert none["tasks"]["d"]["unattributed"] == 2 and none["tasks"]["d"]["forward_fraction"] is None
-    assert none["tasks"]["d"]["calibration"] == "none (no scored success)"
+    none = at.attribute(_episodes("d", [], [12.0, 13.0]) + _episodes("e", [20.0, 21.0], [10.0]))
+    for t, n in (("d", 2), ("e", 1)):     # 2 scored successes in all: too few to calibrate on
+        assert none["tasks"][t]["unattributed"] == n and none["tasks"][t]["forward_fraction"] is None
+        assert none["tasks"][t]["calibration"] == "none (2 scored successes, fewer than 3)"
     with pytest.raises(ValueError, match="percentile"):
         at.attribute(eps, percentile=110)
 

@@ -6,6 +6,12 @@ one action per chunk its episodes must equal the scripted expert's, which the ev
 seeds in its workers. That checks the seeds, the goals, the 7-D -> 4-D conversion and the success bookkeeping
 at once. Also: the summary records the protocol, GIFs are written, two runs agree to the byte, each chunk runs
 ``steps_per_chunk`` actions, and batches are padded to the worker count.
+
+The predicted future: a stand-in "predicts" a static world (every future frame = the frame it observed), so the
+scores the workers compute must equal the PSNR between frames this stand-in saw (which checks that predicted
+frame k meets the real frame k steps later); the GIF layout is checked on synthetic frames; and
+``DeFIPolicy.act_and_predict_batch`` on a tiny random policy acts exactly like ``act_batch`` and returns the
+decoded x0 estimate of the same GFDM step.
 """
 
 import csv
@@ -16,6 +22,7 @@ import pytest
 from PIL import Image
 
 from data_pipelines import demo
+from defi_jax.evaluation import attribution as at
 from defi_jax.evaluation import metaworld as mw
 
 TASKS = ("reach-v3", "handle-press-v3")
@@ -51,6 +58,19 @@ class ExpertStandIn:
             a4 = np.clip(self.rule[text](obs["state"]), -1, 1).astype(np.float32)
             chunks.append(np.repeat(mw.from_env_action(a4[None]), 10, axis=0))
         return np.stack(chunks)
+
+
+class StaticWorldStandIn(ExpertStandIn):
+    """The expert stand-in, plus a prediction of a static world: ``frames`` copies of the observed view."""
+
+    def __init__(self, frames=3):
+        super().__init__()
+        self.frames, self.seen = frames, []
+
+    def act_and_predict_batch(self, observations, instructions, view):
+        self.seen += [o[view].copy() for o in observations]
+        future = np.stack([np.repeat(o[view][None], self.frames, axis=0) for o in observations])
+        return self.act_batch(observations, instructions), future
 
 
 class ConstantStandIn:
@@ -161,7 +181,64 @@ def test_chunks_run_steps_per_chunk_actions(tmp_path):
     assert second[0] > first[0] + 0.02 and abs(second[1] - first[1]) < 0.02
     assert summary["throughput"]["policy_calls"] == 6 and "expert" not in summary["tasks"]["reach-v3"]
     assert not (tmp_path / "videos").exists()
+    # a policy without act_and_predict_batch: no prediction, no attribution, and the summary says why
+    assert summary["protocol"]["predict_future"]["used"] is False
+    assert "ConstantStandIn computes actions only" in summary["protocol"]["predict_future"]["unavailable"]
+    assert summary["attribution"] == {"available": False,
+                                      "reason": summary["protocol"]["predict_future"]["unavailable"]}
+    assert not (tmp_path / "attribution.csv").exists() and "prediction_score" not in summary["episodes"][0]
 
     with pytest.raises(ValueError, match="steps_per_chunk: 10 exceeds the policy's chunk of 5"):
         _run(tmp_path / "short", ConstantStandIn(chunk=5), tasks=("reach-v3",), episodes=1, workers=1, horizon=20,
              steps_per_chunk=10, expert=False, videos_per_task=0)
+
+
+def test_predicted_future_is_scored_against_the_frames_that_followed(tmp_path):
+    policy = StaticWorldStandIn(frames=3)
+    summary = _run(tmp_path, policy, tasks=("reach-v3",), horizon=12, workers=1, expert=False, videos_per_task=1)
+    proto = summary["protocol"]
+    assert proto["predict_future"]["used"] and proto["predict_future"]["frames_resolution"] == [3, RES, RES]
+    assert proto["predict_future"]["stride"] == 1 and "two panels" in proto["videos"]["layout"]
+    # one worker: the episodes ran one after the other, every step a replanning step (steps_per_chunk 1)
+    start = 0
+    for rec in summary["episodes"]:
+        seen = policy.seen[start:start + rec["steps"]]       # the frames after 0 .. steps - 1 env steps
+        start += rec["steps"]
+        steps = rec["prediction_steps"]
+        assert [s["step"] for s in steps] == list(range(rec["steps"]))
+        assert [s["frames"] for s in steps] == [min(2, rec["steps"] - r) for r in range(rec["steps"])]
+        for r in range(rec["steps"] - 2):                     # both predicted frames' real ones were observed
+            expected = at.psnr(np.stack([seen[r]] * 2), np.stack(seen[r + 1:r + 3]))
+            assert steps[r]["psnr"] == pytest.approx(expected, rel=1e-9), r
+        assert rec["prediction_score"] == pytest.approx(np.mean([s["psnr"] for s in steps]))
+        # two episodes: fewer than the 3 successes a threshold needs, so a failure is counted, not attributed
+        assert rec["attribution"] == (None if rec["success"] else "unattributed")
+    assert start == len(policy.seen)
+    with Image.open(tmp_path / summary["episodes"][0]["video"]) as gif:
+        assert gif.size == (2 * RES, RES) and gif.n_frames == summary["episodes"][0]["steps"] + 1
+    assert summary["episodes"][1]["video"] is None
+
+    table = summary["attribution"]
+    assert table["available"] and table["paper_calvin"] == {"forward_dynamics": 0.62, "inverse_dynamics": 0.38}
+    row = table["tasks"]["reach-v3"]
+    assert row["failures"] == sum(not r["success"] for r in summary["episodes"]) == row["unattributed"]
+    assert row["calibration"].startswith("none") and row["forward_dynamics"] == row["inverse_dynamics"] == 0
+    with open(tmp_path / "attribution.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["task"] for r in rows] == ["reach-v3", "all"] and rows[0]["failures"] == str(row["failures"])
+    with open(tmp_path / "summary.json") as f:
+        assert json.load(f)["attribution"] == table
+
+
+def test_gif_layout_real_beside_predicted():
+    real = [np.full((4, 4, 3), 10 * t, np.uint8) for t in range(7)]
+    futures = [(0, np.stack([np.full((2, 2, 3), 100 + k, np.uint8) for k in range(3)])),
+               (4, np.stack([np.full((2, 2, 3), 200 + k, np.uint8) for k in range(3)]))]
+    frames = mw._beside_predictions(real, futures, stride=2)
+    assert len(frames) == 7 and all(f.shape == (4, 8, 3) for f in frames)
+    for t, f in enumerate(frames):
+        np.testing.assert_array_equal(f[:, :4], real[t])
+    # step t shows frame (t - r) // 2 of the latest prediction made at r <= t, enlarged to 4 x 4
+    assert [int(f[0, 4, 0]) for f in frames] == [100, 100, 101, 101, 200, 200, 201]
+    held = mw._beside_predictions(real, futures[:1], stride=1)
+    assert [int(f[3, 7, 0]) for f in held] == [100, 101, 102, 51, 51, 51, 51]   # past frame 2: held, half bright

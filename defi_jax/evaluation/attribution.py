@@ -16,9 +16,9 @@ future frame (the episode ended right after it) has none.
 Rule. Per task, the threshold is the ``percentile``-th percentile (10 by default) of the scores of the task's
 SUCCESSFUL episodes. A failed episode scoring below it predicted a future worse than 90% of the episodes that
 worked: a forward-dynamics failure. Otherwise its predictions were as good as those of successes and the actions
-failed: an inverse-dynamics failure. A task with fewer than ``min_successes`` scored successes is calibrated on
-all tasks' successes pooled; with no scored success anywhere its failures stay unattributed (counted, never
-guessed). Fractions are of the attributed failures.
+failed: an inverse-dynamics failure. A task with fewer than ``min_successes`` (3) scored successes is calibrated
+on all tasks' successes pooled; with fewer than that in the whole evaluation its failures stay unattributed
+(counted, never guessed). Fractions are of the attributed failures.
 
 Pure numpy and Python: the evaluation's worker processes score, the parent attributes.
 
@@ -82,10 +82,10 @@ def attribute(episodes: Sequence[Mapping], *, percentile: float = 10.0, min_succ
     for t in tasks:
         if len(ok[t]) >= min_successes:
             thresholds[t] = (float(np.percentile(ok[t], percentile)), f"task ({len(ok[t])} successes)")
-        elif pooled:
+        elif len(pooled) >= min_successes:
             thresholds[t] = (float(np.percentile(pooled, percentile)), f"pooled ({len(pooled)} successes)")
         else:
-            thresholds[t] = (None, "none (no scored success)")
+            thresholds[t] = (None, f"none ({len(pooled)} scored successes, fewer than {min_successes})")
     labels = []
     for e in episodes:
         threshold = thresholds[e["task"]][0]
@@ -109,7 +109,7 @@ def attribute(episodes: Sequence[Mapping], *, percentile: float = 10.0, min_succ
     return {"score": "PSNR (dB) of the GFDM's predicted future frames vs the real ones, mean over replanning steps",
             "rule": f"failed episode below the {percentile:g}th percentile of its task's successful episodes' "
                     f"scores -> forward dynamics, else inverse dynamics (pooled over tasks below {min_successes} "
-                    f"scored successes)",
+                    f"scored successes; unattributed below {min_successes} in all)",
             "percentile": percentile, "min_successes": min_successes, "paper_calvin": dict(PAPER_SPLIT),
             "labels": labels,
             "tasks": {t: row(t, [p for p in pairs if p[0]["task"] == t], *thresholds[t]) for t in tasks},
