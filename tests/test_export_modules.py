@@ -1,0 +1,131 @@
+"""Per-module export parity: a module with random JAX weights (never seen by torch), written with the code
+``export_torch`` uses, read by the PyTorch side, gives the JAX module's outputs (float32, 1e-4 relative).
+
+Where each module of the deployment folder is checked (two or more small configs each):
+
+=============== =================================================================================================
+UNet            here (``two_level``, JAX-random weights); test_interop_diffusers_svd::
+                test_unet_save_loads_in_diffusers_sharded_and_identical (``odd_size``: export bitwise equal to the
+                diffusers model whose outputs test_svd_unet matches)
+VAE             here (``three_level``); test_interop_diffusers_svd::test_vae_built_in_jax_exports_to_the_same_function
+                (``two_level``); encode + decode
+CLIP text       test_clip_text::test_load_and_save_match_transformers (2 configs, ``save_text_encoder`` ->
+                ``CLIPTextModel``), ::test_with_projection_matches_clip_text_model_with_projection (the goal token)
+DINOv2          test_dinov2::test_load_and_save_match_transformers (2 configs)
+T5 encoder      test_t5::test_load_and_save_match_transformers (2 configs; ``save_encoder`` and the GIDM folder's
+                ``to_state_dict`` share the rule table)
+GIDM            test_gidm_model::test_parity_with_reference_structure (2 configs: ``gidm_state_dict`` is bitwise
+                the ``torch_ref.gidm`` state dict whose outputs match)
+Video Former,   here (``CONFIGS[0]``, ``CONFIGS[2]`` of test_policy_modules, JAX-initialised then perturbed);
+action head     test_policy_modules::test_round_trip_bitwise_and_reference_strict_load (``CONFIGS[1]``)
+whole policy    test_export_torch (actions of ``DeFIPolicyTorch`` vs ``DeFIPolicy``), test_export_lerobot
+=============== =================================================================================================
+"""
+
+import jax
+import numpy as np
+import pytest
+import torch
+from _svd_reference import (UNET_CASES, VAE_CASES, fast_jit, jax_unet_outputs, max_rel_err, nchw, nhwc,
+                            torch_unet_outputs, unet_inputs, unet_inputs_jax)
+from flax import nnx
+from test_policy_modules import CONFIGS, IDS, _close, _fast, _head_inputs, _t
+
+from defi_jax.interop import defi_policy, diffusers_svd
+from defi_jax.models.svd_layers import trace_rngs
+from defi_jax.models.svd_unet import UNetConfig, UNetSpatioTemporal
+from defi_jax.models.svd_vae import AutoencoderKLTemporalDecoder, VAEConfig
+from defi_jax.torch_ref import policy as tp
+
+torch.set_default_dtype(torch.float32)
+
+
+def _random(abstract: nnx.Module, seed: int) -> nnx.Module:
+    """Every parameter drawn at random (norm gains around 1, every bias and mix factor non-zero), scaled to keep
+    activations O(1): no constant-initialised parameter can hide a swapped or dropped tensor."""
+    graphdef, state = nnx.split(abstract)
+    rng = np.random.default_rng(seed)
+
+    def draw(path, x):
+        name = str(path[-1].key if hasattr(path[-1], "key") else path[-1])
+        noise = rng.standard_normal(x.shape)
+        if len(x.shape) >= 2:
+            return (noise / np.sqrt(np.prod(x.shape[:-1]))).astype(x.dtype)
+        return ((1.0 if name == "scale" else 0.0) + 0.3 * noise).astype(x.dtype)
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
+
+
+def test_unet_built_in_jax_exports_to_the_same_function(tmp_path):
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    case = "two_level"
+    cfg = UNetConfig.from_dict(UNET_CASES[case]["config"])
+    unet = _random(nnx.eval_shape(lambda: UNetSpatioTemporal(cfg, rngs=trace_rngs(0))), seed=11)
+    diffusers_svd.save_unet(unet, str(tmp_path))
+    ref = UNetSpatioTemporalConditionModel.from_pretrained(tmp_path).eval()
+    inputs = unet_inputs(case, seed=12)
+    ref_out, ref_feats = torch_unet_outputs(ref, inputs, num_up_blocks=2)
+    out, feats = jax_unet_outputs(unet, *unet_inputs_jax(inputs), num_up_blocks=2)
+    assert max_rel_err(out, ref_out) <= 1e-4
+    for ours, theirs in zip(feats, ref_feats):      # the policy's features: the up blocks' outputs
+        assert max_rel_err(ours, theirs) <= 1e-4
+    moved = torch_unet_outputs(ref, dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"] + 1))[0]
+    assert max_rel_err(out, moved) > 1e-3            # the text reaches the output: the comparison is not vacuous
+
+
+def test_vae_three_level_built_in_jax_exports_to_the_same_function(tmp_path):
+    from diffusers import AutoencoderKLTemporalDecoder as Ref
+
+    c = VAE_CASES["three_level"]
+    cfg = VAEConfig(**c["config"])
+    vae = _random(nnx.eval_shape(lambda: AutoencoderKLTemporalDecoder(cfg, rngs=trace_rngs(0))), seed=13)
+    diffusers_svd.save_vae(vae, str(tmp_path))
+    ref = Ref.from_pretrained(tmp_path).eval()
+    x = torch.rand(c["videos"] * c["frames"], 3, *c["size"], generator=torch.Generator().manual_seed(14)) * 2 - 1
+    graphdef, state = nnx.split(vae)
+
+    def run(state, x):
+        model = nnx.merge(graphdef, state)
+        z = model.encode(x)
+        return z, model.decode(z, num_frames=c["frames"])
+
+    z, dec = fast_jit(run, state, nhwc(x))(state, nhwc(x))
+    with torch.no_grad():
+        ref_z = ref.encode(x).latent_dist.mode()
+        ref_dec = ref.decode(ref_z, num_frames=c["frames"]).sample
+    assert max_rel_err(nchw(z), ref_z.numpy()) <= 1e-4
+    assert max_rel_err(nchw(dec), ref_dec.numpy()) <= 1e-4
+
+
+@pytest.mark.parametrize("c", [CONFIGS[0], CONFIGS[2]], ids=[IDS[0], IDS[2]])
+def test_video_former_and_head_built_in_jax_export_to_the_same_function(c):
+    """``defi_policy``'s stage-3 tables (what export_torch writes to ``policy/model.safetensors``), loaded strictly
+    by the PyTorch modules ``DeFIPolicyTorch`` is built from (``defi_jax.torch_ref.policy``)."""
+    vf = _random(nnx.eval_shape(lambda: c.video_former(seed=0)), seed=21)
+    head = _random(nnx.eval_shape(lambda: c.head(seed=0)), seed=22)
+    tvf, th = c.torch_video_former(), c.torch_head()
+    tvf.load_state_dict({k: _t(v) for k, v in defi_policy.video_former_state_dict(vf).items()}, strict=True)
+    th.load_state_dict({k: _t(v) for k, v in defi_policy.action_head_state_dict(
+        head, with_unused=True, num_video_tokens=c.frames * c.queries).items()}, strict=True)
+
+    feats = np.random.default_rng(23).normal(size=(3, c.frames, c.tokens, c.cond)).astype(np.float32)
+    goal, _, latent, actions, noise = _head_inputs(c, seed=24)
+    sigma = np.array([1e-3, 0.7, 80.0], np.float32)
+
+    def run(m, feats, goal, latent, actions, sigma, noise):
+        vf_m, head_m = m
+        video = vf_m(feats)
+        context = head_m.encode(goal, video, latent)
+        return (video, head_m.denoise(context, actions, sigma),
+                head_m.sample(context, noise, num_steps=10, sigma_min=1e-3))
+
+    video, denoised, sampled = _fast(run, nnx.List([vf, head]), feats, goal, latent, actions, sigma, noise)
+    with torch.no_grad():
+        t_video = tvf(_t(feats))
+        _close(video, t_video.numpy())
+        _close(denoised, th(t_video, _t(latent), _t(actions), _t(goal), _t(sigma)).numpy())
+        ref = tp.sample_ddim(th, t_video, _t(latent), _t(noise) * 80.0, _t(goal),
+                             tp.get_sigmas_exponential(10, 1e-3, 80.0))
+    _close(sampled, ref.numpy())
+    assert np.abs(np.asarray(sampled)).max() > 1e-2
