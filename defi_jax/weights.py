@@ -19,9 +19,27 @@ An entry with an empty ``path`` is inactive. Kinds (what ``path`` points at):
                                    parameter paths (``defi_jax.interop.defi_policy``), so ``target`` must match
                                    without consuming the path, e.g. ``"^(?!gfdm/)"`` (all but the GFDM, which
                                    the file does not hold) or ``"^(?!gfdm/(unet|vae)/)"`` (+ the GFDM's text)
+  reference_gidm                   the reference DeFI's stage-2 checkpoint (Lightning ``.ckpt`` / ``.pt`` read with
+                                   ``weights_only=True``, or ``.safetensors``; ``lam.`` dropped), or the
+                                   ``gidm/model.safetensors`` of our GIDM export: the latent action model and
+                                   trainable (tiny) towers under the reference's names
+                                   (``defi_jax.interop.defi_torch.GIDM_RULES``); its frozen DINOv2 / T5 enter
+                                   through ``torch_hub_dinov2`` / ``hf_t5_encoder`` sources on the same file with
+                                   ``prefix="dino_encoder."`` / ``"text_encoder."``
+  torch_export                     a policy folder of ``launch.export_torch`` (``policy/`` + ``gidm/``
+                                   ``model.safetensors``): ``video_former/``, ``head/`` and ``latent_actions/``
+                                   under the reference's stage-3 names (``defi_jax.interop.import_stages``);
+                                   target ``"^(?=(video_former|head|latent_actions)/)"`` (a lookahead: it maps
+                                   full paths; the GFDM and goal towers come from the folder's diffusers /
+                                   transformers sub-folders)
   workdir                          another stage's workdir: its parameters at ``step`` (-1 = latest), the
                                    EMA with ``ema=True``; ``prefix`` is the sub-tree of that model read
                                    (the part of our path matched by ``target`` is replaced by ``prefix``)
+
+For the file kinds, ``prefix`` names the sub-tree of the file read: only its tensors, with ``prefix`` dropped
+from their names (a frozen tower stored inside another model's checkpoint). A single file read with a prefix is
+read as a reference checkpoint (``defi_torch.read_state_dict``: a Lightning ``state_dict`` unwrapped, ``lam.``
+dropped), so ``prefix="dino_encoder."`` finds ``lam.dino_encoder.*`` in ``.ckpt`` / ``.pt`` / ``.safetensors``.
 
 The name / transpose tables are the interop modules' (``defi_jax.interop``). :func:`load_init_params` reads
 every active source once, outside any trace: safetensors files are memory-mapped and each parameter is put
@@ -189,27 +207,47 @@ def _read_torch(file: str) -> dict[str, np.ndarray]:
             if isinstance(v, torch.Tensor)}
 
 
-def _read(path: str, weights_name: str) -> dict[str, np.ndarray]:
-    if os.path.isfile(path) and path.endswith((".pth", ".pt", ".bin")):
+def _sub_tree(tensors: dict[str, np.ndarray], prefix: str, path: str) -> dict[str, np.ndarray]:
+    """The tensors named ``prefix...``, ``prefix`` dropped (all of them for an empty prefix)."""
+    if not prefix:
+        return tensors
+    out = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not out:
+        raise FileNotFoundError(f"{path}: no tensor named {prefix}* (the source's prefix)")
+    return out
+
+
+def _read(path: str, weights_name: str, prefix: str = "") -> dict[str, np.ndarray]:
+    if os.path.isfile(path) and prefix:   # a tower inside a reference checkpoint (Lightning, ``lam.`` dropped)
+        from defi_jax.interop import defi_torch
+        return _sub_tree(defi_torch.read_state_dict(path), prefix, path)
+    if os.path.isfile(path) and path.endswith((".pth", ".pt", ".bin", ".ckpt")):
         return _read_torch(path)
     out = {}
     for file in _safetensors_files(path, weights_name):
         out.update(read_safetensors_mmap(file))
-    return out
+    return _sub_tree(out, prefix, path)
 
 
 @dataclasses.dataclass(frozen=True)
 class Kind:
-    """How one kind of source is read: tensors (torch names, torch layouts) and the name / transpose rules."""
-    read: Callable[[str], dict[str, np.ndarray]]
-    rules: Callable[[], tuple]
+    """How one kind of source is read: ``read(path, prefix="")`` gives the tensors (torch names, torch layouts);
+    ``rules()`` the name / transpose table, or ``key(path, ndim) -> (torch name, transpose)`` for kinds whose
+    names depend on the sub-tree (``torch_export``)."""
+    read: Callable[..., dict[str, np.ndarray]]
+    rules: Callable[[], tuple] = tuple
+    key: Callable[[str, int], tuple] | None = None
+
+    def torch_key(self, path: str, ndim: int) -> tuple:
+        from defi_jax.interop._convert import torch_key
+        return self.key(path, ndim) if self.key is not None else torch_key(path, ndim, self.rules())
 
 
 def _diffusers(model: str) -> Kind:
     def rules():
         from defi_jax.interop import diffusers_svd
         return diffusers_svd.UNET_RULES if model == "unet" else diffusers_svd.VAE_RULES
-    return Kind(read=lambda p: _read(p, "diffusion_pytorch_model"), rules=rules)
+    return Kind(read=lambda p, prefix="": _read(p, "diffusion_pytorch_model", prefix), rules=rules)
 
 
 def _clip_rules():
@@ -227,14 +265,19 @@ def _t5_rules():
     return hf_t5.RULES
 
 
-def _read_clip(path: str) -> dict[str, np.ndarray]:
-    return {k.removeprefix("text_model."): v for k, v in _read(path, "model").items()}
+def _gidm_rules():
+    from defi_jax.interop import defi_torch
+    return defi_torch.GIDM_RULES
 
 
-def _read_dinov2(path: str) -> dict[str, np.ndarray]:
+def _read_clip(path: str, prefix: str = "") -> dict[str, np.ndarray]:
+    return {k.removeprefix("text_model."): v for k, v in _read(path, "model", prefix).items()}
+
+
+def _read_dinov2(path: str, prefix: str = "") -> dict[str, np.ndarray]:
     from defi_jax.interop import hf_dinov2
     out = {}
-    for k, v in _read(path, "model").items():
+    for k, v in _read(path, "model", prefix).items():
         k = k.removeprefix("dinov2_with_registers.")
         for pattern, replacement in hf_dinov2._V5_TO_V4:  # transformers 5 names -> the rules' v4 names
             k = pattern.sub(replacement, k)
@@ -242,22 +285,45 @@ def _read_dinov2(path: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _read_torch_hub_dinov2(path: str) -> dict[str, np.ndarray]:
+def _read_torch_hub_dinov2(path: str, prefix: str = "") -> dict[str, np.ndarray]:
     from defi_jax.interop import hf_dinov2
-    return hf_dinov2.hub_to_hf_names(_read(path, "model"))
+    return hf_dinov2.hub_to_hf_names(_read(path, "model", prefix))
 
 
-def _read_t5(path: str) -> dict[str, np.ndarray]:
-    out = _read(path, "model")
+def _read_t5(path: str, prefix: str = "") -> dict[str, np.ndarray]:
+    out = _read(path, "model", prefix)
     if "shared.weight" not in out and "encoder.embed_tokens.weight" in out:
         out["shared.weight"] = out.pop("encoder.embed_tokens.weight")
     return out
+
+
+def _whole_file(read: Callable[[str], dict[str, np.ndarray]], kind: str) -> Callable[..., dict[str, np.ndarray]]:
+    def read_all(path: str, prefix: str = "") -> dict[str, np.ndarray]:
+        if prefix:
+            raise ValueError(f"a {kind} source reads the whole file: its prefix must be empty (got {prefix!r})")
+        return read(path)
+    return read_all
 
 
 def _read_reference_policy(path: str) -> dict[str, np.ndarray]:
     from defi_jax.interop import defi_policy
     params, _ = defi_policy.reference_policy_params(defi_policy.read_reference_checkpoint(path))
     return {k.replace("/", "."): v for k, v in params.items()}
+
+
+def _read_reference_gidm(path: str, prefix: str = "") -> dict[str, np.ndarray]:
+    from defi_jax.interop import defi_torch
+    return _sub_tree(defi_torch.read_state_dict(path), prefix, path)
+
+
+def _read_torch_export(path: str) -> dict[str, np.ndarray]:
+    from defi_jax.interop import import_stages
+    return import_stages.read_policy_export(path)
+
+
+def _torch_export_key(path: str, ndim: int) -> tuple:
+    from defi_jax.interop import import_stages
+    return import_stages.policy_export_key(path, ndim)
 
 
 KINDS: dict[str, Kind | None] = {
@@ -267,7 +333,9 @@ KINDS: dict[str, Kind | None] = {
     "hf_dinov2": Kind(read=_read_dinov2, rules=_dinov2_rules),
     "torch_hub_dinov2": Kind(read=_read_torch_hub_dinov2, rules=_dinov2_rules),
     "hf_t5_encoder": Kind(read=_read_t5, rules=_t5_rules),
-    "reference_policy": Kind(read=_read_reference_policy, rules=lambda: ()),   # already our names and layouts
+    "reference_policy": Kind(read=_whole_file(_read_reference_policy, "reference_policy")),   # our names already
+    "reference_gidm": Kind(read=_read_reference_gidm, rules=_gidm_rules),
+    "torch_export": Kind(read=_whole_file(_read_torch_export, "torch_export"), key=_torch_export_key),
     "workdir": None,   # read through defi_jax.checkpoint.restore_params
 }
 
@@ -289,8 +357,6 @@ def load_init_params(config, abstract: Mapping[str, jax.ShapeDtypeStruct]) -> di
     every parameter the sources may fill. Raises ``ValueError`` listing every missing / mis-shaped tensor of
     every source (and parameters claimed by two sources); ``FileNotFoundError`` naming the config key.
     """
-    from defi_jax.interop._convert import torch_key
-
     out: dict[str, jax.Array] = {}
     claimed: dict[str, str] = {}
     problems: list[str] = []
@@ -321,14 +387,13 @@ def load_init_params(config, abstract: Mapping[str, jax.ShapeDtypeStruct]) -> di
             continue
         kind = KINDS[src.kind]
         try:
-            tensors = kind.read(src.path)
+            tensors = kind.read(src.path, src.prefix)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{src.key}={src.path!r} ({src.kind}): {e}") from None
-        rules = kind.rules()
         missing, bad, used = [], [], set()
         for path, (rel, like) in matched.items():
             shape = tuple(like.shape)
-            key, perm = torch_key(rel.replace("/", "."), len(shape), rules)
+            key, perm = kind.torch_key(rel.replace("/", "."), len(shape))
             if key not in tensors:
                 missing.append(f"{key} (ours: {path} {shape})")
                 continue

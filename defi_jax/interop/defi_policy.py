@@ -691,18 +691,11 @@ def import_policy_workdir(src: str, workdir: str, config=None, *, gfdm_workdir: 
     folder with ``unet/`` and ``vae/``; the text tower then comes from the file's ``TVP_encoder.text_encoder``
     when it fits, else from ``config.init.sources.svd_clip``); neither: whatever ``config.init`` names.
     """
-    from defi_jax import paths, trainer, weights
-    from defi_jax.checkpoint import Checkpointer
-    from defi_jax.policy import stage as policy_stage
+    from defi_jax import paths, weights
+    from defi_jax.interop import import_stages
 
     src, workdir = os.path.abspath(src), paths.abspath(workdir)
-    if paths.isdir(paths.join(workdir, "checkpoints")):
-        probe = Checkpointer(workdir, read_only=True)
-        try:
-            if probe.latest_step() is not None:
-                raise FileExistsError(f"{workdir} already holds checkpoints: import into a fresh workdir")
-        finally:
-            probe.close()
+    import_stages.require_fresh(workdir)
     tensors = read_reference_checkpoint(src)
     config = infer_policy_config(tensors, config)
     params, skipped = reference_policy_params(tensors, config)   # every problem of the file, named, up front
@@ -733,19 +726,7 @@ def import_policy_workdir(src: str, workdir: str, config=None, *, gfdm_workdir: 
     with s.unlocked():   # a config from flags is locked
         s.reference = weights.source(target, "reference_policy", src)
     del params
-
-    tr = trainer.Trainer(config, mesh=mesh)
-    state = tr.init_state()
-    config_json = config.to_json_best_effort(sort_keys=True)
-    ckpt = Checkpointer(workdir, async_save=False)
-    try:
-        ckpt.save(0, state.as_dict(), None, config_json)
-        ckpt.wait()
-    finally:
-        ckpt.close()
-    paths.write_text(paths.join(workdir, "config.json"), config_json)
-    for name, text in policy_stage.assets(config).items():
-        paths.write_text(paths.join(workdir, "assets", name), text)
+    import_stages.write_workdir(config, workdir, mesh=mesh)   # checkpoints/0, config.json, assets/action_stats.json
     for why in sorted(set(skipped.values())):
         _log.info("%s: skipped %d tensor(s): %s", src, sum(w == why for w in skipped.values()), why)
     return config

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from defi_jax.interop._convert import DEFAULT_RULES, Rule
+
 _PREFIX = "lam."
 
 
@@ -71,8 +73,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GIDM checkpoint {path!r} does not exist")
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-        raw = dict(load_file(path))
+        from defi_jax.weights import read_safetensors_mmap
+        raw = read_safetensors_mmap(path)   # float32 tensors stay views of the mapped file
     else:
         obj = _torch_load(path)
         if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
@@ -86,8 +88,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
                     if v.is_floating_point() else v.detach().cpu().numpy()
     if any(k.startswith(_PREFIX) for k in raw):
         raw = {k[len(_PREFIX):]: v for k, v in raw.items() if k.startswith(_PREFIX)}
-    return {k: np.asarray(v, np.float32) if np.issubdtype(np.asarray(v).dtype, np.floating) else np.asarray(v)
-            for k, v in raw.items()}
+    return {k: np.asarray(v, np.float32) if _is_float(v) else np.asarray(v) for k, v in raw.items()}
+
+
+def _is_float(x) -> bool:
+    return np.asarray(x).dtype.kind == "f" or np.asarray(x).dtype.name == "bfloat16"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -112,6 +117,16 @@ _PATH_RULES = {
     "vq.codebook": "vq.codebook.weight",   # nn.Embedding in the reference, a bare Param here
     "action_latent": "action_latent",
 }
+
+
+# The same table as ``_convert.Rule`` s (our dotted path -> reference key), for ``config.init`` sources of kind
+# ``reference_gidm`` (``defi_jax.weights``): the latent action model and the tiny config's trainable towers.
+GIDM_RULES: tuple[Rule, ...] = (
+    Rule(r"(^|\.)layers\.", r"\1"),                       # nnx.Sequential's extra level
+    Rule(r"^vq\.codebook$", _PATH_RULES["vq.codebook"]),
+    Rule(r"\.embedding$", ".weight", ndim=2),
+    *DEFAULT_RULES,
+)
 
 
 def _lam_params(model, *, with_towers: bool = True) -> dict[tuple, nnx.Variable]:

@@ -1,0 +1,336 @@
+"""Published PyTorch weights -> a defi-jax stage workdir at step 0 (``python -m launch.import_torch``).
+
+    config = import_gfdm("/ckpt/stable-video-diffusion-img2vid", "/ckpt/gfdm")        # diffusers SVD folder
+    config = import_gidm("/ckpt/defi/stage2/last.ckpt", "/ckpt/gidm")                 # the reference's stage 2
+    config, note = import_export("/tmp/defi_torch", "/ckpt/policy")                   # launch.export_torch's folder
+
+Every importer only builds a config whose ``config.init`` names the sources (``defi_jax.weights``: the files are
+read once on the host, memory-mapped, every missing or mis-shaped tensor named with both shapes) and hands it to
+:func:`write_workdir`, which the reference stage-3 import (``defi_policy.import_policy_workdir``) shares: it
+refuses a workdir that holds checkpoints, runs ``Trainer.init_state`` (the sources fill the parameters, the
+optimizer state is fresh) and writes ``checkpoints/0``, ``config.json`` and the stage's ``assets/``, which is what
+``launch.train`` writes, so ``launch.train`` with the same config continues from step 0.
+
+Sizes: what the weights fix is read off the files (``config.json`` of the diffusers / transformers folders,
+``defi_torch.infer_gidm_config`` on the stage-2 tensors, the export's ``config.json``); the rest (heads,
+frames, schedules, data) comes from the base config.
+
+``import_export`` reads back each stage that ``defi_jax.export_torch`` writes (its top ``config.json`` names
+the stage): ``gfdm/`` (diffusers UNet / VAE + transformers CLIP text), ``gidm/`` (``config.json`` = the GIDM's
+``config.model``, ``model.safetensors`` in the reference's stage-2 names) and a policy folder (``policy/`` +
+``gidm/`` = the reference's stage-3 names, read by the ``torch_export`` kind through :func:`policy_export_key`;
+``text_encoder/`` the goal tower; ``gfdm/``; ``action_stats.json``). JAX -> torch -> JAX is bitwise in float32.
+A ``bfloat16`` export is imported too (each weight widened exactly to float32), with a note that the result
+equals the exported bfloat16 weights, not the float32 ones they were rounded from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import numpy as np
+
+from defi_jax.interop._convert import Rule, torch_key
+
+EXPORT_PARTS = r"^(?=(video_former|head|latent_actions)/)"   # torch_export fills these (full paths: a lookahead)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The shared writer
+# ---------------------------------------------------------------------------------------------------
+
+def require_fresh(workdir: str) -> None:
+    """Raises ``FileExistsError`` when ``workdir`` already holds a checkpoint (an import never overwrites a run)."""
+    from defi_jax import paths
+    from defi_jax.checkpoint import Checkpointer
+
+    if not paths.isdir(paths.join(workdir, "checkpoints")):
+        return
+    probe = Checkpointer(workdir, read_only=True)
+    try:
+        step = probe.latest_step()
+    finally:
+        probe.close()
+    if step is not None:
+        raise FileExistsError(f"{workdir} already holds checkpoints (step {step}): import into a fresh workdir")
+
+
+def write_workdir(config, workdir: str, *, assets: dict[str, str] | None = None, mesh=None) -> None:
+    """Writes the stage workdir of ``config`` at step 0: ``checkpoints/0`` (``Trainer.init_state``: the
+    ``config.init`` sources fill the parameters), ``config.json`` and ``assets/`` (``assets``, default the
+    stage's own ``assets(config)``). Refuses a workdir that holds checkpoints."""
+    from defi_jax import paths, trainer
+    from defi_jax import stage as stage_lib
+    from defi_jax.checkpoint import Checkpointer
+
+    workdir = paths.abspath(workdir)
+    require_fresh(workdir)
+    state = trainer.Trainer(config, mesh=mesh).init_state()
+    config_json = config.to_json_best_effort(sort_keys=True)
+    ckpt = Checkpointer(workdir, async_save=False)
+    try:
+        ckpt.save(0, state.as_dict(), None, config_json)
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    paths.write_text(paths.join(workdir, "config.json"), config_json)
+    if assets is None:
+        stage = stage_lib.get(config.stage)
+        assets = dict(stage.assets(config)) if stage.assets is not None else {}
+    for name, text in assets.items():
+        paths.write_text(paths.join(workdir, "assets", name), text)
+
+
+def _base(config, spec: str):
+    if config is None:
+        import importlib
+        module, variant = spec.split(":")
+        config = importlib.import_module(f"configs.{module}").get_config(variant)
+    return config.copy_and_resolve_references()
+
+
+def _json(path: str, what: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: expected {what}")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e})") from None
+
+
+def _sizes(cls, full, base) -> dict:
+    """``full`` (a network config dataclass) as a config dict: the base's keys, plus those off the defaults."""
+    full, defaults, base = _listed(dataclasses.asdict(full)), _listed(dataclasses.asdict(cls())), dict(base)
+    return {k: v for k, v in full.items() if k in base or v != defaults.get(k)}
+
+
+def _listed(d: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# GFDM: a diffusers SVD folder
+# ---------------------------------------------------------------------------------------------------
+
+def gfdm_sizes(model, unet: str, vae: str, text: str = "") -> None:
+    """Sets ``model.unet`` / ``model.vae`` (/ ``model.text_encoder``) of a GFDM ``config.model`` from the
+    ``config.json`` of the diffusers UNet / VAE folders (and of the transformers CLIP text folder)."""
+    from defi_jax.interop import hf_clip
+    from defi_jax.models.clip_text import CLIPTextConfig
+    from defi_jax.models.svd_unet import UNetConfig
+    from defi_jax.models.svd_vae import VAEConfig
+
+    for key, folder, cls, name in (("unet", unet, UNetConfig, "UNetSpatioTemporalConditionModel"),
+                                   ("vae", vae, VAEConfig, "AutoencoderKLTemporalDecoder")):
+        file = os.path.join(folder, "config.json")
+        cfg = _json(file, f"a diffusers {name} folder")
+        if cfg.get("_class_name") not in (None, name):
+            raise ValueError(f"{file}: _class_name is {cfg['_class_name']!r}, expected {name!r}")
+        try:
+            model[key] = _sizes(cls, cls.from_dict(cfg), model[key])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{file}: {e}") from None
+    if text:
+        file = os.path.join(text, "config.json")
+        cfg = hf_clip.config_from_hf(_json(file, "a transformers CLIP text folder"), file)
+        model.text_encoder = _sizes(CLIPTextConfig, cfg, model.text_encoder)
+
+
+def import_gfdm(src: str, workdir: str, config=None, *, mesh=None):
+    """A GFDM workdir from a diffusers SVD folder (``unet/``, ``vae/``; the CLIP text tower from
+    ``text_encoder/`` when the folder has one, else ``config.init.sources.text_encoder`` / ``clip_path``);
+    ``config`` default ``configs/gfdm.py:svd``. Returns the config written."""
+    from defi_jax import paths, weights
+
+    src, workdir = os.path.abspath(src), paths.abspath(workdir)
+    require_fresh(workdir)
+    config = _base(config, "gfdm:svd")
+    if config.get("stage") != "gfdm":
+        raise ValueError(f"config.stage={config.get('stage')!r}: a diffusers SVD folder imports into a GFDM config")
+    unet, vae, text = (os.path.join(src, sub) for sub in ("unet", "vae", "text_encoder"))
+    s = config.init.sources
+    if os.path.isdir(text):
+        s.text_encoder.path = text
+    else:
+        text = next((a.path for a in weights.active_sources(config) if a.name == "text_encoder"), "")
+        text = text if os.path.isdir(text) else ""
+    gfdm_sizes(config.model, unet, vae, text)
+    s.unet.path, s.vae.path = unet, vae
+    write_workdir(config, workdir, mesh=mesh)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------
+# GIDM: the reference's stage-2 checkpoint
+# ---------------------------------------------------------------------------------------------------
+
+_TOWERS = (("dinov2", "dino_encoder", "visual_encoder", "dinov2", "torch_hub_dinov2"),
+           ("t5", "text_encoder", "text_encoder", "t5", "hf_t5_encoder"))
+
+
+def import_gidm(src: str, workdir: str, config=None, *, mesh=None, reference: bool = True):
+    """A GIDM workdir from the reference's stage-2 checkpoint (``.ckpt`` / ``.pt`` / ``.safetensors``, with or
+    without ``lam.``); ``config`` default ``configs/gidm.py:defi``, sizes read off the tensors
+    (``defi_torch.infer_gidm_config``; heads and the DINOv2 / T5 sizes come from ``config``). The file's frozen
+    towers (``dino_encoder.*`` torch-hub names, ``text_encoder.*`` T5 names) fill the model's; a file without
+    them leaves ``config.init.sources.dinov2`` / ``t5`` as configured. ``reference``: also turn on
+    ``model.reference_mask_order`` (the reference's language-mask quirk), as ``defi_torch.load_gidm`` does."""
+    from defi_jax import paths, weights
+    from defi_jax.interop import defi_torch
+
+    src, workdir = os.path.abspath(src), paths.abspath(workdir)
+    require_fresh(workdir)
+    config = _base(config, "gidm:defi")
+    if config.get("stage") != "gidm":
+        raise ValueError(f"config.stage={config.get('stage')!r}: a stage-2 checkpoint imports into a GIDM config")
+    tensors = defi_torch.read_state_dict(src)
+    config.model = defi_torch.infer_gidm_config(tensors, config.model)
+    if reference:
+        config.model.reference_mask_order = True
+    s, excluded = config.init.sources, []
+    for name, sub, key, kind, source_kind in _TOWERS:
+        if config.model[key] != kind:
+            continue   # a trainable (tiny) tower: in the file under the GIDM's own names
+        excluded.append(sub)
+        if any(k.startswith(sub + ".") for k in tensors):
+            s[name] = weights.source(f"^{sub}/", source_kind, src, prefix=sub + ".")
+    del tensors
+    target = f"^(?!({'|'.join(excluded)})/)" if excluded else "^"
+    with s.unlocked():
+        s.reference = weights.source(target, "reference_gidm", src)
+    write_workdir(config, workdir, mesh=mesh)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------
+# Our own export folders
+# ---------------------------------------------------------------------------------------------------
+
+_BYTES_TEXT = Rule(r"^embed\.embedding$", "embed.weight")   # the tiny GIDM's byte embedding (nn.Embedding)
+
+
+def policy_export_key(path: str, ndim: int) -> tuple[str, tuple[int, ...] | None]:
+    """Our policy parameter path (dotted) -> (its name in an export's ``policy/`` + ``gidm/`` tensors, transpose):
+    the reference's stage-3 names, by ``defi_policy``'s tables per network."""
+    from defi_jax.interop import defi_policy, hf_t5
+
+    parts = (("video_former.", defi_policy.VIDEO_FORMER_PREFIX, defi_policy.VIDEO_FORMER_RULES),
+             ("head.", defi_policy.ACTION_HEAD_PREFIX, defi_policy.ACTION_HEAD_RULES),
+             ("latent_actions.lam.text_encoder.", defi_policy.GIDM_T5_PREFIX, (_BYTES_TEXT, *hf_t5.RULES)),
+             ("latent_actions.", "", defi_policy.LATENT_ACTION_RULES))
+    for ours, theirs, rules in parts:
+        if path.startswith(ours):
+            key, perm = torch_key(path[len(ours):], ndim, rules)
+            return theirs + key, perm
+    return path, None
+
+
+def read_policy_export(path: str) -> dict[str, np.ndarray]:
+    """Every tensor of a policy export's ``policy/`` and ``gidm/`` ``model.safetensors`` (memory-mapped)."""
+    from defi_jax.weights import read_safetensors_mmap
+
+    out = {}
+    for part in ("policy", "gidm"):
+        file = os.path.join(path, part, "model.safetensors")
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file} not found: a policy export of launch.export_torch holds policy/ and "
+                                    f"gidm/ model.safetensors")
+        out.update(read_safetensors_mmap(file))
+    return out
+
+
+def _export_policy_config(src: str, meta: dict, config):
+    """The policy config of an export folder: its ``config.json`` and the sub-folders' sizes on ``config``."""
+    from defi_jax import weights
+    from defi_jax.models.t5 import T5Config
+
+    c = _base(config, "policy:defi")
+    m, g = c.model, meta["gfdm"]
+    gfdm_sizes(m.gfdm, *(os.path.join(src, "gfdm", sub) for sub in ("unet", "vae", "text_encoder")))
+    for key, value in (("num_frames", g["num_frames"]), ("text_tokens", g["text_tokens"]),
+                       ("text_position_encoding", g["text_position_encoding"]), ("feature_fps", g["fps"]),
+                       ("motion_bucket_id", g["motion_bucket_id"]), ("feature_steps", g["feature_steps"]),
+                       ("feature_up_blocks", g["feature_up_blocks"])):
+        m.gfdm[key] = value
+    from defi_jax.interop import hf_clip
+    goal = os.path.join(src, "text_encoder", "config.json")
+    m.goal_text = _listed(dataclasses.asdict(hf_clip.config_from_hf(_json(goal, "the goal CLIP text folder"), goal)))
+    m.video_former, m.head = meta["video_former"], meta["head"]
+    m.action_dim, m.horizon, m.num_views = meta["action_dim"], meta["horizon"], meta["num_views"]
+    m.latent_action_frames = tuple(meta["latent_action_frames"])
+    m.gfdm_steps, m.sample_steps, m.sample_sigma_min = meta["gfdm_steps"], meta["sample_steps"], \
+        meta["sample_sigma_min"]
+    gidm = dict(meta["gidm"])
+    t5 = gidm.pop("t5", None)
+    gidm.pop("bytes_vocab_size", None)
+    for key, value in gidm.items():
+        m.gidm[key] = value
+    if t5 is not None:
+        known = {f.name for f in dataclasses.fields(T5Config)}
+        m.gidm.t5 = {k: v for k, v in t5.items() if k in known}
+    clip, _, gidm_tok = meta["tokenizers"]
+    if clip.get("path"):
+        c.init.tokenizer_path = os.path.join(src, clip["path"])
+    if gidm_tok.get("path"):
+        m.gidm.tokenizer_path = os.path.join(src, gidm_tok["path"])
+    c.data.views, c.data.resolution = tuple(meta["views"]), meta["resolution"]
+    c.data.action_horizon = meta["horizon"]
+    c.data.normalize_actions = bool(meta["action_stats"].get("normalized", False))
+    c.policy.pretrain_missing = False
+    s = c.init.sources
+    s.gfdm.path = s.gidm.path = ""
+    s.svd_unet.path, s.svd_vae.path, s.svd_clip.path = (os.path.join(src, "gfdm", sub)
+                                                        for sub in ("unet", "vae", "text_encoder"))
+    s.goal_text.path = os.path.join(src, "text_encoder")
+    with s.unlocked():
+        s.export = weights.source(EXPORT_PARTS, "torch_export", src)
+    return c
+
+
+def export_stage(src: str) -> str:
+    """The stage an export folder holds (its ``config.json``'s ``stage``); errors name the file."""
+    file = os.path.join(os.path.abspath(src), "config.json")
+    stage = _json(file, "an export folder of launch.export_torch (its config.json)").get("stage")
+    if stage not in ("policy", "gfdm", "gidm"):
+        raise ValueError(f"{file}: stage {stage!r} is not policy, gfdm or gidm: not an export of launch.export_torch")
+    return stage
+
+
+def import_export(src: str, workdir: str, config=None, *, mesh=None) -> tuple:
+    """A workdir of the stage an export folder of ``launch.export_torch`` holds; returns ``(config, note)``.
+
+    ``config``: the base the folder's sizes go on (default ``configs/<stage>.py``'s full-size variant: gfdm:svd,
+    gidm:defi, policy:defi); a GFDM export holds only the networks' sizes, so pass the GFDM config it came from
+    (frames, text tokens). ``note``: "" for a float32 export; for a bfloat16 one, that the import is exact to
+    the bfloat16 weights, not bitwise to the float32 weights they were exported from.
+    """
+    from defi_jax import paths
+
+    src, workdir = os.path.abspath(src), paths.abspath(workdir)
+    stage = export_stage(src)
+    meta = _json(os.path.join(src, "config.json"), "")
+    dtype = meta.get("dtype", "float32")
+    note = "" if dtype == "float32" else (
+        f"{src} holds {dtype} weights: the workdir holds them widened to float32 exactly, which is not bitwise "
+        f"the float32 weights they were exported from (export with --dtype=float32 for a bitwise round trip)")
+    require_fresh(workdir)
+    if stage == "gfdm":
+        return import_gfdm(os.path.join(src, "gfdm"), workdir, config, mesh=mesh), note
+    if stage == "gidm":
+        import ml_collections
+        config = _base(config, "gidm:defi")
+        config.model = ml_collections.ConfigDict(
+            _json(os.path.join(src, "gidm", "config.json"), "the GIDM's config.model of the export"))
+        return import_gidm(os.path.join(src, "gidm", "model.safetensors"), workdir, config, mesh=mesh,
+                           reference=False), note
+    config = _export_policy_config(src, meta, config)
+    stats = os.path.join(src, "action_stats.json")
+    _json(stats, "the policy's action statistics")
+    with open(stats) as f:
+        assets = {"action_stats.json": f.read()}
+    write_workdir(config, workdir, assets=assets, mesh=mesh)
+    return config, note

@@ -1,0 +1,209 @@
+"""launch.import_torch for every stage: a diffusers SVD folder -> a GFDM workdir, the reference's stage-2
+checkpoint -> a GIDM workdir, and our own export folders back into workdirs, bitwise in float32 (JAX -> torch ->
+JAX); bad input names the file / tensor. Every model is tiny and random (perturbed, so that no tensor is a
+constant that a swap would leave unchanged)."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from configs import gfdm as gfdm_configs
+from configs import gidm as gidm_configs
+from configs import policy as policy_configs
+from defi_jax import checkpoint, export_torch
+from defi_jax import stage as stage_lib
+from defi_jax.interop import defi_torch, import_stages
+
+STATS = {"normalized": True, "stats": {"q01": [-0.5] * 7, "q99": [0.5] * 7}}
+
+
+def _perturbed_workdir(config, workdir: str, seed: int = 0) -> dict:
+    """A params-only checkpoint at step 0 (what ``restore_model`` and the export read) of the stage's model with
+    every float parameter plus 0.05 N(0, 1), built eagerly (no train-state compile); returns its parameters."""
+    model = stage_lib.get(config.stage).build_model(config, nnx.Rngs(seed))
+    rs = np.random.default_rng(seed)
+    params = jax.tree.map(lambda v: (v + 0.05 * rs.standard_normal(v.shape)).astype(v.dtype)
+                          if v.dtype.kind == "f" else np.asarray(v),
+                          nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+    ckpt.save(0, {"params": params, "extra": nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))),
+                  "step": np.int32(0)}, None, config.to_json_best_effort())
+    ckpt.close()
+    return checkpoint.restore_params(workdir, 0)
+
+
+def _assert_bitwise(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), k
+
+
+def _imported(workdir: str) -> dict:
+    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+    assert ckpt.latest_step() == 0
+    ckpt.close()
+    assert os.path.isfile(os.path.join(workdir, "config.json"))
+    return checkpoint.restore_params(workdir, 0)
+
+
+def _gidm_model_config():
+    """configs/gidm.py:tiny with the reference's frozen towers, tiny: DINOv2 (torch-hub names in the file) and T5."""
+    m = gidm_configs.model_config("tiny")
+    m.update(dict(visual_encoder="dinov2", text_encoder="t5", target="features", feature_dim=24, text_dim=20,
+                  model_dim=32, latent_dim=8, num_latents=6, enc_blocks=1, dec_blocks=1, num_heads=4,
+                  image_size=28, patch_size=14, residual_target=False, action_to_patches=False))
+    m.dino = dict(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    m.t5 = dict(vocab_size=50, d_model=20, d_kv=8, d_ff=40, num_layers=1, num_heads=2)
+    return m
+
+
+def _gidm_config(fast_compile):
+    c = gidm_configs.get_config("tiny")
+    c.model = _gidm_model_config()
+    c.data.resolution = c.model.image_size
+    c.train.compiler_options = fast_compile
+    return c
+
+
+# ---------------------------------------------------------------------------------------------------
+# Export round trips: JAX -> torch -> JAX, bitwise
+# ---------------------------------------------------------------------------------------------------
+
+def test_policy_export_round_trip_is_bitwise(tmp_path, fast_compile, capsys):
+    c = policy_configs.get_config("tiny")
+    c.init.sources.gfdm.path = c.init.sources.gidm.path = ""
+    c.policy.gfdm_init, c.policy.gidm_init = "initial", "random"
+    original = _perturbed_workdir(c, str(tmp_path / "policy"))
+    os.makedirs(tmp_path / "policy" / "assets")
+    (tmp_path / "policy" / "assets" / "action_stats.json").write_text(json.dumps(STATS))
+    export_torch.export(str(tmp_path / "policy"), str(tmp_path / "out"))
+
+    base = policy_configs.get_config("defi")    # what the folder cannot tell comes from here; every size from it
+    base.train.compiler_options = fast_compile
+    config, note = import_stages.import_export(str(tmp_path / "out"), str(tmp_path / "again"), base)
+    assert note == ""
+    _assert_bitwise(_imported(str(tmp_path / "again")), original)
+    assert json.loads((tmp_path / "again" / "assets" / "action_stats.json").read_text()) == STATS
+    assert config.model.video_former["dim"] == 32 and config.model.gidm.text_encoder == "bytes"
+    assert tuple(config.data.views) == ("primary", "wrist") and config.data.resolution == 32
+    # The workdir holds a checkpoint now: a second import refuses it.
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        import_stages.import_export(str(tmp_path / "out"), str(tmp_path / "again"), base)
+
+
+def test_gfdm_export_round_trip_is_bitwise_and_a_bfloat16_export_is_noted(tmp_path, tiny_config):
+    c = tiny_config("gfdm")
+    original = _perturbed_workdir(c, str(tmp_path / "gfdm"))
+    export_torch.export(str(tmp_path / "gfdm"), str(tmp_path / "out"))
+    config, note = import_stages.import_export(str(tmp_path / "out"), str(tmp_path / "again"), tiny_config("gfdm"))
+    assert note == "" and config.stage == "gfdm"
+    _assert_bitwise(_imported(str(tmp_path / "again")), original)
+
+    # bfloat16: imported (the bfloat16 values widened exactly), with a note that it is not bitwise.
+    export_torch.export(str(tmp_path / "gfdm"), str(tmp_path / "bf16"), dtype="bfloat16")
+    _, note = import_stages.import_export(str(tmp_path / "bf16"), str(tmp_path / "from_bf16"), tiny_config("gfdm"))
+    assert "bfloat16" in note and "not bitwise" in note
+    got = _imported(str(tmp_path / "from_bf16"))
+    for k, want in original.items():
+        import ml_dtypes
+        np.testing.assert_array_equal(got[k], want.astype(ml_dtypes.bfloat16).astype(np.float32), err_msg=k)
+
+
+def test_gidm_export_round_trip_is_bitwise(tmp_path, fast_compile):
+    c = _gidm_config(fast_compile)
+    original = _perturbed_workdir(c, str(tmp_path / "gidm"))
+    export_torch.export(str(tmp_path / "gidm"), str(tmp_path / "out"))
+    base = gidm_configs.get_config("tiny")
+    base.train.compiler_options = fast_compile
+    config, note = import_stages.import_export(str(tmp_path / "out"), str(tmp_path / "again"), base)
+    assert note == "" and config.model.visual_encoder == "dinov2" and not config.model.reference_mask_order
+    _assert_bitwise(_imported(str(tmp_path / "again")), original)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Published PyTorch weights
+# ---------------------------------------------------------------------------------------------------
+
+def _svd_folder(root) -> None:
+    """A tiny random diffusers SVD folder with a CLIP text tower (two UNet levels, cross attention 16 = 2 x 8)."""
+    import transformers
+
+    from tests._svd_reference import torch_unet, torch_vae
+    torch_unet("two_level").save_pretrained(root / "unet")
+    torch_vae("two_level").save_pretrained(root / "vae")
+    torch.manual_seed(0)
+    transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=260, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=32, pad_token_id=2, bos_token_id=1, eos_token_id=2)).save_pretrained(
+        root / "text_encoder")
+
+
+def test_gfdm_from_a_diffusers_svd_folder(tmp_path, tiny_config):
+    from defi_jax.interop import diffusers_svd, hf_clip
+
+    _svd_folder(tmp_path / "svd")
+    config = import_stages.import_gfdm(str(tmp_path / "svd"), str(tmp_path / "gfdm"), tiny_config("gfdm"))
+    assert config.model.unet["block_out_channels"] == [32, 64] and config.model.text_encoder["hidden_size"] == 8
+    got = _imported(str(tmp_path / "gfdm"))
+    want = {}
+    for prefix, module in (("unet/", diffusers_svd.load_unet(str(tmp_path / "svd" / "unet"))),
+                           ("vae/", diffusers_svd.load_vae(str(tmp_path / "svd" / "vae"))),
+                           ("text_encoder/", hf_clip.load_text_encoder(str(tmp_path / "svd" / "text_encoder")))):
+        want |= {prefix + "/".join(map(str, p)): np.asarray(v.get_value())
+                 for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    _assert_bitwise(got, want)
+
+
+def _reference_stage2(c, path, drop: str = "", reshape: str = "") -> dict:
+    """A reference-layout stage-2 Lightning checkpoint of a random GIDM (``lam.``-prefixed, with torch-hub DINOv2
+    and T5 towers, hyper-parameters naming a class); returns the model's parameters by our paths."""
+    from defi_jax.gidm.model import LatentActionModel
+    model = LatentActionModel(c.model, rngs=nnx.Rngs(1))
+    sd = {"lam." + k: torch.from_numpy(np.array(v)) for k, v in defi_torch.gidm_state_dict(model).items()
+          if k != drop}
+    if reshape:
+        sd["lam." + reshape] = torch.zeros(3, 5)
+    torch.save({"state_dict": sd, "hyper_parameters": {"optimizer": torch.optim.AdamW}, "epoch": 3}, path)
+    return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def test_gidm_from_the_reference_stage2_checkpoint(tmp_path, fast_compile):
+    c = _gidm_config(fast_compile)
+    want = _reference_stage2(c, tmp_path / "last.ckpt")
+    base = _gidm_config(fast_compile)
+    base.model.num_latents = 99   # sizes come from the file
+    config = import_stages.import_gidm(str(tmp_path / "last.ckpt"), str(tmp_path / "gidm"), base)
+    assert config.model.num_latents == 6 and config.model.reference_mask_order
+    assert config.init.sources.dinov2.kind == "torch_hub_dinov2" and config.init.sources.t5.prefix == "text_encoder."
+    _assert_bitwise(_imported(str(tmp_path / "gidm")), want)   # the towers too: from the file's torch-hub / T5 names
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------
+
+def test_bad_input_names_the_file_and_tensor(tmp_path, fast_compile, tiny_config):
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=r"empty/config.json not found: expected an export folder"):
+        import_stages.import_export(str(tmp_path / "empty"), str(tmp_path / "w1"))
+    with pytest.raises(FileNotFoundError, match=r"empty/unet/config.json not found: expected a diffusers"):
+        import_stages.import_gfdm(str(tmp_path / "empty"), str(tmp_path / "w2"), tiny_config("gfdm"))
+    (tmp_path / "empty" / "config.json").write_text(json.dumps({"stage": "toy"}))
+    with pytest.raises(ValueError, match=r"empty/config.json: stage 'toy' is not policy, gfdm or gidm"):
+        import_stages.import_export(str(tmp_path / "empty"), str(tmp_path / "w3"))
+    with pytest.raises(FileNotFoundError, match="absent.ckpt"):
+        import_stages.import_gidm(str(tmp_path / "absent.ckpt"), str(tmp_path / "w4"), _gidm_config(fast_compile))
+
+    c = _gidm_config(fast_compile)
+    _reference_stage2(c, tmp_path / "missing.ckpt", drop="decoder.out.bias")
+    with pytest.raises(ValueError, match=r"missing decoder\.out\.bias \(ours: decoder/out/bias \(24,\)\)"):
+        import_stages.import_gidm(str(tmp_path / "missing.ckpt"), str(tmp_path / "w5"), _gidm_config(fast_compile))
+    _reference_stage2(c, tmp_path / "wrong.ckpt", reshape="lang_proj.bias")
+    with pytest.raises(ValueError, match=r"lang_proj\.bias: file \(3, 5\), expected \(32,\)"):
+        import_stages.import_gidm(str(tmp_path / "wrong.ckpt"), str(tmp_path / "w6"), _gidm_config(fast_compile))
+    assert not os.path.exists(tmp_path / "w5" / "checkpoints") and not os.path.exists(tmp_path / "w6" / "config.json")
