@@ -1,0 +1,142 @@
+"""launch.ablate: every variant's config differs from defi exactly as intended and trains one step; the tables
+(per-task success, episode counts, Wilson intervals, the paper column); finished runs and evaluations are skipped."""
+
+import csv
+import io
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from defi_jax import ablate, sweep
+from defi_jax.evaluation import metaworld
+
+
+def _flat(config, prefix: str = "") -> dict:
+    """Dotted key -> leaf value."""
+    out = {}
+    for k, v in config.items():
+        out |= _flat(v, f"{prefix}{k}.") if hasattr(v, "items") else {f"{prefix}{k}": v}
+    return out
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory, demo_data_dir):
+    return ablate.plan(str(tmp_path_factory.mktemp("ablate")), list(ablate.VARIANTS), [0, 1],
+                       data_dir=demo_data_dir, steps=3, pretrain_steps=2)
+
+
+def test_variants_differ_from_defi_exactly_as_intended(plan):
+    pre = {k: {s: r.workdir for s, r in stages.items()} for k, stages in plan.pretrain.items()}
+    assert set(pre) == {"standard", "no_human_video"}   # each pretraining once, shared by variants and seeds
+    base = _flat(plan.configs[plan.runs["defi", 0].workdir])
+    assert base["init.sources.gidm.path"] == pre["standard"]["gidm"]
+    assert base["init.sources.gfdm.path"] == pre["standard"]["gfdm"]
+    assert base["policy.pretrain_missing"] is False and base["train.num_steps"] == 3
+    expected = {
+        "no_gidm_pretrain": {"policy.gidm_init": "random", "init.sources.gidm.path": ""},
+        "no_gfdm_pretrain": {"policy.gfdm_init": "initial", "init.sources.gfdm.path": ""},
+        "no_human_video": {"init.sources.gidm.path": pre["no_human_video"]["gidm"],
+                           "init.sources.gfdm.path": pre["no_human_video"]["gfdm"]},
+        "adapter_only": {"policy.finetune": "adapter_only"},
+        "all_train": {"policy.finetune": "all"},
+        "gfdm_5_steps": {"model.gfdm_steps": 5},
+        "continuous_latent": {"model.latent_action": "continuous"},
+    }
+    for name, want in expected.items():
+        for seed in (0, 1):
+            got = _flat(plan.configs[plan.runs[name, seed].workdir])
+            diff = {k: got[k] for k in got if got[k] != base.get(k)}
+            assert diff == dict(want, **({"seed": 1} if seed else {})), name
+    seed1 = _flat(plan.configs[plan.runs["defi", 1].workdir])
+    assert {k for k in seed1 if seed1[k] != base[k]} == {"seed"}
+    # The no-human-video pretraining differs from the standard one only in the mixture's human share.
+    for stage in ("gidm", "gfdm"):
+        std = _flat(plan.configs[pre["standard"][stage]])
+        nohv = _flat(plan.configs[pre["no_human_video"][stage]])
+        assert {k: nohv[k] for k in nohv if nohv[k] != std[k]} == {"data.human_video_fraction": 0.0}
+        assert std["train.num_steps"] == 2
+    argv = plan.runs["no_gidm_pretrain", 1].argv
+    assert argv[1:3] == ["-m", "launch.train"] and "--config.policy.gidm_init=random" in argv
+    with pytest.raises(ValueError, match="unknown"):
+        ablate.parse_variants("defi,no_such")
+    assert ablate.parse_variants("adapter_only,defi") == ("defi", "adapter_only")
+
+
+def test_dry_run_one_step_of_every_variant(plan):
+    logs = []
+    metrics = ablate.dry_run(plan, log=logs.append)
+    assert set(metrics) == {*ablate.VARIANTS, "pretrain/standard/gidm", "pretrain/standard/gfdm",
+                            "pretrain/no_human_video/gidm", "pretrain/no_human_video/gfdm"}
+    assert all(math.isfinite(m["loss"]) for m in metrics.values())
+    assert "codebook_loss" in metrics["defi"] and "codebook_loss" not in metrics["continuous_latent"]
+    # Variants that differ only in where their initial weights come from share one compiled program.
+    shared = {line.split(":")[0] for line in logs if "shared" in line}
+    assert {"no_gidm_pretrain", "no_gfdm_pretrain", "no_human_video", "pretrain/no_human_video/gidm"} <= shared
+    assert not {"defi", "adapter_only", "all_train", "gfdm_5_steps", "continuous_latent"} & shared
+
+
+def _summary(tasks: dict) -> dict:
+    return {"tasks": {t: {"successes": k, "episodes": n} for t, (k, n) in tasks.items()}}
+
+
+def test_tables_from_synthetic_results():
+    tasks = ["reach-v3", "push-v3"]
+    results = {("defi", 0): _summary({"reach-v3": (8, 10), "push-v3": (6, 10)}),
+               ("defi", 1): _summary({"reach-v3": (10, 10), "push-v3": (4, 10)}),
+               ("no_gidm_pretrain", 0): _summary({"reach-v3": (2, 10), "push-v3": (0, 10)}),
+               ("gfdm_5_steps", 0): _summary({"reach-v3": (9, 10), "push-v3": (7, 10)})}
+    md, table_csv = ablate.render(results, tasks, protocol={"tasks": tasks, "episodes_per_task": 10})
+    lo, hi = metaworld.wilson_interval(18, 20)
+    assert f"0.90 (18/20) [{lo:.2f}, {hi:.2f}]" in md          # defi reach, pooled over its two seeds
+    assert "0.70 ± 0.00 (0: 0.70, 1: 0.70)" in md               # mean over seeds, each seed listed
+    assert "| w/o GFDM pretraining (`no_gfdm_pretrain`) | none | n/a | n/a | n/a | n/a | n/a |" in md
+    assert "w/o GIDM pretraining" in md and "| 4.16 |" in md and "| 3.92 |" in md
+    agree = md.split("## Agreement with the paper")[1]
+    assert "table4, w/o GIDM pretraining: agrees: paper lower" in agree
+    assert "miniature lower (0.10 vs 0.70)" in agree and "within noise" not in agree.split("\n")[2]
+    assert "table8, 5 denoising steps: disagrees: paper lower" in agree and "within noise" in agree
+    assert "w/o human video (GIDM + GFDM): not evaluated" in agree
+    rows = list(csv.DictReader(io.StringIO(table_csv)))
+    row = next(r for r in rows if r["table"] == "table4" and r["variant"] == "defi" and r["task"] == "push-v3")
+    assert (row["successes"], row["episodes"], row["seeds"], row["paper"]) == ("10", "20", "0 1", "4.51")
+    assert float(row["ci95_low"]) == pytest.approx(metaworld.wilson_interval(10, 20)[0], abs=1e-4)
+    mean = next(r for r in rows if r["table"] == "table9" and r["variant"] == "defi" and r["task"] == "mean")
+    assert float(mean["mean_over_seeds"]) == pytest.approx(0.7) and mean["per_seed"] == "0:0.7000 1:0.7000"
+    assert len([r for r in rows if r["table"] == "table8" and r["variant"] == "defi"]) == 6   # in both groups
+
+
+def test_resume_skips_finished_training_and_evaluation(plan, tmp_path):
+    p = ablate.plan(str(tmp_path), ["defi", "adapter_only"], [0], data_dir=str(tmp_path / "data"), steps=3)
+    done, todo = p.runs["defi", 0], p.runs["adapter_only", 0]
+    os.makedirs(done.workdir)
+    with open(os.path.join(done.workdir, sweep.RESULT), "w") as f:
+        json.dump({"step": 3, "metrics": {"loss": 0.5}}, f)
+    logs = []
+    sweep.execute(list(p.runs.values()), dry_run=True, log=logs.append)
+    assert (done.status, done.step, todo.status) == ("skipped", 3, "pending")
+
+    protocol = metaworld.Protocol(tasks=("reach-v3",), episodes=2, horizon=5, workers=1)
+    saved = {"protocol": ablate.protocol_fields(protocol), "policy": {"step": 3},
+             "tasks": {"reach-v3": {"successes": 1, "episodes": 2}}}
+    out = os.path.join(done.workdir, ablate.EVAL_DIR)
+    os.makedirs(out)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(saved, f)
+
+    def no_policy(workdir, seed):
+        raise AssertionError(f"evaluated again: {workdir}")
+
+    results = ablate.evaluate(p, protocol, log=logs.append, policy_factory=no_policy)
+    assert list(results) == [("defi", 0)] and results["defi", 0]["tasks"] == saved["tasks"]
+    assert "evaluated before (step 3), skipped" in logs[-1]
+    # Another protocol, or a checkpoint trained further, is evaluated again.
+    for protocol_json, step in ((dict(saved["protocol"], episodes_per_task=5), 3), (saved["protocol"], 4)):
+        assert ablate._finished_eval(out, protocol_json, step) is None
+    assert ablate._finished_eval(out, saved["protocol"], 3) == saved
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        f.write('{"protocol": ')          # cut by a kill
+    assert ablate._finished_eval(out, saved["protocol"], 3) is None
+    assert np.isnan(ablate.Cell(0, 0).rate) and str(ablate.Cell(0, 0)) == "n/a"
