@@ -1,0 +1,1 @@
+"""The VAE stage: trains the GFDM's video autoencoder (diffusers' ``AutoencoderKLTemporalDecoder``) on clips."""
