@@ -130,7 +130,9 @@ def get_config(arg: str | None = None):
             block_out_channels=(32, 64, 64), addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=24, layers_per_block=1, cross_attention_dim=64,
             transformer_layers_per_block=1, num_attention_heads=(2, 4, 4), num_frames=4)
-        # Two VAE levels: 32 px frames -> 16 x 16 latents, so the UNet's four levels still fit.
+        # Two VAE levels: 32 px frames -> 16 x 16 latents, so the UNet's four levels still fit. With a VAE trained
+        # by configs/vae.py:tiny, set scaling_factor to 1 / its eval_latent_std (unit-scale latents for the EDM's
+        # sigma_data = 1; launch.demo does).
         m.vae = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                      block_out_channels=(32, 32), layers_per_block=1, latent_channels=4, sample_size=32,
                      scaling_factor=0.18215, force_upcast=True)
@@ -140,7 +142,11 @@ def get_config(arg: str | None = None):
                               eos_token_id=2)
         m.num_frames = 4
         m.sample_steps = 8
-        c.init.allow_random = True     # no weights ship: the frozen VAE and text encoder start random
+        # The tiny VAE comes from a configs/vae.py:tiny workdir (the demo's WORKDIR/vae): its parameters are this
+        # model's vae/ sub-tree. With no path set (tests) it starts random, and so does the text encoder always:
+        # no weights ship for it.
+        c.init.sources.vae_workdir = weights.source("^vae/", "workdir")
+        c.init.allow_random = True
         m.decode_chunk_size = 0
         c.data.mixture = "demo"
         c.data.data_dir = ""

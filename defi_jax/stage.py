@@ -180,6 +180,7 @@ _REGISTRY: dict[str, str] = {
     "gfdm": "defi_jax.gfdm.stage:STAGE",
     "gidm": "defi_jax.gidm.stage:STAGE",
     "policy": "defi_jax.policy.stage:STAGE",
+    "vae": "defi_jax.vae.stage:STAGE",
 }
 
 
