@@ -207,7 +207,8 @@ class PolicyServer:
         self.image_keys = dict(image_keys or {})
         unknown = sorted(set(self.image_keys.values()) - set(self.views))
         if unknown:
-            raise ValueError(f"image_keys {self.image_keys}: view(s) {unknown} are not the policy's {list(self.views)}")
+            raise ValueError(f"image_keys {self.image_keys}: view(s) {unknown} are not the policy's "
+                             f"{list(self.views)}")
         self.description = description or _describe(policy)
         self.metadata: dict[str, Any] = {}
         self._extra_metadata = dict(metadata or {})

@@ -3,7 +3,8 @@
     from defi_jax.evaluation import vla_eval
     vla_eval.VlaEvalServer(policy, vla_eval.benchmark("calvin"), port=8000).serve_forever()
     # or: python -m launch.serve --checkpoint=DIR --protocol=vla-eval --benchmark=calvin [--calvin_ep_len=720]
-    # then, in the harness's checkout: vla-eval run -c configs/benchmarks/calvin/eval.yaml  (server.url ws://HOST:8000)
+    # then, in the harness's checkout (server.url: ws://HOST:8000):
+    #     vla-eval run -c configs/benchmarks/calvin/eval.yaml
 
 The simulators run in the harness's own containers; this module is the model-server end of its websocket.
 Every message field below is taken from the harness's sources (github.com/allenai/vla-evaluation-harness at
