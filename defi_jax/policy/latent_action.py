@@ -44,12 +44,12 @@ class EncoderOnlyLatentActionModel(LatentActionModel):
     Builds only the parts stage 3 keeps (``action_latent``, ``encoder``, ``to_codebook``, ``vq``,
     ``action_up``, ``lang_proj``) and reuses the stage-2 ``latent_actions`` / masking code unchanged.
     ``config`` is a GIDM ``config.model`` (``configs/gidm.py``); its encoder / decoder / target keys are
-    ignored.
+    ignored. ``dtype``: the compute dtype of its layers (None: the parameters'), the policy's
+    ``config.train.compute_dtype`` as for the GFDM.
     """
 
-    def __init__(self, config: Any, *, rngs: nnx.Rngs):   # noqa: D107 - deliberately not super().__init__
+    def __init__(self, config: Any, *, rngs: nnx.Rngs, dtype=None):   # noqa: D107 - not super().__init__
         c = config
-        dtype = None if c.get("dtype", "float32") == "float32" else jnp.dtype(c.dtype)
         self.visual_encoder_kind = "none"
         self.text_encoder_kind = "none"
         self.latent_dim = c.latent_dim
@@ -74,7 +74,7 @@ class PolicyLatentActions(nnx.Module):
     """
 
     def __init__(self, lam_config: Any, *, condition_dim: int = 2560, frames: tuple[int, int] = (0, 5),
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, dtype=None):
         if len(frames) != 2:
             raise ValueError(f"latent actions read a frame pair, got frames={frames}")
         width = lam_config.feature_dim
@@ -82,7 +82,7 @@ class PolicyLatentActions(nnx.Module):
         self.goal_emb = nnx.Sequential(nn.linear(condition_dim, width, rngs=rngs, axes=(None, "mlp")), _gelu,
                                        nn.linear(width, width, rngs=rngs, axes=("mlp", "embed")))
         self.time_pos_emb = nn.param(rngs, jax.random.normal, (2, 1, width), (None, None, "embed"))
-        self.lam = EncoderOnlyLatentActionModel(lam_config, rngs=rngs)
+        self.lam = EncoderOnlyLatentActionModel(lam_config, rngs=rngs, dtype=dtype)
 
     def __call__(self, feats_BTNC: jax.Array, text_BLC: jax.Array, text_mask_BL: jax.Array, *,
                  train: bool = False, rng: jax.Array | None = None) -> dict:

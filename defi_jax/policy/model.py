@@ -76,7 +76,7 @@ class DeFIPolicyModel(nnx.Module):
         feat_dim = sum(list(reversed(unet["block_out_channels"]))[:c.gfdm.feature_up_blocks])
         self.feature_dim = feat_dim
         self.latent_actions = PolicyLatentActions(c.gidm, condition_dim=feat_dim,
-                                                  frames=tuple(c.latent_action_frames), rngs=rngs)
+                                                  frames=tuple(c.latent_action_frames), rngs=rngs, dtype=dtype)
         # The GIDM's instruction tower sits where the reference's stage-3 checkpoint keeps it
         # (``lam.text_encoder``), so a GIDM workdir loads into ``latent_actions/lam/`` in one piece.
         self.latent_actions.lam.text_encoder = _gidm_text_tower(c.gidm, rngs)
