@@ -70,7 +70,8 @@ def unnormalize(actions: np.ndarray, stats_asset: Mapping) -> np.ndarray:
 class DeFIPolicy:
     """A policy checkpoint ready to act; build with :meth:`from_checkpoint`."""
 
-    def __init__(self, config, model, stats_asset: Mapping, *, seed: int = 0):
+    def __init__(self, config, model, stats_asset: Mapping, *, seed: int = 0,
+                 compiler_options: Mapping | None = None):
         import jax
         from flax import nnx
 
@@ -85,6 +86,7 @@ class DeFIPolicy:
         self._graphdef, self._state = nnx.split(model)
         self._tokenizers = policy_stage.tokenizers(config)
         self._key = jax.random.key(seed)
+        self._compiler_options = dict(compiler_options or {})   # XLA options of the compiled act (tests: fast)
         self._calls = 0
         self._text_cache: dict[str, dict] = {}
         self._act_fns: dict[int, object] = {}
@@ -190,7 +192,7 @@ class DeFIPolicy:
 
         frames = jax.ShapeDtypeStruct((batch, len(self.views), self.resolution, self.resolution, 3), np.uint8)
         text = jax.eval_shape(lambda: self.encode_instructions(["a"] * batch))
-        return jax.jit(fn).lower(self._state, frames, text, self._key).compile()
+        return jax.jit(fn).lower(self._state, frames, text, self._key).compile(self._compiler_options or None)
 
     def next_key(self):
         import jax
