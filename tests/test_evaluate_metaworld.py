@@ -16,6 +16,7 @@ decoded x0 estimate of the same GFDM step.
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -304,3 +305,29 @@ def test_defi_policy_act_and_predict_acts_like_act_batch_and_decodes_the_feature
     assert np.abs(future.astype(int) - expected.astype(int)).max() <= 1
     with pytest.raises(ValueError, match=r"view 'side': the policy reads \['primary', 'wrist'\]"):
         predicting.act_and_predict_batch([obs], [text], "side")
+
+
+def test_torch_backend_acts_row_by_row_from_one_seeded_generator(monkeypatch):
+    import torch
+
+    import defi_jax_torch
+    from defi_jax import inference
+
+    class FakeTorchPolicy:   # DeFIPolicyTorch's interface: act on one observation, noise from a generator
+        views, resolution = ("primary", "wrist"), RES
+
+        def act(self, images, instruction, *, generator=None):
+            return torch.randn((10, 7), generator=generator).numpy() + images["primary"][0, 0, 0]
+
+    loaded = []
+    monkeypatch.setattr(defi_jax_torch.DeFIPolicyTorch, "from_pretrained",
+                        classmethod(lambda cls, path, device=None: loaded.append((path, device)) or FakeTorchPolicy()))
+    obs = [{v: np.full((RES, RES, 3), i, np.uint8) for v in ("primary", "wrist")} for i in range(3)]
+    policy = inference.load_torch("folder", seed=4, device="cpu")
+    assert loaded == [(os.path.abspath("folder"), "cpu")] and policy.views == ("primary", "wrist")
+    first, second = policy.act_batch(obs, ["a"] * 3), policy.act_batch(obs[:1], ["a"])
+    g = torch.Generator().manual_seed(4)
+    draws = [torch.randn((10, 7), generator=g).numpy() for _ in range(4)]
+    np.testing.assert_array_equal(first, np.stack([draws[i] + i for i in range(3)]))
+    np.testing.assert_array_equal(second, draws[3][None])
+    assert first.shape == (3, 10, 7) and not hasattr(policy, "act_and_predict_batch")
