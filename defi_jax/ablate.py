@@ -144,7 +144,11 @@ def plan(workdir: str, variants: Sequence[str], seeds: Sequence[int], *, data_di
     pretrain: dict[str, dict[str, sweep.Run]] = {}
     for kind in dict.fromkeys(VARIANTS[v].pretraining for v in variants):
         pretrain[kind] = {}
+        used = {s for v in variants if VARIANTS[v].pretraining == kind for s in ("gidm", "gfdm")
+                if getattr(VARIANTS[v], s)}
         for stage, spec in PRETRAIN_CONFIGS.items():
+            if stage not in used:
+                continue
             defaults = config_validation.load_config(spec)
             overrides = [*base.items(), *PRETRAININGS[kind], *_steps_overrides(pretrain_steps, defaults)]
             pretrain[kind][stage] = _run(spec, os.path.join(workdir, "pretrain", kind, stage), overrides, configs)
@@ -152,7 +156,7 @@ def plan(workdir: str, variants: Sequence[str], seeds: Sequence[int], *, data_di
     runs = {}
     for name in variants:
         v = VARIANTS[name]
-        sources = {stage: (pretrain[v.pretraining][stage].workdir if use else "")
+        sources = {stage: pretrain[v.pretraining][stage].workdir if use else ""
                    for stage, use in (("gidm", v.gidm), ("gfdm", v.gfdm))}
         for seed in seeds:
             overrides = [*base.items(), ("policy.pretrain_missing", "false"),
@@ -162,11 +166,16 @@ def plan(workdir: str, variants: Sequence[str], seeds: Sequence[int], *, data_di
     return Plan(workdir, pretrain, runs, configs)
 
 
-def train(p: Plan, *, log: Callable[[str], None] = print) -> None:
-    """Pretraining first, then every fine-tuning run whose pretraining finished (the others are ``blocked``)."""
+def train(p: Plan, *, log: Callable[[str], None] = print) -> bool:
+    """Pretraining first, then every fine-tuning run whose pretraining finished (the others are ``blocked``).
+    Returns False when SIGTERM / Ctrl-C stopped it (the running training saved; rerun to resume)."""
     pre = [r for stages in p.pretrain.values() for r in stages.values()]
     log(f"== pretraining: {len(pre)} run(s) under {os.path.join(p.workdir, 'pretrain')}")
     sweep.execute(pre, log=log)
+    if any(r.status == "stopped" for r in pre):
+        for run in p.runs.values():
+            run.status = "stopped"
+        return False
     ready, blocked = [], []
     for (name, _), run in p.runs.items():
         v = VARIANTS[name]
@@ -177,6 +186,7 @@ def train(p: Plan, *, log: Callable[[str], None] = print) -> None:
         log(f"{run.workdir}: not trained, its pretraining did not finish")
     log(f"== fine-tuning: {len(ready)} run(s)")
     sweep.execute(ready, log=log)
+    return not any(r.status == "stopped" for r in ready)
 
 
 # ---- evaluation ------------------------------------------------------------------------------------
@@ -349,13 +359,12 @@ def render(results: Mapping[tuple[str, int], Mapping], tasks: Sequence[str], *, 
                                             *(str(ln.tasks[t]) for t in tasks), _mean_text(ln), str(ln.pooled),
                                             paper]) + " |\n")
                 for t, cell in [*ln.tasks.items(), ("mean", ln.pooled)]:
-                    lo, hi = cell.interval() if cell.episodes else ("", "")
+                    rate = [f"{x:.4f}" for x in (cell.rate, *cell.interval())] if cell.episodes else ["", "", ""]
+                    seeds = ["", ""]
+                    if t == "mean" and ln.per_seed:
+                        seeds = [f"{ln.mean:.4f}", " ".join(f"{s}:{v:.4f}" for s, v in ln.per_seed.items())]
                     w.writerow([table.name, r.label, r.variant, t, " ".join(map(str, ln.seeds)), cell.successes,
-                                cell.episodes, "" if not cell.episodes else f"{cell.rate:.4f}",
-                                lo if lo == "" else f"{lo:.4f}", hi if hi == "" else f"{hi:.4f}",
-                                "" if t != "mean" or not ln.per_seed else f"{ln.mean:.4f}",
-                                " ".join(f"{s}:{v:.4f}" for s, v in ln.per_seed.items()) if t == "mean" else "",
-                                "" if r.paper is None else r.paper, PAPER_METRIC])
+                                cell.episodes, *rate, *seeds, "" if r.paper is None else r.paper, PAPER_METRIC])
             findings += [f"- {table.name}, {ln.row.label}: {_verdict(lines[0], ln)}" for ln in lines[1:]]
         md.write("\n")
     md.write("## Agreement with the paper\n\n" + "\n".join(findings) + "\n")

@@ -72,7 +72,9 @@ def main(argv):
         ablate.dry_run(plan, log=say)
         return 0
 
-    ablate.train(plan, log=say)
+    if not ablate.train(plan, log=say):
+        say("launch.ablate: stopped; rerun the same command to resume")
+        return 1
     protocol = metaworld.Protocol(tasks=tasks, episodes=_EPISODES.value, horizon=_HORIZON.value,
                                   workers=_WORKERS.value, videos_per_task=1)
     results = ablate.evaluate(plan, protocol, log=say)
