@@ -7,7 +7,8 @@
 Clips come from the GFDM's own data config (``config.data`` of the checkpoint, its ``eval`` split; ``data_dir``
 overrides the folder). From each clip's current frame (frame 0) and instruction the GFDM predicts the clip's
 future latents by Euler sampling with ``steps`` denoising steps (the same noise for every step count, no noise
-augmentation), the VAE decodes them, and the predicted future frames 1..T-1 are scored against the real ones in
+augmentation, the sampler's frame-ramped guidance; 1 step is Euler from sigma_max straight to 0, i.e. the
+one-step x0 estimate), the VAE decodes them, and the predicted future frames 1..T-1 are scored against the real ones in
 [0, 1]: PSNR (dB; ``inf`` for a perfect prediction) and SSIM (Gaussian window 11 / 1.5, ``tf.image.ssim``'s
 definition), per clip as the mean over its future frames.
 

@@ -19,8 +19,8 @@ e1ee9adf, files under ``src/vla_eval/``):
 - ``hello`` (client first, ``connection.py``) is answered with a ``hello`` of the same ``seq`` whose payload
   carries ``protocol_version``, ``model_server``, ``capabilities``, ``observation_params`` (merged by the
   orchestrator into the benchmark's constructor arguments its config does not set: here ``send_wrist_image``,
-  CALVIN's ``ep_len``, SimplerEnv's ``gripper_mode``), ``action_spec`` and ``observation_spec`` (``DimSpec.to_dict`` dicts, ``specs.py``; the
-  orchestrator warns on a mismatch) (``model_servers/serve.py``).
+  CALVIN's ``ep_len``, SimplerEnv's ``gripper_mode``), ``action_spec`` and ``observation_spec``
+  (``DimSpec.to_dict`` dicts, ``specs.py``; the orchestrator warns on a mismatch) (``model_servers/serve.py``).
 - ``episode_start`` (payload ``{"task": {...}, "recording"?: {...}}``, ``runners/sync_runner.py``) and
   ``episode_end`` get no reply; they reset the connection's action plan.
 - ``observation`` (payload ``{"images": {camera: uint8[H, W, 3]}, "task_description": str, "states"?, ...,
