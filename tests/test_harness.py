@@ -206,6 +206,21 @@ def test_simpler_session_single_view_policy():
     np.testing.assert_allclose([s[0] for s in steps[:HORIZON]], np.arange(HORIZON) * 0.01, atol=1e-6)
 
 
+def test_simpler_variant_aggregation():
+    def body(subname, rate, n):   # results/merge.py's aggregate JSON, the fields read
+        return {"benchmark": f"SimplerEnvBenchmark_{subname}", "config": {"subname": subname}, "mean_success": rate,
+                "num_episodes_total": n}
+    got = vla_eval.simpler_variant_aggregation([
+        body("move_near_va_base", 0.5, 60), body("move_near_va_bg_1", 0.25, 60),
+        body("drawer_va_open_top_base", 1.0, 9), body("drawer_va_close_top_base", 0.0, 9),
+        body("drawer_va_open_middle_bg_bedroom", 0.5, 9), body("pick_coke_can", 0.9, 24)])   # last: VM, left out
+    assert got == {"drawer_close": {"success": 0.0, "variants": 1, "episodes": 9},
+                   "drawer_open": {"success": 0.75, "variants": 2, "episodes": 18},
+                   "move_near": {"success": 0.375, "variants": 2, "episodes": 120}}
+    with pytest.raises(ValueError, match="no mean_success"):
+        vla_eval.simpler_variant_aggregation([{"config": {"subname": "move_near_va_base"}}])
+
+
 # ---- openpi's LIBERO client (examples/libero/main.py) against the openpi server -----------------------------------
 
 def test_openpi_libero_client_frames():

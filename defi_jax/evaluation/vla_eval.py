@@ -43,7 +43,8 @@ fine-tuning) become the benchmark's (:data:`BENCHMARKS`):
   and ``max_rel_orn`` 0.05 rad, gripper -1 close / 1 open), so position x 0.02, rotation x 0.05, gripper as is.
 - ``simpler`` (``benchmarks/simpler/benchmark.py``; Google Robot visual matching
   ``configs/benchmarks/simpler/google_robot_vm.yaml``, variant aggregation ``google_robot_*_va.yaml``, whose
-  variants the harness runs as separate benchmarks; the VA number of a task is the mean over its variants):
+  variants the harness runs as separate benchmarks; :func:`simpler_variant_aggregation` turns their aggregate
+  JSONs into each task's VA number, the mean over its variants):
   camera ``primary`` -> ``primary``; action [delta xyz, rotation vector (the controller applies
   ``Rotation.from_rotvec``), gripper]. With ``gripper_mode="sticky"`` (asked for in ``observation_params``, as the
   harness's GR00T Google Robot config does) the gripper is openness in [0, 1] (0 = close, 1 = open) turned into
@@ -63,9 +64,10 @@ import collections
 import dataclasses
 import io
 import logging
+import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgpack
@@ -222,6 +224,29 @@ def benchmark(name: str, *, calvin_ep_len: int = CALVIN_EP_LEN) -> Benchmark:
 
 
 BENCHMARKS = ("calvin", "simpler", "libero")
+
+
+_VARIANT = re.compile(r"(?P<task>.+?)_va(?:_(?P<drawer>open|close))?(?:_|$)")
+
+
+def simpler_variant_aggregation(aggregates: Sequence[Mapping[str, Any]]) -> dict[str, dict]:
+    """SimplerEnv variant aggregation from the harness's per-benchmark aggregate JSONs (``vla-eval merge``
+    output, ``results/merge.py``: ``benchmark``, ``config.subname``, ``mean_success``, ``num_episodes_total``)
+    of a ``google_robot_*_va.yaml`` run: per task, the mean of its variants' success rates (SimplerEnv's VA
+    number), with the variant and episode counts. A task is the subname before ``_va`` (drawer variants split
+    into ``drawer_open`` / ``drawer_close``); a subname without ``_va`` (visual matching) is left out."""
+    groups: dict[str, list[tuple[float, int]]] = {}
+    for body in aggregates:
+        subname = (body.get("config") or {}).get("subname") or str(body.get("benchmark", "")).split("_", 1)[-1]
+        match = _VARIANT.match(subname or "")
+        if match is None:
+            continue
+        if "mean_success" not in body:
+            raise ValueError(f"aggregate {body.get('benchmark')!r}: no mean_success (keys {sorted(body)})")
+        task = match["task"] + (f"_{match['drawer']}" if match["drawer"] else "")
+        groups.setdefault(task, []).append((float(body["mean_success"]), int(body.get("num_episodes_total", 0))))
+    return {task: {"success": float(np.mean([r for r, _ in rows])), "variants": len(rows),
+                   "episodes": sum(n for _, n in rows)} for task, rows in sorted(groups.items())}
 
 
 # ---------------------------------------------------------------------------------------------------------
