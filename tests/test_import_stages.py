@@ -1,40 +1,22 @@
 """launch.import_torch for every stage: a diffusers SVD folder -> a GFDM workdir, the reference's stage-2
 checkpoint -> a GIDM workdir, and our own export folders back into workdirs, bitwise in float32 (JAX -> torch ->
-JAX); bad input names the file / tensor. Every model is tiny and random (perturbed, so that no tensor is a
-constant that a swap would leave unchanged)."""
+JAX); bad input names the file / tensor. Every model is tiny and random."""
 
 import json
 import os
 
-import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
 
-from configs import gfdm as gfdm_configs
 from configs import gidm as gidm_configs
 from configs import policy as policy_configs
 from defi_jax import checkpoint, export_torch
-from defi_jax import stage as stage_lib
 from defi_jax.interop import defi_torch, import_stages
 
 STATS = {"normalized": True, "stats": {"q01": [-0.5] * 7, "q99": [0.5] * 7}}
-
-
-def _perturbed_workdir(config, workdir: str, seed: int = 0) -> dict:
-    """A params-only checkpoint at step 0 (what ``restore_model`` and the export read) of the stage's model with
-    every float parameter plus 0.05 N(0, 1), built eagerly (no train-state compile); returns its parameters."""
-    model = stage_lib.get(config.stage).build_model(config, nnx.Rngs(seed))
-    rs = np.random.default_rng(seed)
-    params = jax.tree.map(lambda v: (v + 0.05 * rs.standard_normal(v.shape)).astype(v.dtype)
-                          if v.dtype.kind == "f" else np.asarray(v),
-                          nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    ckpt = checkpoint.Checkpointer(workdir, async_save=False)
-    ckpt.save(0, {"params": params, "extra": nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))),
-                  "step": np.int32(0)}, None, config.to_json_best_effort())
-    ckpt.close()
-    return checkpoint.restore_params(workdir, 0)
 
 
 def _assert_bitwise(got: dict, want: dict) -> None:
@@ -71,62 +53,7 @@ def _gidm_config(fast_compile):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Export round trips: JAX -> torch -> JAX, bitwise
-# ---------------------------------------------------------------------------------------------------
-
-def test_policy_export_round_trip_is_bitwise(tmp_path, fast_compile, capsys):
-    c = policy_configs.get_config("tiny")
-    c.init.sources.gfdm.path = c.init.sources.gidm.path = ""
-    c.policy.gfdm_init, c.policy.gidm_init = "initial", "random"
-    original = _perturbed_workdir(c, str(tmp_path / "policy"))
-    os.makedirs(tmp_path / "policy" / "assets")
-    (tmp_path / "policy" / "assets" / "action_stats.json").write_text(json.dumps(STATS))
-    export_torch.export(str(tmp_path / "policy"), str(tmp_path / "out"))
-
-    base = policy_configs.get_config("defi")    # what the folder cannot tell comes from here; every size from it
-    base.train.compiler_options = fast_compile
-    config, note = import_stages.import_export(str(tmp_path / "out"), str(tmp_path / "again"), base)
-    assert note == ""
-    _assert_bitwise(_imported(str(tmp_path / "again")), original)
-    assert json.loads((tmp_path / "again" / "assets" / "action_stats.json").read_text()) == STATS
-    assert config.model.video_former["dim"] == 32 and config.model.gidm.text_encoder == "bytes"
-    assert tuple(config.data.views) == ("primary", "wrist") and config.data.resolution == 32
-    # The workdir holds a checkpoint now: a second import refuses it.
-    with pytest.raises(FileExistsError, match="already holds checkpoints"):
-        import_stages.import_export(str(tmp_path / "out"), str(tmp_path / "again"), base)
-
-
-def test_gfdm_export_round_trip_is_bitwise_and_a_bfloat16_export_is_noted(tmp_path, tiny_config):
-    c = tiny_config("gfdm")
-    original = _perturbed_workdir(c, str(tmp_path / "gfdm"))
-    export_torch.export(str(tmp_path / "gfdm"), str(tmp_path / "out"))
-    config, note = import_stages.import_export(str(tmp_path / "out"), str(tmp_path / "again"), tiny_config("gfdm"))
-    assert note == "" and config.stage == "gfdm"
-    _assert_bitwise(_imported(str(tmp_path / "again")), original)
-
-    # bfloat16: imported (the bfloat16 values widened exactly), with a note that it is not bitwise.
-    export_torch.export(str(tmp_path / "gfdm"), str(tmp_path / "bf16"), dtype="bfloat16")
-    _, note = import_stages.import_export(str(tmp_path / "bf16"), str(tmp_path / "from_bf16"), tiny_config("gfdm"))
-    assert "bfloat16" in note and "not bitwise" in note
-    got = _imported(str(tmp_path / "from_bf16"))
-    for k, want in original.items():
-        import ml_dtypes
-        np.testing.assert_array_equal(got[k], want.astype(ml_dtypes.bfloat16).astype(np.float32), err_msg=k)
-
-
-def test_gidm_export_round_trip_is_bitwise(tmp_path, fast_compile):
-    c = _gidm_config(fast_compile)
-    original = _perturbed_workdir(c, str(tmp_path / "gidm"))
-    export_torch.export(str(tmp_path / "gidm"), str(tmp_path / "out"))
-    base = gidm_configs.get_config("tiny")
-    base.train.compiler_options = fast_compile
-    config, note = import_stages.import_export(str(tmp_path / "out"), str(tmp_path / "again"), base)
-    assert note == "" and config.model.visual_encoder == "dinov2" and not config.model.reference_mask_order
-    _assert_bitwise(_imported(str(tmp_path / "again")), original)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Published PyTorch weights
+# Published PyTorch weights, and our export of the workdir made from them back (JAX -> torch -> JAX, bitwise)
 # ---------------------------------------------------------------------------------------------------
 
 def _svd_folder(root) -> None:
@@ -143,7 +70,7 @@ def _svd_folder(root) -> None:
         root / "text_encoder")
 
 
-def test_gfdm_from_a_diffusers_svd_folder(tmp_path, tiny_config):
+def test_gfdm_from_a_diffusers_svd_folder_and_its_export_back(tmp_path, tiny_config):
     from defi_jax.interop import diffusers_svd, hf_clip
 
     _svd_folder(tmp_path / "svd")
@@ -158,21 +85,36 @@ def test_gfdm_from_a_diffusers_svd_folder(tmp_path, tiny_config):
                  for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
     _assert_bitwise(got, want)
 
+    # JAX -> torch -> JAX: the export of that workdir imports back bitwise.
+    export_torch.export(str(tmp_path / "gfdm"), str(tmp_path / "out"))
+    config, note = import_stages.import_export(str(tmp_path / "out"), str(tmp_path / "again"), tiny_config("gfdm"))
+    assert note == "" and config.stage == "gfdm"
+    _assert_bitwise(_imported(str(tmp_path / "again")), got)
+
 
 def _reference_stage2(c, path, drop: str = "", reshape: str = "") -> dict:
     """A reference-layout stage-2 Lightning checkpoint of a random GIDM (``lam.``-prefixed, with torch-hub DINOv2
-    and T5 towers, hyper-parameters naming a class); returns the model's parameters by our paths."""
+    and T5 towers, hyper-parameters naming a class); returns the model's parameters by our paths. Every float
+    parameter is perturbed (0.05 N(0, 1)), so that no tensor is a constant a swap would leave unchanged."""
     from defi_jax.gidm.model import LatentActionModel
     model = LatentActionModel(c.model, rngs=nnx.Rngs(1))
+    rs = np.random.default_rng(1)
+    params = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in
+              nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    params = {k: (v + 0.05 * rs.standard_normal(v.shape)).astype(v.dtype) for k, v in params.items()}
+    for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        v.set_value(jnp.asarray(params["/".join(map(str, p))]))
     sd = {"lam." + k: torch.from_numpy(np.array(v)) for k, v in defi_torch.gidm_state_dict(model).items()
           if k != drop}
     if reshape:
         sd["lam." + reshape] = torch.zeros(3, 5)
     torch.save({"state_dict": sd, "hyper_parameters": {"optimizer": torch.optim.AdamW}, "epoch": 3}, path)
-    return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return params
 
 
-def test_gidm_from_the_reference_stage2_checkpoint(tmp_path, fast_compile):
+def test_gidm_from_the_reference_stage2_checkpoint_and_its_export_back(tmp_path, fast_compile):
+    import ml_dtypes
+
     c = _gidm_config(fast_compile)
     want = _reference_stage2(c, tmp_path / "last.ckpt")
     base = _gidm_config(fast_compile)
@@ -180,7 +122,50 @@ def test_gidm_from_the_reference_stage2_checkpoint(tmp_path, fast_compile):
     config = import_stages.import_gidm(str(tmp_path / "last.ckpt"), str(tmp_path / "gidm"), base)
     assert config.model.num_latents == 6 and config.model.reference_mask_order
     assert config.init.sources.dinov2.kind == "torch_hub_dinov2" and config.init.sources.t5.prefix == "text_encoder."
-    _assert_bitwise(_imported(str(tmp_path / "gidm")), want)   # the towers too: from the file's torch-hub / T5 names
+    _assert_bitwise(_imported(str(tmp_path / "gidm")), want)   # the towers too: from torch-hub / T5 names
+
+    export_torch.export(str(tmp_path / "gidm"), str(tmp_path / "out"))
+    config, note = import_stages.import_export(str(tmp_path / "out"), str(tmp_path / "again"),
+                                               gidm_configs.get_config("tiny"))
+    assert note == "" and config.model.visual_encoder == "dinov2" and config.model.reference_mask_order
+    _assert_bitwise(_imported(str(tmp_path / "again")), want)
+
+    # bfloat16: imported (each weight widened exactly), with a note that it is not bitwise.
+    export_torch.export(str(tmp_path / "gidm"), str(tmp_path / "bf16"), dtype="bfloat16")
+    _, note = import_stages.import_export(str(tmp_path / "bf16"), str(tmp_path / "from_bf16"),
+                                          gidm_configs.get_config("tiny"))
+    assert "bfloat16" in note and "not bitwise" in note
+    got = _imported(str(tmp_path / "from_bf16"))
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], v.astype(ml_dtypes.bfloat16).astype(np.float32), err_msg=k)
+
+
+def test_policy_export_round_trip_is_bitwise(tmp_path, fast_compile):
+    c = policy_configs.get_config("tiny")
+    c.init.sources.gfdm.path = c.init.sources.gidm.path = ""
+    c.policy.gfdm_init, c.policy.gidm_init = "initial", "random"
+    g = c.model.gfdm   # a smaller GFDM than the tiny one (same 64 + 64 feature channels, 4 frames): quicker builds
+    g.unet = dict(g.unet, down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+                  up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+                  block_out_channels=(64, 64), num_attention_heads=(2, 2))
+    g.vae = dict(g.vae, down_block_types=("DownEncoderBlock2D",), block_out_channels=(32,))
+    c.train.compiler_options = fast_compile
+    import_stages.write_workdir(c, str(tmp_path / "policy"), assets={"action_stats.json": json.dumps(STATS)})
+    original = _imported(str(tmp_path / "policy"))
+    export_torch.export(str(tmp_path / "policy"), str(tmp_path / "out"))
+
+    base = policy_configs.get_config("defi")    # what the folder cannot tell comes from here, not one size
+    base.train.compiler_options = fast_compile
+    config, note = import_stages.import_export(str(tmp_path / "out"), str(tmp_path / "again"), base)
+    assert note == ""
+    _assert_bitwise(_imported(str(tmp_path / "again")), original)
+    assert json.loads((tmp_path / "again" / "assets" / "action_stats.json").read_text()) == STATS
+    assert config.model.video_former["dim"] == 32 and config.model.gidm.text_encoder == "bytes"
+    assert tuple(config.data.views) == ("primary", "wrist") and config.data.resolution == 32
+    # The workdir holds a checkpoint now: a second import refuses it before reading anything.
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        import_stages.import_export(str(tmp_path / "out"), str(tmp_path / "again"), base)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -325,6 +325,7 @@ def import_export(src: str, workdir: str, config=None, *, mesh=None) -> tuple:
         config = _base(config, "gidm:defi")
         config.model = ml_collections.ConfigDict(
             _json(os.path.join(src, "gidm", "config.json"), "the GIDM's config.model of the export"))
+        config.data.resolution = int(config.model.image_size)   # the frames the exported encoder reads
         return import_gidm(os.path.join(src, "gidm", "model.safetensors"), workdir, config, mesh=mesh,
                            reference=False), note
     config = _export_policy_config(src, meta, config)
