@@ -317,7 +317,6 @@ def _worker(conn, resolution: int, cameras: dict, video_view: str, gif_frame_ms:
         if ep.recording:
             ep.frames.append(sim.render(cameras[video_view]))   # the state the last action led to
         if ep.futures:
-            from defi_jax.evaluation import attribution
             from defi_jax.inference import resize_image
             t0 = time.perf_counter()
             size = ep.futures[0][1].shape[1]                    # the policy's resolution
@@ -326,11 +325,7 @@ def _worker(conn, resolution: int, cameras: dict, video_view: str, gif_frame_ms:
             rec.update(prediction_score=attribution.episode_score(steps), prediction_steps=steps)
             stats["score_s"] += time.perf_counter() - t0
         if ep.job.get("video"):
-            import io
-
             from PIL import Image
-
-            from defi_jax import paths
             t0 = time.perf_counter()
             frames = _beside_predictions(ep.frames, ep.futures, future_stride) if ep.futures else ep.frames
             path = ep.job["video"] + ("_success.gif" if rec["success"] else "_failure.gif")
@@ -712,7 +707,8 @@ def _summary(protocol: Protocol, policy, policy_info, instructions, records, exp
         "expert": "metaworld.policies scripted expert, one action per step, same seeds and goals" if protocol.expert
         else None,
         "workers": workers,
-        "batch": "one act_batch per round over all live episodes, padded to the worker count",
+        "batch": (f"one {'act_and_predict_batch' if predicting else 'act_batch'} per round over all live episodes, "
+                  f"padded to the worker count"),
         "videos": {"view": protocol.video_view, "camera": protocol.cameras[protocol.video_view],
                    "frame_ms": protocol.gif_frame_ms, "per_task": protocol.videos_per_task,
                    "layout": VIDEO_LAYOUT if predicting else "the real frames of the view, one per env step"},
@@ -750,7 +746,8 @@ def _throughput(worker_stats: list[dict], calls: dict, policy_phase_s: float, ex
         per_worker.append({"worker": i, "env_steps": steps, "env_s": round(secs, 3),
                            "env_steps_per_s": steps / secs if secs else None,
                            "expert_steps": e_steps, "expert_steps_per_s": e_steps / e_secs if e_secs else None,
-                           "env_setup_s": round(s.get("setup_s", 0.0), 3), "video_s": round(s.get("video_s", 0.0), 3)})
+                           "env_setup_s": round(s.get("setup_s", 0.0), 3), "video_s": round(s.get("video_s", 0.0), 3),
+                           "prediction_scoring_s": round(s.get("score_s", 0.0), 3)})
     rates = [w["env_steps_per_s"] for w in per_worker if w["env_steps_per_s"]]
     steady = calls["calls"] - 1
     return {"workers": per_worker, "env_steps_per_s_per_worker": float(np.mean(rates)) if rates else 0.0,
