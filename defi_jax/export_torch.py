@@ -24,10 +24,12 @@ every tensor with both shapes. Needs torch, diffusers and transformers.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 
 import numpy as np
 
@@ -54,15 +56,29 @@ def export(workdir: str, out: str, *, step: int | None = None, ema: bool = False
         raise ValueError(f"{workdir}: a {stage!r} checkpoint; export_torch writes policy, gfdm and gidm workdirs")
     if lerobot and stage != "policy":
         raise ValueError(f"{workdir}: a {stage} workdir; --lerobot writes a policy's LeRobot folder only")
-    model = trainer.restore_model(config, workdir, step=step, ema=ema)
+    return export_model(lambda: trainer.restore_model(config, workdir, step=step, ema=ema), config, out,
+                        dtype=dtype, lerobot=lerobot, source={"workdir": workdir, "step": step, "ema": ema})
+
+
+def export_model(load: Callable[[], object], config, out: str, *, dtype: str = "float32", lerobot: bool = False,
+                 source: dict) -> dict:
+    """``export``'s body for the model ``load()`` returns (``config``'s stage; a policy reads its action
+    statistics from ``source["workdir"]``). Host memory stays near one copy of the weights: the writers stream
+    tensor by tensor, and the model is released before the folder is loaded back into PyTorch."""
+    from defi_jax import paths
+
+    stage = config.get("stage")
     with paths.staged_dir(out) as tmp:   # renamed into place only once written and verified
+        model = load()
         if stage == "policy":
-            meta = _write_policy(model, config, workdir, tmp)
+            meta = _write_policy(model, config, source["workdir"], tmp)
         elif stage == "gfdm":
             meta = _write_gfdm(model, os.path.join(tmp, "gfdm")) | {"stage": "gfdm"}
         else:
             meta = _write_gidm(model, config, os.path.join(tmp, "gidm")) | {"stage": "gidm"}
-        meta = {"format": FORMAT, **meta, "dtype": dtype, "source": {"workdir": workdir, "step": step, "ema": ema},
+        del model
+        gc.collect()
+        meta = {"format": FORMAT, **meta, "dtype": dtype, "source": source,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         if lerobot:
             meta["parts"] = meta["parts"] + ["lerobot"]
@@ -224,17 +240,22 @@ def _write_gidm(model, config, path: str) -> dict:
 
 
 def _cast_floats(root: str, dtype: str) -> None:
-    """Every float32 tensor of every safetensors file under ``root`` rewritten as ``dtype``."""
-    import torch
-    from safetensors.torch import load_file, save_file
+    """Every float tensor of every safetensors file under ``root`` rewritten as ``dtype``, one tensor at a time."""
+    import jax.numpy as jnp
+    from safetensors import safe_open
 
+    from defi_jax.interop import _convert
+
+    target = np.dtype(jnp.dtype(dtype))
     for folder, _, files in os.walk(root):
         for name in files:
             if name.endswith(".safetensors"):
                 path = os.path.join(folder, name)
-                tensors = {k: (v.to(getattr(torch, dtype)) if v.is_floating_point() else v)
-                           for k, v in load_file(path).items()}
-                save_file(tensors, path, metadata={"format": "pt"})
+                with safe_open(path, framework="pt") as f:
+                    tensors = {k: (v.astype(target) if np.issubdtype(v.dtype, np.floating) else v)
+                               for k, v in _convert.lazy_tensors(f).items()}
+                    _convert.write_safetensors_file(path + ".cast", tensors, metadata={"format": "pt"})
+                os.replace(path + ".cast", path)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, load_model
-from test_export_torch import STATS, _write_policy_workdir
 
 from configs import policy as policy_configs
 from defi_jax import export_torch
+from defi_jax.benchmarks.export import tiny_workdir
 from defi_jax_torch import DeFIPolicyTorch, lerobot_folder
 
 INSTRUCTION = "push the red block"
@@ -22,17 +22,12 @@ INSTRUCTION = "push the red block"
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export_lerobot")
-    c = policy_configs.get_config("tiny")
-    c.init.sources.gfdm.path = c.init.sources.gidm.path = ""
-    c.policy.gfdm_init, c.policy.gidm_init = "initial", "random"
     workdir = str(tmp / "policy")
-    _write_policy_workdir(c, workdir, seed=3)
-    os.makedirs(os.path.join(workdir, "assets"))
-    with open(os.path.join(workdir, "assets", "action_stats.json"), "w") as f:
-        json.dump(STATS, f)
+    tiny_workdir(workdir, seed=3)     # configs/policy.py:tiny, every parameter random, normalized action statistics
     out = str(tmp / "torch")
     meta = export_torch.export(workdir, out, lerobot=True)
-    return dict(out=out, lerobot=os.path.join(out, "lerobot"), meta=meta, config=c)
+    return dict(out=out, lerobot=os.path.join(out, "lerobot"), meta=meta, config=policy_configs.get_config("tiny"),
+                stats=_json(os.path.join(workdir, "assets", "action_stats.json")))
 
 
 def _json(path):
@@ -70,12 +65,14 @@ def test_layout_config_and_processor_pipelines(exported):
     assert norm["config"]["features"] == {**config["input_features"], **config["output_features"]}
     assert unnorm["config"]["features"] == config["output_features"]
     assert norm["config"]["norm_map"] == unnorm["config"]["norm_map"] == config["normalization_mapping"]
+    ours = exported["stats"]
+    assert ours["normalized"] and meta["action_stats"] == ours
     for step in (norm, unnorm):
         stats = load_file(os.path.join(d, step["state_file"]))
         # Ours: q01 / q99 of the arm, the gripper's [-1, 1] -> [0, 1] as quantiles 0 / 1.
         assert set(stats) == {"action.q01", "action.q99"}
-        np.testing.assert_array_equal(stats["action.q01"].numpy(), np.float32(STATS["stats"]["q01"][:6] + [0.0]))
-        np.testing.assert_array_equal(stats["action.q99"].numpy(), np.float32(STATS["stats"]["q99"][:6] + [1.0]))
+        np.testing.assert_array_equal(stats["action.q01"].numpy(), np.float32(ours["stats"]["q01"][:6] + [0.0]))
+        np.testing.assert_array_equal(stats["action.q99"].numpy(), np.float32(ours["stats"]["q99"][:6] + [1.0]))
 
 
 def test_weights_are_the_whole_policy_under_defi_names(exported):

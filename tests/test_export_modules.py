@@ -22,7 +22,6 @@ whole policy    test_export_torch (actions of ``DeFIPolicyTorch`` vs ``DeFIPolic
 =============== =================================================================================================
 """
 
-import jax
 import numpy as np
 import pytest
 import torch
@@ -31,6 +30,7 @@ from _svd_reference import (UNET_CASES, VAE_CASES, fast_jit, jax_unet_outputs, m
 from flax import nnx
 from test_policy_modules import CONFIGS, IDS, _close, _fast, _head_inputs, _t
 
+from defi_jax.benchmarks import export as export_benchmark
 from defi_jax.interop import defi_policy, diffusers_svd
 from defi_jax.models.svd_layers import trace_rngs
 from defi_jax.models.svd_unet import UNetConfig, UNetSpatioTemporal
@@ -40,28 +40,12 @@ from defi_jax.torch_ref import policy as tp
 torch.set_default_dtype(torch.float32)
 
 
-def _random(abstract: nnx.Module, seed: int) -> nnx.Module:
-    """Every parameter drawn at random (norm gains around 1, every bias and mix factor non-zero), scaled to keep
-    activations O(1): no constant-initialised parameter can hide a swapped or dropped tensor."""
-    graphdef, state = nnx.split(abstract)
-    rng = np.random.default_rng(seed)
-
-    def draw(path, x):
-        name = str(path[-1].key if hasattr(path[-1], "key") else path[-1])
-        noise = rng.standard_normal(x.shape)
-        if len(x.shape) >= 2:
-            return (noise / np.sqrt(np.prod(x.shape[:-1]))).astype(x.dtype)
-        return ((1.0 if name == "scale" else 0.0) + 0.3 * noise).astype(x.dtype)
-
-    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
-
-
 def test_unet_built_in_jax_exports_to_the_same_function(tmp_path):
     from diffusers import UNetSpatioTemporalConditionModel
 
     case = "two_level"
     cfg = UNetConfig.from_dict(UNET_CASES[case]["config"])
-    unet = _random(nnx.eval_shape(lambda: UNetSpatioTemporal(cfg, rngs=trace_rngs(0))), seed=11)
+    unet = export_benchmark.random_weights(nnx.eval_shape(lambda: UNetSpatioTemporal(cfg, rngs=trace_rngs(0))), seed=11)
     diffusers_svd.save_unet(unet, str(tmp_path))
     ref = UNetSpatioTemporalConditionModel.from_pretrained(tmp_path).eval()
     inputs = unet_inputs(case, seed=12)
@@ -79,7 +63,7 @@ def test_vae_three_level_built_in_jax_exports_to_the_same_function(tmp_path):
 
     c = VAE_CASES["three_level"]
     cfg = VAEConfig(**c["config"])
-    vae = _random(nnx.eval_shape(lambda: AutoencoderKLTemporalDecoder(cfg, rngs=trace_rngs(0))), seed=13)
+    vae = export_benchmark.random_weights(nnx.eval_shape(lambda: AutoencoderKLTemporalDecoder(cfg, rngs=trace_rngs(0))), seed=13)
     diffusers_svd.save_vae(vae, str(tmp_path))
     ref = Ref.from_pretrained(tmp_path).eval()
     x = torch.rand(c["videos"] * c["frames"], 3, *c["size"], generator=torch.Generator().manual_seed(14)) * 2 - 1
@@ -102,8 +86,8 @@ def test_vae_three_level_built_in_jax_exports_to_the_same_function(tmp_path):
 def test_video_former_and_head_built_in_jax_export_to_the_same_function(c):
     """``defi_policy``'s stage-3 tables (what export_torch writes to ``policy/model.safetensors``), loaded strictly
     by the PyTorch modules ``DeFIPolicyTorch`` is built from (``defi_jax.torch_ref.policy``)."""
-    vf = _random(nnx.eval_shape(lambda: c.video_former(seed=0)), seed=21)
-    head = _random(nnx.eval_shape(lambda: c.head(seed=0)), seed=22)
+    vf = export_benchmark.random_weights(nnx.eval_shape(lambda: c.video_former(seed=0)), seed=21)
+    head = export_benchmark.random_weights(nnx.eval_shape(lambda: c.head(seed=0)), seed=22)
     tvf, th = c.torch_video_former(), c.torch_head()
     tvf.load_state_dict({k: _t(v) for k, v in defi_policy.video_former_state_dict(vf).items()}, strict=True)
     th.load_state_dict({k: _t(v) for k, v in defi_policy.action_head_state_dict(
@@ -129,3 +113,13 @@ def test_video_former_and_head_built_in_jax_export_to_the_same_function(c):
                              tp.get_sigmas_exponential(10, 1e-3, 80.0))
     _close(sampled, ref.numpy())
     assert np.abs(np.asarray(sampled)).max() > 1e-2
+
+
+def test_benchmark_case_smoke():
+    """``python -m launch.benchmark export --gfdm_full`` on the tiny GFDM, in this process: streamed export, strict
+    load back, import; every row timed and measured."""
+    rows = export_benchmark.run(["--gfdm_full", "--gfdm_config=tiny", "--in_process"])
+    assert [r["what"] for r in rows] == ["gfdm_export", "gfdm_import"]
+    for r in rows:
+        assert r["case"] == "export" and r["median_s"] > 0 and r["peak_host_bytes"] >= 0
+        assert r["weights_bytes"] == rows[0]["weights_bytes"] > 1e6

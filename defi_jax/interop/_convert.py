@@ -12,8 +12,10 @@ Shared by every interop module (diffusers SVD, transformers CLIP / DINOv2 / T5).
     Conv 1d/2d/3d (channels-last vs channels-first) transposes, and norm ``scale`` -> ``weight``. Models
     whose attribute names mirror the torch module need nothing else; put model-specific renames first.
 ``torch_key(path, ndim, rules) -> (key, perm | None)``
-``to_torch(module, rules) -> dict[str, np.ndarray]``
-    Every ``nnx.Param`` as a torch-layout numpy array under its torch key (export).
+``to_torch(module, rules, *, lazy=False) -> dict[str, np.ndarray]``
+    Every ``nnx.Param`` as a torch-layout numpy array under its torch key (export). ``lazy=True``: each value
+    is a ``Lazy`` tensor (shape, dtype, ``astype``; made when written), so ``write_safetensors`` streams a
+    model with one tensor in memory beside it, not a second copy.
 ``from_torch(module, tensors, rules, *, what="model", ignore=(), dtype=None) -> module``
     Fills every ``nnx.Param`` of ``module`` (a concrete module or an ``nnx.eval_shape`` one, so nothing
     random is ever allocated) from ``tensors``; returns the filled module (use the return value). Raises ``ValueError`` listing
@@ -24,7 +26,8 @@ Shared by every interop module (diffusers SVD, transformers CLIP / DINOv2 / T5).
     ``variant="fp16"`` reads ``<weights_name>.fp16.safetensors`` or
     ``<weights_name>.safetensors.index.fp16.json`` (the Hugging Face naming).
 ``write_safetensors(tensors, folder, weights_name, max_shard_bytes=10 GB, variant=None)``
-    One file, or shards plus the index JSON that ``from_pretrained`` reads.
+    One file, or shards plus the index JSON that ``from_pretrained`` reads; written tensor by tensor
+    (``write_safetensors_file``), never serialized whole in memory.
 """
 
 from __future__ import annotations
@@ -86,16 +89,43 @@ def _params(module: nnx.Module) -> list[tuple[str, nnx.Variable]]:
     return [(_dotted(path), var) for path, var in nnx.to_flat_state(state)]
 
 
-def to_torch(module: nnx.Module, rules: Iterable[Rule] = DEFAULT_RULES) -> dict[str, np.ndarray]:
-    """Every parameter in torch layout under its torch key (numpy, the parameter's dtype)."""
+class Lazy:
+    """A tensor made only when written: ``shape``, ``dtype``, ``nbytes`` and ``astype`` without the data."""
+
+    def __init__(self, shape: Sequence[int], dtype, make):
+        self.shape, self.dtype, self._make = tuple(int(d) for d in shape), np.dtype(dtype), make
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def astype(self, dtype) -> Lazy:
+        return Lazy(self.shape, dtype, lambda: np.asarray(self._make()).astype(dtype))
+
+    def __array__(self, dtype=None, copy=None):
+        arr = np.asarray(self._make())
+        return arr if dtype is None else arr.astype(dtype)
+
+
+def _torch_layout(var: nnx.Variable, perm) -> np.ndarray:
+    value = np.asarray(jax.device_get(var.get_value()))
+    return np.ascontiguousarray(value.transpose(np.argsort(perm)) if perm else value)
+
+
+def to_torch(module: nnx.Module, rules: Iterable[Rule] = DEFAULT_RULES, *, lazy: bool = False) -> dict:
+    """Every parameter in torch layout under its torch key (numpy, the parameter's dtype; ``Lazy`` if ``lazy``)."""
     rules = tuple(rules)
-    out: dict[str, np.ndarray] = {}
+    out: dict = {}
     for path, var in _params(module):
-        value = np.asarray(jax.device_get(var.get_value()))
+        value = var.get_value()
         key, perm = torch_key(path, value.ndim, rules)
         if key in out:
             raise ValueError(f"two parameters map to torch key {key!r} (second: {path!r})")
-        out[key] = np.ascontiguousarray(value.transpose(np.argsort(perm)) if perm else value)
+        if lazy:
+            shape = tuple(value.shape[i] for i in np.argsort(perm)) if perm else value.shape
+            out[key] = Lazy(shape, value.dtype, lambda var=var, perm=perm: _torch_layout(var, perm))
+        else:
+            out[key] = _torch_layout(var, perm)
     return out
 
 
@@ -174,17 +204,69 @@ def read_safetensors(folder: str, weights_name: str, variant: str | None = None)
                             f"safetensors are read, never pickle (pass variant= for e.g. *.fp16.safetensors)")
 
 
-def write_safetensors(tensors: Mapping[str, np.ndarray], folder: str, weights_name: str,
-                      max_shard_bytes: int = 10 * 1024**3, variant: str | None = None) -> list[str]:
-    """Writes one file or size-bounded shards plus the index JSON; returns the file names written."""
-    from safetensors.numpy import save_file
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
+
+def lazy_tensors(handle) -> dict[str, Lazy]:
+    """Every tensor of an open ``safetensors.safe_open(path, framework="pt")`` handle as a ``Lazy`` (read when
+    written): a file rewritten (e.g. cast) one tensor at a time."""
+    import torch
+
+    names = {v: k for k, v in _ST_DTYPES.items()}
+
+    def read(key: str, dtype: np.dtype) -> np.ndarray:
+        t = handle.get_tensor(key)
+        if t.dtype == torch.bfloat16:     # numpy has no bfloat16 of its own: the bits, viewed as ml_dtypes'
+            return t.view(torch.int16).numpy().view(dtype)
+        return t.numpy()
+
+    out = {}
+    for key in handle.keys():
+        sl = handle.get_slice(key)
+        dtype = np.dtype(jnp.dtype(names[sl.get_dtype()]))
+        out[key] = Lazy(sl.get_shape(), dtype, lambda key=key, dtype=dtype: read(key, dtype))
+    return out
+
+
+def write_safetensors_file(path: str, tensors: Mapping, metadata: Mapping[str, str] | None = None) -> None:
+    """One safetensors file written tensor by tensor (arrays or ``Lazy``): the header from shapes and dtypes
+    first, then each tensor's bytes, so at most one tensor is materialized at a time."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key in sorted(tensors):
+        t = tensors[key]
+        dtype = np.dtype(t.dtype)
+        if dtype.name not in _ST_DTYPES:
+            raise ValueError(f"{path}: tensor {key!r} has dtype {dtype.name}, which safetensors cannot hold")
+        nbytes = int(np.prod(t.shape, dtype=np.int64)) * dtype.itemsize
+        header[key] = {"dtype": _ST_DTYPES[dtype.name], "shape": [int(d) for d in t.shape],
+                       "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for key in sorted(tensors):
+            arr = np.asarray(tensors[key])
+            arr = arr if arr.flags.c_contiguous else arr.copy(order="C")
+            if tuple(arr.shape) != tuple(header[key]["shape"]) or _ST_DTYPES[arr.dtype.name] != header[key]["dtype"]:
+                raise ValueError(f"{path}: tensor {key!r} came out as {arr.dtype.name} {list(arr.shape)}, announced "
+                                 f"{header[key]['dtype']} {header[key]['shape']}")
+            f.write(arr.reshape(-1).view(np.uint8).data)
+
+
+def write_safetensors(tensors: Mapping, folder: str, weights_name: str,
+                      max_shard_bytes: int = 10 * 1024**3, variant: str | None = None) -> list[str]:
+    """Writes one file or size-bounded shards plus the index JSON, streaming (``write_safetensors_file``);
+    returns the file names written."""
     single_name, index_name, stem = _names(weights_name, variant)
     os.makedirs(folder, exist_ok=True)
-    shards: list[dict[str, np.ndarray]] = [{}]
+    shards: list[dict] = [{}]
     size = 0
     for key in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[key])
+        arr = tensors[key]
         if shards[-1] and size + arr.nbytes > max_shard_bytes:
             shards.append({})
             size = 0
@@ -194,12 +276,12 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], folder: str, weights_na
         if os.path.exists(os.path.join(folder, stale)):
             os.remove(os.path.join(folder, stale))
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(folder, single_name), metadata={"format": "pt"})
+        write_safetensors_file(os.path.join(folder, single_name), shards[0], metadata={"format": "pt"})
         return [single_name]
     names, weight_map = [], {}
     for i, shard in enumerate(shards):
         name = f"{stem}-{i + 1:05d}-of-{len(shards):05d}{_SAFETENSORS}"
-        save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
+        write_safetensors_file(os.path.join(folder, name), shard, metadata={"format": "pt"})
         names.append(name)
         weight_map.update({k: name for k in shard})
     total = sum(a.nbytes for a in tensors.values())

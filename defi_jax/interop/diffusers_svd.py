@@ -53,7 +53,7 @@ def _write(module, config_dict: dict, class_name: str, rules, path: str, max_sha
     cfg = {"_class_name": class_name, "_diffusers_version": _DIFFUSERS_VERSION, **config_dict}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
-    tensors = _convert.to_torch(module, rules)
+    tensors = _convert.to_torch(module, rules, lazy=True)   # streamed: one tensor at a time beside the model
     if dtype is not None:
         tensors = {k: v.astype(dtype) for k, v in tensors.items()}
     _convert.write_safetensors(tensors, path, WEIGHTS_NAME, max_shard_bytes, variant=variant)
