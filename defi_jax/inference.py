@@ -456,6 +456,7 @@ class TorchPolicy:
         self.policy = DeFIPolicyTorch.from_pretrained(path, device=device)
         self.views = self.policy.views
         self.resolution = self.policy.resolution
+        self.device = str(self.policy.time_pos_emb.device)
         self._generator = torch.Generator().manual_seed(seed)
 
     def act_batch(self, observations, instructions) -> np.ndarray:

@@ -87,8 +87,7 @@ def main(argv):
         info = {"source": source, "backend": "exported"}
     elif backend == "torch":
         source = os.path.abspath(_TORCH.value)
-        info = {"source": source, "backend": "torch", "device": _TORCH_DEVICE.value,
-                "noise": f"one torch.Generator seeded with --seed={_SEED.value}, rows in batch order"}
+        info = {"source": source, "backend": "torch", "noise": f"one torch.Generator seeded with --seed={_SEED.value}, rows in batch order"}
     else:
         source = paths.abspath(_CHECKPOINT.value)
         info = {"source": source, "backend": "jax", "step": _STEP.value, "ema": _EMA.value}
@@ -117,6 +116,7 @@ def main(argv):
             policy = inference.load_exported(source)
         elif backend == "torch":
             policy = inference.load_torch(source, seed=_SEED.value, device=_TORCH_DEVICE.value)
+            info["device"] = policy.device
         else:
             policy = inference.DeFIPolicy.from_checkpoint(source, step=_STEP.value, ema=_EMA.value, seed=_SEED.value)
     except (FileNotFoundError, ValueError, ImportError) as e:

@@ -315,6 +315,7 @@ def test_torch_backend_acts_row_by_row_from_one_seeded_generator(monkeypatch):
 
     class FakeTorchPolicy:   # DeFIPolicyTorch's interface: act on one observation, noise from a generator
         views, resolution = ("primary", "wrist"), RES
+        time_pos_emb = torch.zeros(1)
 
         def act(self, images, instruction, *, generator=None):
             return torch.randn((10, 7), generator=generator).numpy() + images["primary"][0, 0, 0]
@@ -325,6 +326,7 @@ def test_torch_backend_acts_row_by_row_from_one_seeded_generator(monkeypatch):
     obs = [{v: np.full((RES, RES, 3), i, np.uint8) for v in ("primary", "wrist")} for i in range(3)]
     policy = inference.load_torch("folder", seed=4, device="cpu")
     assert loaded == [(os.path.abspath("folder"), "cpu")] and policy.views == ("primary", "wrist")
+    assert policy.device == "cpu"
     first, second = policy.act_batch(obs, ["a"] * 3), policy.act_batch(obs[:1], ["a"])
     g = torch.Generator().manual_seed(4)
     draws = [torch.randn((10, 7), generator=g).numpy() for _ in range(4)]

@@ -675,8 +675,9 @@ def _attribution(protocol: Protocol, records: list[dict], reason: str | None) ->
     """attribution.attribute over the episodes (each record gets its label), or why there is none."""
     if reason is not None:
         return {"available": False, "reason": reason}
-    result = attribution.attribute(records, percentile=protocol.attribution_percentile)
-    for rec, label in zip(records, result.pop("labels")):
+    ordered = sorted(records, key=lambda r: (protocol.tasks.index(r["task"]), r["episode"]))   # table: task order
+    result = attribution.attribute(ordered, percentile=protocol.attribution_percentile)
+    for rec, label in zip(ordered, result.pop("labels")):
         rec["attribution"] = label
     return {"available": True, **result}
 
