@@ -39,7 +39,8 @@ _TORCH_DEVICE = flags.DEFINE_string("torch_device", None, "--backend=torch: torc
                                     "available, else cpu).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _EMA = flags.DEFINE_bool("ema", False, "Evaluate the checkpoint's EMA parameters.")
-_OUT = flags.DEFINE_string("out", None, "Output folder (default: <checkpoint or exported>/eval_metaworld).")
+_OUT = flags.DEFINE_string("out", None, "Output folder (default: <checkpoint, exported or torch folder>/"
+                           "eval_metaworld).")
 _HORIZON = flags.DEFINE_integer("horizon", 200, "Env steps per episode at most.", lower_bound=1)
 _STEPS_PER_CHUNK = flags.DEFINE_integer("steps_per_chunk", 10, "Actions of each predicted chunk executed before "
                                         "replanning.", lower_bound=1)
@@ -87,7 +88,8 @@ def main(argv):
         info = {"source": source, "backend": "exported"}
     elif backend == "torch":
         source = os.path.abspath(_TORCH.value)
-        info = {"source": source, "backend": "torch", "noise": f"one torch.Generator seeded with --seed={_SEED.value}, rows in batch order"}
+        info = {"source": source, "backend": "torch",
+                "noise": f"one torch.Generator seeded with --seed={_SEED.value}, rows in batch order"}
     else:
         source = paths.abspath(_CHECKPOINT.value)
         info = {"source": source, "backend": "jax", "step": _STEP.value, "ema": _EMA.value}
