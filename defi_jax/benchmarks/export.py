@@ -202,6 +202,8 @@ def _policy_rows(a, tmp: str) -> list[dict]:
     weights = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs
                   if f.endswith(".safetensors"))
 
+    if a.torch_threads:
+        torch.set_num_threads(a.torch_threads)
     jp = DeFIPolicy.from_checkpoint(workdir)
     tpol = DeFIPolicyTorch.from_pretrained(out, device="cpu")
     rs = np.random.default_rng(0)
@@ -244,6 +246,9 @@ def run(args: list[str]) -> list[dict]:
     p.add_argument("--gfdm_config", default="svd", choices=("svd", "tiny"))
     p.add_argument("--channels_div", type=int, default=1, help="--gfdm_full: divide UNet / VAE channels by this")
     p.add_argument("--in_process", action="store_true", help="no child processes (a smoke test; peaks mixed)")
+    p.add_argument("--torch_threads", type=int, default=0,
+                   help="torch.set_num_threads for torch_act (0: torch's default; on a loaded machine torch's "
+                        "spinning OpenMP threads slow it >10x, 1 avoids that)")
     a = p.parse_args(args)
     with tempfile.TemporaryDirectory(prefix="bench_export_") as tmp:
         return _gfdm_rows(a, tmp) if a.gfdm_full else _policy_rows(a, tmp)
