@@ -5,9 +5,10 @@
     config.json                        LeRobot's policy config: "type": "defi", input_features
                                        (observation.images.<view>: VISUAL [3, H, W]), output_features (action:
                                        ACTION [7]), normalization_mapping (VISUAL: IDENTITY, ACTION: QUANTILES)
-    model.safetensors                  every tensor of the whole policy (``DeFIPolicy.state_dict()``: ``defi.unet.*``,
-                                       ``defi.vae.*``, ``defi.gfdm_text.*``, ``defi.goal_text.*``, ``defi.Video_Former.*``,
-                                       ``defi.model.*``, ``defi.goal_emb.*``, ``defi.lam.*``, ``defi.time_pos_emb``)
+    model.safetensors                  every tensor of the whole policy (``DeFIPolicy.state_dict()``:
+                                       ``defi.unet.*``, ``defi.vae.*``, ``defi.gfdm_text.*``, ``defi.goal_text.*``,
+                                       ``defi.Video_Former.*``, ``defi.model.*``, ``defi.goal_emb.*``, ``defi.lam.*``,
+                                       ``defi.time_pos_emb``)
     policy_preprocessor.json           rename -> batch -> device -> normalizer_processor
     policy_preprocessor_step_3_normalizer_processor.safetensors     action.q01, action.q99 [7]
     policy_postprocessor.json          unnormalizer_processor -> device (cpu)

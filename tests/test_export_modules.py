@@ -63,7 +63,8 @@ def test_vae_three_level_built_in_jax_exports_to_the_same_function(tmp_path):
 
     c = VAE_CASES["three_level"]
     cfg = VAEConfig(**c["config"])
-    vae = export_benchmark.random_weights(nnx.eval_shape(lambda: AutoencoderKLTemporalDecoder(cfg, rngs=trace_rngs(0))), seed=13)
+    abstract = nnx.eval_shape(lambda: AutoencoderKLTemporalDecoder(cfg, rngs=trace_rngs(0)))
+    vae = export_benchmark.random_weights(abstract, seed=13)
     diffusers_svd.save_vae(vae, str(tmp_path))
     ref = Ref.from_pretrained(tmp_path).eval()
     x = torch.rand(c["videos"] * c["frames"], 3, *c["size"], generator=torch.Generator().manual_seed(14)) * 2 - 1
