@@ -5,7 +5,7 @@
         --config.model.gidm.tokenizer_path=/ckpt/t5_base
     python -m launch.import_torch policy --src=last.pt --workdir=/tmp/policy --gfdm_workdir=/ckpt/gfdm
     python -m launch.import_torch gfdm --src=/ckpt/stable-video-diffusion-img2vid --workdir=/ckpt/gfdm \\
-        --config.init.clip_path=/ckpt/clip-vit-base-patch32
+        --config=configs/gfdm.py:svd --config.init.clip_path=/ckpt/clip-vit-base-patch32
     python -m launch.import_torch gidm --src=stage2/last.ckpt --workdir=/ckpt/gidm
     python -m launch.import_torch export --src=/tmp/defi_torch --workdir=/ckpt/policy_again
 
@@ -31,6 +31,8 @@ export   a folder of ``launch.export_torch`` (its ``config.json`` names the stag
          workdir again; bitwise in float32 (a bfloat16 export is imported with a note that it is not bitwise).
          ``--config`` defaults to the stage's full-size config; a GFDM export holds only its networks' sizes, so
          pass the config of the run it came from (frames, text tokens).
+Without ``--config`` the gfdm / gidm / export kinds use the stage's default above (``DEFAULTS``); ``--config.*``
+overrides need ``--config`` (they would otherwise apply to the policy config, the flag's default).
 """
 
 import os
@@ -76,8 +78,11 @@ def _overrides(config, base) -> list[str]:
 
 def _base_config(stage: str):
     """``--config`` when given, else the stage's default (``DEFAULTS``); and the spec to print."""
-    if flags.FLAGS["config"].present:
+    if flags.FLAGS["config"].present or stage == "policy":
         return _CONFIG.value, config_flags.get_config_filename(flags.FLAGS["config"])
+    if any(flags.FLAGS[name].present for name in flags.FLAGS if name.startswith("config.")):
+        raise ValueError(f"--config.* overrides without --config: name the {stage} config they apply to "
+                         f"(e.g. --config=configs/{DEFAULTS[stage]})")
     import importlib
     name, variant = DEFAULTS[stage].split(":")
     module = importlib.import_module(f"configs.{name.removesuffix('.py')}")

@@ -75,7 +75,7 @@ def test_gfdm_from_a_diffusers_svd_folder_and_its_export_back(tmp_path, tiny_con
 
     _svd_folder(tmp_path / "svd")
     config = import_stages.import_gfdm(str(tmp_path / "svd"), str(tmp_path / "gfdm"), tiny_config("gfdm"))
-    assert config.model.unet["block_out_channels"] == [32, 64] and config.model.text_encoder["hidden_size"] == 8
+    assert tuple(config.model.unet["block_out_channels"]) == (32, 64) and config.model.text_encoder["hidden_size"] == 8
     got = _imported(str(tmp_path / "gfdm"))
     want = {}
     for prefix, module in (("unet/", diffusers_svd.load_unet(str(tmp_path / "svd" / "unet"))),

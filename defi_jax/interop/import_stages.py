@@ -104,12 +104,8 @@ def _json(path: str, what: str) -> dict:
 
 def _sizes(cls, full, base) -> dict:
     """``full`` (a network config dataclass) as a config dict: the base's keys, plus those off the defaults."""
-    full, defaults, base = _listed(dataclasses.asdict(full)), _listed(dataclasses.asdict(cls())), dict(base)
+    full, defaults, base = dataclasses.asdict(full), dataclasses.asdict(cls()), dict(base)
     return {k: v for k, v in full.items() if k in base or v != defaults.get(k)}
-
-
-def _listed(d: dict) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -258,7 +254,7 @@ def _export_policy_config(src: str, meta: dict, config):
         m.gfdm[key] = value
     from defi_jax.interop import hf_clip
     goal = os.path.join(src, "text_encoder", "config.json")
-    m.goal_text = _listed(dataclasses.asdict(hf_clip.config_from_hf(_json(goal, "the goal CLIP text folder"), goal)))
+    m.goal_text = dataclasses.asdict(hf_clip.config_from_hf(_json(goal, "the goal CLIP text folder"), goal))
     m.video_former, m.head = meta["video_former"], meta["head"]
     m.action_dim, m.horizon, m.num_views = meta["action_dim"], meta["horizon"], meta["num_views"]
     m.latent_action_frames = tuple(meta["latent_action_frames"])
