@@ -191,4 +191,8 @@ def test_bad_input_names_the_file_and_tensor(tmp_path, fast_compile, tiny_config
     _reference_stage2(c, tmp_path / "wrong.ckpt", reshape="lang_proj.bias")
     with pytest.raises(ValueError, match=r"lang_proj\.bias: file \(3, 5\), expected \(32,\)"):
         import_stages.import_gidm(str(tmp_path / "wrong.ckpt"), str(tmp_path / "w6"), _gidm_config(fast_compile))
+    _reference_stage2(c, tmp_path / "extra.ckpt", reshape="decoder.extra.weight")
+    with pytest.raises(ValueError, match=r"extra.ckpt: 1 tensor\(s\) that no parameter .* decoder\.extra\.weight "
+                                         r"\(3, 5\)"):
+        import_stages.import_gidm(str(tmp_path / "extra.ckpt"), str(tmp_path / "w7"), _gidm_config(fast_compile))
     assert not os.path.exists(tmp_path / "w5" / "checkpoints") and not os.path.exists(tmp_path / "w6" / "config.json")

@@ -156,6 +156,19 @@ def _name_and_rule(path: tuple, value_ndim: int) -> tuple[str, Any, Any]:
     return dotted.rsplit(".", 1)[0] + "." + torch_leaf, to_t, to_j
 
 
+def unexpected_tensors(model_config, state_dict: Mapping[str, np.ndarray]) -> list[str]:
+    """``"name (shape)"`` of every tensor of a stage-2 state dict that no parameter of the GIDM of
+    ``model_config`` reads (built abstractly); the frozen reference towers' sub-trees are not looked into."""
+    from defi_jax.gidm.model import LatentActionModel
+
+    model = nnx.eval_shape(lambda: LatentActionModel(model_config, rngs=nnx.Rngs(0)))
+    towers = tuple(p for p, ref in (("dino_encoder.", model.visual_encoder_kind == "dinov2"),
+                                    ("text_encoder.", model.text_encoder_kind == "t5")) if ref)
+    known = {_name_and_rule(path, len(var.get_value().shape))[0] for path, var in _lam_params(model).items()}
+    return [f"{k} {tuple(np.shape(v))}" for k, v in sorted(state_dict.items())
+            if k not in known and not (towers and k.startswith(towers))]
+
+
 def gidm_state_dict(model) -> dict[str, np.ndarray]:
     """Our GIDM -> the reference's state-dict names (without ``lam.``); the VQ codebook is exported
     with any dead-code restarts folded in. Frozen reference towers are exported by their own interop."""

@@ -173,7 +173,8 @@ def import_gidm(src: str, workdir: str, config=None, *, mesh=None, reference: bo
     without ``lam.``); ``config`` default ``configs/gidm.py:defi``, sizes read off the tensors
     (``defi_torch.infer_gidm_config``; heads and the DINOv2 / T5 sizes come from ``config``). The file's frozen
     towers (``dino_encoder.*`` torch-hub names, ``text_encoder.*`` T5 names) fill the model's; a file without
-    them leaves ``config.init.sources.dinov2`` / ``t5`` as configured. ``reference``: also turn on
+    them leaves ``config.init.sources.dinov2`` / ``t5`` as configured. Strict: a tensor no parameter reads is an
+    error (as are missing and mis-shaped ones, named with both shapes). ``reference``: also turn on
     ``model.reference_mask_order`` (the reference's language-mask quirk), as ``defi_torch.load_gidm`` does."""
     from defi_jax import paths, weights
     from defi_jax.interop import defi_torch
@@ -187,6 +188,10 @@ def import_gidm(src: str, workdir: str, config=None, *, mesh=None, reference: bo
     config.model = defi_torch.infer_gidm_config(tensors, config.model)
     if reference:
         config.model.reference_mask_order = True
+    unexpected = defi_torch.unexpected_tensors(config.model, tensors)   # missing / mis-shaped: config.init names
+    if unexpected:
+        raise ValueError(f"{src}: {len(unexpected)} tensor(s) that no parameter of the GIDM reads: "
+                         + "; ".join(unexpected[:30]) + (" ..." if len(unexpected) > 30 else ""))
     s, excluded = config.init.sources, []
     for name, sub, key, kind, source_kind in _TOWERS:
         if config.model[key] != kind:
