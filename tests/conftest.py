@@ -121,3 +121,39 @@ def count_compiles():
         finally:
             jax.monitoring.unregister_event_duration_listener(on_event)
     return counting
+
+
+# ---------------------------------------------------------------------------------------------- scheduling
+# Measured-slow tests first (idle 2-core machine, seconds), so that the two xdist workers start them early and
+# finish together; a whole file where the entry names one. Everything else keeps its collection order.
+SLOW_FIRST = (
+    "tests/test_policy_stage.py",                                     # module fine-tune fixture + its users
+    "tests/test_gfdm_stage.py::test_tiny_training_run_learns_compiles_evaluation_once_and_writes_gif",
+    "tests/test_packaging.py",                                        # wheel + venv + stage steps
+    "tests/test_gidm_stage.py::test_tiny_pretraining_on_demo_data",
+    "tests/test_policy_import.py::test_import_writes_a_policy_workdir_that_serves_resumes_and_matches",
+    "tests/test_export_torch.py",                                     # module export fixture
+    "tests/test_data_demo.py",
+    "tests/test_gidm_model.py::test_encoder_is_causal_in_time",
+    "tests/test_sweep.py::test_two_value_sweep_writes_csv_and_png_and_resumes",
+    "tests/test_gidm_stage.py::test_train_step_compiles_for_8_devices",
+)
+
+
+def _slow_rank(nodeid: str) -> int:
+    for rank, prefix in enumerate(SLOW_FIRST):
+        if nodeid == prefix or nodeid.startswith(prefix + "::") or nodeid.startswith(prefix + "["):
+            return rank
+    return len(SLOW_FIRST)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (stable: a file's tests keep their order); and the tests of a file that share a
+    module-scoped fixture form one ``xdist_group`` so that ``--dist loadgroup`` runs them on one worker (the
+    fixture is then built once, not once per worker)."""
+    items.sort(key=lambda item: _slow_rank(item.nodeid))
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        defs = info.name2fixturedefs.values() if info is not None else ()
+        if any(d.scope in ("module", "class") for ds in defs for d in ds):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
