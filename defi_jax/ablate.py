@@ -396,21 +396,24 @@ def _program_key(config) -> str:
     return c.to_json_best_effort(sort_keys=True)
 
 
-def dry_run(p: Plan, *, batch_size: int = 2, log: Callable[[str], None] = print) -> dict[str, dict]:
+def dry_run(p: Plan, *, run_steps: bool = True, batch_size: int = 2,
+            log: Callable[[str], None] = print) -> dict[str, dict]:
     """One train step of every config of the plan (one seed per variant), in this process, on one device, with
-    fast compiles and random initial weights (the pretraining is not run); configs whose compiled program is
-    the same share one :class:`trainer.Trainer` (each still steps on its own data). Returns metrics by run."""
+    fast compiles and random initial weights (the pretraining is not run). Each config's step is traced and
+    lowered for a batch of its own data; with ``run_steps`` it is also compiled and run once from a fresh state.
+    Configs whose program is the same share one :class:`trainer.Trainer` (one compile). Returns by run name the
+    metrics of the step (``run_steps``) or their shapes and dtypes (lowered only)."""
     import jax
     import numpy as np
 
     from defi_jax import sharding, stage as stage_lib, trainer
 
     first_seed = {}
-    for (name, seed), run in p.runs.items():
+    for (name, _), run in p.runs.items():
         first_seed.setdefault(name, run)
-    todo = {f"pretrain/{k}/{s}": r for k, stages in p.pretrain.items() for s, r in stages.items()}
-    todo |= {name: run for name, run in first_seed.items()}
+    todo = {f"pretrain/{k}/{s}": r for k, stages in p.pretrain.items() for s, r in stages.items()} | first_seed
     trainers: dict[str, trainer.Trainer] = {}
+    lowered_for: dict[str, tuple] = {}
     out = {}
     for name, run in todo.items():
         config = p.configs[run.workdir].copy_and_resolve_references()
@@ -424,11 +427,10 @@ def dry_run(p: Plan, *, batch_size: int = 2, log: Callable[[str], None] = print)
             config.train.compiler_options = dict(FAST_COMPILE)
         key = _program_key(config)
         shared = key in trainers
-        if not shared:
-            mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
-            trainers[key] = trainer.Trainer(config, mesh=mesh)
-        else:
+        if shared:
             config_validation.validate(config, num_devices=1)
+        else:
+            trainers[key] = trainer.Trainer(config, mesh=sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
         tr = trainers[key]
         data = stage_lib.get(config.stage).make_data(config, 0, 1, "train")
         try:
@@ -436,10 +438,23 @@ def dry_run(p: Plan, *, batch_size: int = 2, log: Callable[[str], None] = print)
         finally:
             if callable(getattr(data, "close", None)):
                 data.close()
-        _, metrics = tr.step(tr.init_state(), batch)
-        metrics = {k: float(v) for k, v in metrics.items()}
-        if not np.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"{name}: non-finite loss after one step ({run.workdir})")
-        out[name] = metrics
-        log(f"{name}: one step, loss {metrics['loss']:.4g}" + (" (compiled program shared)" if shared else ""))
+        if run_steps:
+            _, metrics = tr.step(tr.init_state(), batch)
+            out[name] = metrics = {k: float(v) for k, v in metrics.items()}
+            if not np.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"{name}: non-finite loss after one step ({run.workdir})")
+            done = f"one step, loss {metrics['loss']:.4g}"
+        elif shared:   # the same program: its own data must give the batch the lowered step was traced for
+            first_batch, out[name] = lowered_for[key]
+            if jax.tree.map(np.shape, batch) != jax.tree.map(np.shape, first_batch):
+                raise ValueError(f"{name}: its batch {jax.tree.map(np.shape, batch)} does not fit the step lowered "
+                                 f"for {jax.tree.map(np.shape, first_batch)} ({run.workdir})")
+            done = "batch of its own data fits the lowered train step"
+        else:
+            with sharding.use_rules(tr.mesh, tr.rules):
+                lowered = tr.jit_step(batch).lower(tr.abstract_state(), batch)
+            lowered_for[key] = batch, lowered.out_info[1]
+            out[name] = lowered.out_info[1]
+            done = "train step traced and lowered"
+        log(f"{name}: {done}" + (" (same program as an earlier config)" if shared else ""))
     return out

@@ -66,16 +66,17 @@ def test_variants_differ_from_defi_exactly_as_intended(plan):
 
 
 def test_dry_run_one_step_of_every_variant(plan):
+    """Every variant's train step (and both pretraining stages') traced and lowered on a batch of its own data; a
+    compiled and executed step of each is the command's --dry_run, minutes on a CPU (7 distinct programs)."""
     logs = []
-    metrics = ablate.dry_run(plan, log=logs.append)
-    assert set(metrics) == {*ablate.VARIANTS, "pretrain/standard/gidm", "pretrain/standard/gfdm",
-                            "pretrain/no_human_video/gidm", "pretrain/no_human_video/gfdm"}
-    assert all(math.isfinite(m["loss"]) for m in metrics.values())
-    assert "codebook_loss" in metrics["defi"] and "codebook_loss" not in metrics["continuous_latent"]
-    # Variants that differ only in where their initial weights come from share one compiled program.
-    shared = {line.split(":")[0] for line in logs if "shared" in line}
-    assert {"no_gidm_pretrain", "no_gfdm_pretrain", "no_human_video", "pretrain/no_human_video/gidm"} <= shared
-    assert not {"defi", "adapter_only", "all_train", "gfdm_5_steps", "continuous_latent"} & shared
+    steps = ablate.dry_run(plan, run_steps=False, log=logs.append)
+    assert set(steps) == {*ablate.VARIANTS, "pretrain/standard/gidm", "pretrain/standard/gfdm",
+                          "pretrain/no_human_video/gidm", "pretrain/no_human_video/gfdm"}
+    assert all(m["loss"].shape == () and m["loss"].dtype == np.float32 for m in steps.values())
+    # Variants that differ only in where their initial weights (or data) come from share one program.
+    shared = {line.split(":")[0] for line in logs if "same program" in line}
+    assert shared == {"no_gidm_pretrain", "no_gfdm_pretrain", "no_human_video", "pretrain/no_human_video/gidm",
+                      "pretrain/no_human_video/gfdm"}
 
 
 def _summary(tasks: dict) -> dict:
