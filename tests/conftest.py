@@ -124,8 +124,9 @@ def count_compiles():
 
 
 # ---------------------------------------------------------------------------------------------- scheduling
-# Measured-slow tests first (idle 2-core machine, seconds), so that the two xdist workers start them early and
-# finish together; a whole file where the entry names one. Everything else keeps its collection order.
+# Measured-slow tests first (the slowest of `make test` on an idle 2-core machine), so that the two xdist workers
+# start them early and finish together; a whole file where the entry names one (its module fixtures are then
+# built once per worker that runs it). Everything else keeps its collection order.
 SLOW_FIRST = (
     "tests/test_policy_stage.py",                                     # module fine-tune fixture + its users
     "tests/test_gfdm_stage.py::test_tiny_training_run_learns_compiles_evaluation_once_and_writes_gif",
@@ -148,12 +149,6 @@ def _slow_rank(nodeid: str) -> int:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Slow tests first (stable: a file's tests keep their order); and the tests of a file that share a
-    module-scoped fixture form one ``xdist_group`` so that ``--dist loadgroup`` runs them on one worker (the
-    fixture is then built once, not once per worker)."""
+    """Slow tests first (stable: a file's tests keep their order)."""
     items.sort(key=lambda item: _slow_rank(item.nodeid))
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        defs = info.name2fixturedefs.values() if info is not None else ()
-        if any(d.scope in ("module", "class") for ds in defs for d in ds):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+

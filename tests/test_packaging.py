@@ -36,13 +36,14 @@ def wheel_venv(tmp_path_factory):
                     str(tmp / "dist"), str(REPO)], check=True, cwd=tmp)
     wheel = next((tmp / "dist").glob("defi_jax-*.whl"))
     venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    py = venv / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)   # the test venv's
+    py = venv / "bin" / "python"                                                               # pip installs
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
     # The test venv's packages as a plain path entry: its .pth files (the editable finder) are not run.
     Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index",
+                    str(wheel)], check=True)
     return wheel, py
 
 
@@ -53,9 +54,10 @@ def test_wheel_contains_every_module(wheel_venv):
     assert not missing, f"modules missing from the wheel: {missing}"
 
 
-def test_stages_run_from_the_installed_wheel(wheel_venv, tmp_path, demo_data_dir):
+def test_stages_run_from_the_installed_wheel(wheel_venv, tmp_path, demo_data_dir, subprocess_env):
     _, py = wheel_venv
-    env = dict(os.environ, PYTHONPATH="", JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = subprocess_env(devices=0)   # one CPU device, fast compiles
+    env["PYTHONPATH"] = ""            # not this checkout: the installed wheel
     code = r"""
 import os, sys
 import configs, defi_jax, data_pipelines, launch
