@@ -316,7 +316,7 @@ def _verdict(ref: Line, other: Line) -> str:
     ours = "lower" if diff < 0 else "higher" if diff > 0 else "equal"
     (a, b), (c, d) = ref.pooled.interval(), other.pooled.interval()
     noise = " (within noise: the pooled 95% intervals overlap)" if a <= d and c <= b else ""
-    word = "agrees" if ours == paper else "disagrees"
+    word = "agrees" if ours == paper else "no difference" if ours == "equal" else "disagrees"
     return (f"{word}: paper {paper} than {ref.row.label} ({other.row.paper:.2f} vs {ref.row.paper:.2f}), "
             f"miniature {ours} ({other.mean:.2f} vs {ref.mean:.2f}){noise}")
 
