@@ -124,31 +124,64 @@ def count_compiles():
 
 
 # ---------------------------------------------------------------------------------------------- scheduling
-# Measured-slow tests first (the slowest of `make test` on an idle 2-core machine), so that the two xdist workers
-# start them early and finish together; a whole file where the entry names one (its module fixtures are then
-# built once per worker that runs it). Everything else keeps its collection order.
-SLOW_FIRST = (
-    "tests/test_policy_stage.py",                                     # module fine-tune fixture + its users
-    "tests/test_gfdm_stage.py::test_tiny_training_run_learns_compiles_evaluation_once_and_writes_gif",
-    "tests/test_packaging.py",                                        # wheel + venv + stage steps
-    "tests/test_gidm_stage.py::test_tiny_pretraining_on_demo_data",
-    "tests/test_policy_import.py::test_import_writes_a_policy_workdir_that_serves_resumes_and_matches",
-    "tests/test_export_torch.py",                                     # module export fixture
-    "tests/test_data_demo.py",
-    "tests/test_gidm_model.py::test_encoder_is_causal_in_time",
-    "tests/test_sweep.py::test_two_value_sweep_writes_csv_and_png_and_resumes",
-    "tests/test_gidm_stage.py::test_train_step_compiles_for_8_devices",
+# The slowest tests of `make test` (seconds, idle 2-core machine, before this ordering): a whole file where the
+# entry names one (its module fixtures are built once per worker that runs it).
+SLOW = (
+    ("tests/test_policy_stage.py", 420),                                # module fine-tune fixture + its users
+    ("tests/test_gfdm_stage.py::test_tiny_training_run_learns_compiles_evaluation_once_and_writes_gif", 108),
+    ("tests/test_packaging.py", 85),                                    # wheel + venv + stage steps
+    ("tests/test_gidm_stage.py::test_tiny_pretraining_on_demo_data", 68),
+    ("tests/test_policy_import.py::test_import_writes_a_policy_workdir_that_serves_resumes_and_matches", 41),
+    ("tests/test_export_torch.py", 40),                                 # module export fixture
+    ("tests/test_data_demo.py", 25),
+    ("tests/test_gidm_model.py::test_encoder_is_causal_in_time", 19),
+    ("tests/test_sweep.py::test_two_value_sweep_writes_csv_and_png_and_resumes", 19),
+    ("tests/test_gidm_stage.py::test_train_step_compiles_for_8_devices", 18),
 )
 
 
 def _slow_rank(nodeid: str) -> int:
-    for rank, prefix in enumerate(SLOW_FIRST):
+    for rank, (prefix, _) in enumerate(SLOW):
         if nodeid == prefix or nodeid.startswith(prefix + "::") or nodeid.startswith(prefix + "["):
             return rank
-    return len(SLOW_FIRST)
+    return len(SLOW)
+
+
+def _first_chunks(slow: list[list], rest: list, workers: int, chunk: int) -> list:
+    """xdist's ``--dist load`` hands worker k the k-th run of ``chunk`` tests first, then further tests in order
+    as workers drain: the slow groups spread over those first chunks heaviest first, each to the chunk with the
+    least work that has room (longest-processing-time scheduling), the rest filling up after them."""
+    bins = [dict(items=[], work=0.0) for _ in range(workers)]
+    left = []
+    for rank, group in sorted(enumerate(slow), key=lambda rg: -SLOW[rg[0]][1]):
+        if not group:
+            continue
+        fits = [b for b in bins if len(b["items"]) + len(group) <= chunk]
+        if not fits:
+            left.extend(group)
+            continue
+        b = min(fits, key=lambda b: b["work"])
+        b["items"].extend(group)
+        b["work"] += SLOW[rank][1]
+    rest = left + rest
+    out = []
+    for b in bins:
+        take = chunk - len(b["items"])
+        out += b["items"] + rest[:take]
+        rest = rest[take:]
+    return out + rest
 
 
 def pytest_collection_modifyitems(config, items):
-    """Slow tests first (stable: a file's tests keep their order)."""
-    items.sort(key=lambda item: _slow_rank(item.nodeid))
-
+    """Slow tests first, spread over the xdist workers' first chunks (a file's tests keep their order), so that
+    the workers start them at once and finish together."""
+    slow = [[] for _ in SLOW]
+    rest = []
+    for item in items:
+        rank = _slow_rank(item.nodeid)
+        (slow[rank] if rank < len(SLOW) else rest).append(item)
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    if workers > 1:   # xdist's LoadScheduling: first chunk = max(2, tests per worker // 4)
+        items[:] = _first_chunks(slow, rest, workers, max(2, len(items) // workers // 4))
+    else:
+        items[:] = [i for group in slow for i in group] + rest
