@@ -465,6 +465,6 @@ def test_entry_point_help_and_usage():
     out = subprocess.run([sys.executable, "-m", "launch.import_torch", "--help"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "python -m launch.import_torch policy --src=" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "launch.import_torch", "gidm", "--src=x.pt", "--workdir=/tmp/x"],
+    out = subprocess.run([sys.executable, "-m", "launch.import_torch", "stage9", "--src=x.pt", "--workdir=/tmp/x"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "one of ('policy',)" in out.stderr
+    assert out.returncode == 2 and "one of ('policy', 'gfdm', 'gidm', 'export')" in out.stderr
