@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from defi_jax import config_validation
+from defi_jax import config_validation, paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT = "sweep_result.json"
@@ -157,20 +158,20 @@ def execute(runs: Sequence[Run], *, dry_run: bool = False, log=print) -> None:
                 log(f"    stopped at step {run.step} of {run.num_steps}; rerun the sweep to resume it")
             else:
                 run.status = "done"
-                with open(result, "w") as f:
-                    json.dump({"step": run.step, "metrics": run.metrics}, f, indent=1)
+                paths.write_text(result, json.dumps({"step": run.step, "metrics": run.metrics}, indent=1))
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
 
 
 def write_csv(runs: Sequence[Run], path: str, param: str, metric: str) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow([param, "seed", "status", "step", metric, "workdir"])
-        for r in runs:
-            w.writerow([r.value, r.seed, r.status, "" if r.step is None else r.step, r.metrics.get(metric, ""),
-                        r.workdir])
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow([param, "seed", "status", "step", metric, "workdir"])
+    for r in runs:
+        w.writerow([r.value, r.seed, r.status, "" if r.step is None else r.step, r.metrics.get(metric, ""),
+                    r.workdir])
+    paths.write_text(path, f.getvalue())
 
 
 def _points(runs: Sequence[Run], metric: str) -> tuple[list[str], dict[str, list[float]], bool]:
