@@ -15,7 +15,9 @@ A policy workdir gives (see ``defi_jax_torch.policy`` for how each part is read)
     OUT/policy/{config.json, model.safetensors}   Video_Former.*, model.* (stage-3 names)
     OUT/action_stats.json, OUT/action_stats.safetensors, OUT/tokenizers/ (BPE / SentencePiece files), README.md
 
-A GFDM workdir gives ``OUT/gfdm/``; a GIDM workdir ``OUT/gidm/`` (the reference's stage-2 names). The folder is
+A GFDM workdir gives ``OUT/gfdm/`` (and the run's ``config.model`` in ``OUT/config.json``, which
+``launch.import_torch export`` rebuilds the model from); a GIDM workdir ``OUT/gidm/`` (the reference's stage-2
+names). The folder is
 written as ``OUT.tmp-XXXX``, every part is loaded back strictly (diffusers / transformers ``from_pretrained``,
 ``DeFIPolicyTorch.from_pretrained``), and only then renamed to ``OUT``; a mismatch fails with one error naming
 every tensor with both shapes. Needs torch, diffusers and transformers.
@@ -72,8 +74,9 @@ def export_model(load: Callable[[], object], config, out: str, *, dtype: str = "
         model = load()
         if stage == "policy":
             meta = _write_policy(model, config, source["workdir"], tmp)
-        elif stage == "gfdm":
-            meta = _write_gfdm(model, os.path.join(tmp, "gfdm")) | {"stage": "gfdm"}
+        elif stage == "gfdm":   # + the run's config.model: an import rebuilds the same model, nothing guessed
+            meta = _write_gfdm(model, os.path.join(tmp, "gfdm")) | {
+                "stage": "gfdm", "model": json.loads(config.model.to_json_best_effort())}
         else:
             meta = _write_gidm(model, config, os.path.join(tmp, "gidm")) | {"stage": "gidm"}
         del model

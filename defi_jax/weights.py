@@ -42,10 +42,11 @@ read as a reference checkpoint (``defi_torch.read_state_dict``: a Lightning ``st
 dropped), so ``prefix="dino_encoder."`` finds ``lam.dino_encoder.*`` in ``.ckpt`` / ``.pt`` / ``.safetensors``.
 
 The name / transpose tables are the interop modules' (``defi_jax.interop``). :func:`load_init_params` reads
-every active source once, outside any trace: safetensors files are memory-mapped and each parameter is put
-straight into its sharding (each process reads only the slices its devices hold), so the trainer passes the
-arrays to its jitted init as arguments and no weight becomes a constant of a compiled program. Missing and
-mis-shaped tensors of all sources are reported together, by name, with both shapes.
+every active source once, outside any trace, streamed: of a safetensors file only the header is read up
+front, each tensor when its parameter is placed (a plain read, nothing mapped stays resident), straight into
+its sharding, so host memory holds the placed parameters plus one tensor. The trainer passes the arrays to its
+jitted init as arguments (donated: each becomes its slot of the state) and no weight becomes a constant of a
+compiled program. Missing and mis-shaped tensors of all sources are reported together, by name, with both shapes.
 
 ``config.init.allow_random`` (False): a stage's validation refuses a frozen pretrained tower (DINOv2, T5,
 the GFDM's VAE / CLIP text) without a source, unless this is set (tests, debugging).
@@ -223,9 +224,11 @@ def _read(path: str, weights_name: str, prefix: str = "") -> dict[str, np.ndarra
         return _sub_tree(defi_torch.read_state_dict(path), prefix, path)
     if os.path.isfile(path) and path.endswith((".pth", ".pt", ".bin", ".ckpt")):
         return _read_torch(path)
+    from defi_jax.interop._convert import lazy_safetensors
+
     out = {}
     for file in _safetensors_files(path, weights_name):
-        out.update(read_safetensors_mmap(file))
+        out.update(lazy_safetensors(file))   # headers only: each tensor is read when placed
     return _sub_tree(out, prefix, path)
 
 
@@ -403,6 +406,7 @@ def load_init_params(config, abstract: Mapping[str, jax.ShapeDtypeStruct]) -> di
             if tuple(value.shape) != want:
                 bad.append(f"{key}: file {tuple(value.shape)}, expected {want} (ours: {path} {shape})")
                 continue
+            value = np.asarray(value)   # a streamed (``Lazy``) tensor is read now: one at a time beside the placed
             out[path] = _place(np.transpose(value, perm) if perm else value, like)
         if missing or bad:
             lines = [f"{src.key}={src.path!r} ({src.kind}):"]
@@ -411,6 +415,7 @@ def load_init_params(config, abstract: Mapping[str, jax.ShapeDtypeStruct]) -> di
         else:
             _log.info("init: %d parameters from %s (%s; %d tensors of the source unused)", len(matched), src.path,
                       src.key, len(tensors) - len(used))
+        tensors = value = None   # the last tensor read is not kept beside the next source's
     if problems:
         raise ValueError("config.init: cannot load the pretrained weights:\n" + "\n".join(problems))
     return out

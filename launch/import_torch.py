@@ -29,8 +29,9 @@ gidm     the reference's stage-2 checkpoint (Lightning ``.ckpt`` / ``.pt`` read 
          them, else ``config.init.sources.dinov2`` / ``t5``.
 export   a folder of ``launch.export_torch`` (its ``config.json`` names the stage): a policy, GFDM or GIDM
          workdir again; bitwise in float32 (a bfloat16 export is imported with a note that it is not bitwise).
-         ``--config`` defaults to the stage's full-size config; a GFDM export holds only its networks' sizes, so
-         pass the config of the run it came from (frames, text tokens).
+         ``--config`` defaults to the stage's full-size config; a GFDM export's ``config.json`` records the run's
+         ``config.model``, which is used as it is (an older export without it holds only the networks' sizes:
+         then pass the config of the run it came from, for the frames and text tokens).
 Without ``--config`` the gfdm / gidm / export kinds use the stage's default above (``DEFAULTS``); ``--config.*``
 overrides need ``--config`` (they would otherwise apply to the policy config, the flag's default).
 """
@@ -61,7 +62,10 @@ def _overrides(config, base) -> list[str]:
     def flat(d, prefix=""):
         out = {}
         for k, v in d.items():
-            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
+            if isinstance(v, dict):
+                out |= flat(v, f"{prefix}{k}.")
+            else:
+                out[prefix + k] = tuple(v) if isinstance(v, list) else v   # JSON's lists: the config files' tuples
         return out
 
     new, old = flat(config.to_dict()), flat(base.to_dict())

@@ -4,6 +4,7 @@ JAX); bad input names the file / tensor. Every model is tiny and random."""
 
 import json
 import os
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -85,11 +86,50 @@ def test_gfdm_from_a_diffusers_svd_folder_and_its_export_back(tmp_path, tiny_con
                  for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
     _assert_bitwise(got, want)
 
-    # JAX -> torch -> JAX: the export of that workdir imports back bitwise.
+    # JAX -> torch -> JAX: the export of that workdir imports back bitwise, into the same config.model (recorded in
+    # the export's config.json: the base's frames, which the networks' folders cannot tell, are not used).
     export_torch.export(str(tmp_path / "gfdm"), str(tmp_path / "out"))
-    config, note = import_stages.import_export(str(tmp_path / "out"), str(tmp_path / "again"), tiny_config("gfdm"))
-    assert note == "" and config.stage == "gfdm"
+    meta = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert meta["model"] == json.loads(config.model.to_json_best_effort())
+    base = tiny_config("gfdm")
+    base.model.num_frames, base.data.num_frames = 6, 5
+    again, note = import_stages.import_export(str(tmp_path / "out"), str(tmp_path / "again"), base)
+    assert note == "" and again.stage == "gfdm" and again.data.num_frames == config.model.num_frames - 1
+    assert json.loads(again.model.to_json_best_effort()) == meta["model"]
     _assert_bitwise(_imported(str(tmp_path / "again")), got)
+
+    # An export without it (older ones): the networks' sizes from the folders, the rest from the base config.
+    shutil.copytree(tmp_path / "out", tmp_path / "older")
+    (tmp_path / "older" / "config.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "model"}))
+    older, _ = import_stages.import_export(str(tmp_path / "older"), str(tmp_path / "from_older"), base)
+    assert older.model.num_frames == 6 and older.model.unet == again.model.unet
+    _assert_bitwise(_imported(str(tmp_path / "from_older")), got)
+
+
+def test_streamed_reader_reads_each_tensor_when_made_and_names_a_bad_file(tmp_path):
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    from defi_jax.interop import _convert
+
+    want = {"a.weight": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.arange(5, dtype=np.int64),
+            "c": np.linspace(-2, 2, 6).astype(ml_dtypes.bfloat16).reshape(2, 3)}
+    file = tmp_path / "model.safetensors"
+    save_file(want, str(file))
+    lazy = _convert.lazy_safetensors(str(file))
+    assert all(isinstance(v, _convert.Lazy) for v in lazy.values())          # nothing read yet: the headers only
+    assert {k: (v.shape, v.dtype) for k, v in lazy.items()} == {k: (v.shape, v.dtype) for k, v in want.items()}
+    _assert_bitwise({k: np.asarray(v) for k, v in lazy.items()}, want)
+    assert _convert.read_safetensors(str(tmp_path), "model").keys() == want.keys()
+    data = file.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-8])      # the last tensor's bytes cut short
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    last = max(want, key=lambda k: header[k]["data_offsets"][1])
+    with pytest.raises(ValueError, match=rf"cut.safetensors: tensor '{last}' .* truncated or corrupt"):
+        _convert.lazy_safetensors(str(tmp_path / "cut.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(ValueError, match="junk.safetensors: not a safetensors file"):
+        _convert.lazy_safetensors(str(tmp_path / "junk.safetensors"))
 
 
 def _reference_stage2(c, path, drop: str = "", reshape: str = "") -> dict:

@@ -18,13 +18,18 @@ Shared by every interop module (diffusers SVD, transformers CLIP / DINOv2 / T5).
     model with one tensor in memory beside it, not a second copy.
 ``from_torch(module, tensors, rules, *, what="model", ignore=(), dtype=None) -> module``
     Fills every ``nnx.Param`` of ``module`` (a concrete module or an ``nnx.eval_shape`` one, so nothing
-    random is ever allocated) from ``tensors``; returns the filled module (use the return value). Raises ``ValueError`` listing
-    missing keys, unexpected keys and mis-shaped tensors (all of them, not just the first).
+    random is ever allocated) from ``tensors`` (arrays or ``Lazy``, read one at a time); returns the filled
+    module (use the return value). Raises ``ValueError`` listing missing keys, unexpected keys and mis-shaped
+    tensors (all of them, not just the first).
     ``ignore`` (regexes) drops torch keys that carry no parameters of ours (buffers such as position ids).
-``read_safetensors(folder, weights_name, variant=None) -> dict[str, np.ndarray]``
+``read_safetensors(folder, weights_name, variant=None) -> dict[str, Lazy]``
     ``<weights_name>.safetensors`` or a sharded ``<weights_name>.safetensors.index.json``; never pickle.
     ``variant="fp16"`` reads ``<weights_name>.fp16.safetensors`` or
-    ``<weights_name>.safetensors.index.fp16.json`` (the Hugging Face naming).
+    ``<weights_name>.safetensors.index.fp16.json`` (the Hugging Face naming). Streamed: only the headers are
+    read here; each tensor is read from its file when ``from_torch`` takes it (``lazy_safetensors``).
+``lazy_safetensors(file) -> dict[str, Lazy]``
+    One ``.safetensors`` file's tensors, each read with a plain positioned read when made: a loader holds the
+    model plus one tensor (a memory-mapped file would keep every page it touched resident until unmapped).
 ``write_safetensors(tensors, folder, weights_name, max_shard_bytes=10 GB, variant=None)``
     One file, or shards plus the index JSON that ``from_pretrained`` reads; written tensor by tensor
     (``write_safetensors_file``), never serialized whole in memory.
@@ -152,7 +157,8 @@ def from_torch(module: nnx.Module, tensors: Mapping[str, np.ndarray], rules: Ite
         if tuple(src.shape) != want:
             bad.append(f"{key}: file {tuple(src.shape)}, expected {want} (ours: {dotted} {shape})")
             continue
-        # numpy, not jnp: an eager jnp transpose compiles one XLA program per distinct shape
+        # numpy, not jnp: an eager jnp transpose compiles one XLA program per distinct shape. A ``Lazy`` is read
+        # here, so a streamed file holds one tensor at a time beside the module.
         arr = np.asarray(src)
         if perm:
             arr = np.transpose(arr, perm)
@@ -180,21 +186,20 @@ def _names(weights_name: str, variant: str | None) -> tuple[str, str, str]:
             f"{weights_name}.{variant}")
 
 
-def read_safetensors(folder: str, weights_name: str, variant: str | None = None) -> dict[str, np.ndarray]:
-    """Tensors of ``folder/<weights_name>.safetensors``, or of every shard listed in its index JSON."""
-    from safetensors.numpy import load_file
-
+def read_safetensors(folder: str, weights_name: str, variant: str | None = None) -> dict[str, Lazy]:
+    """Tensors of ``folder/<weights_name>.safetensors``, or of every shard listed in its index JSON, each a
+    ``Lazy`` read from its file when made (``lazy_safetensors``)."""
     single_name, index_name, _ = _names(weights_name, variant)
     single = os.path.join(folder, single_name)
     index = os.path.join(folder, index_name)
     if os.path.exists(single):
-        return load_file(single)
+        return lazy_safetensors(single)
     if os.path.exists(index):
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, Lazy] = {}
         for shard in sorted(set(weight_map.values())):
-            out.update(load_file(os.path.join(folder, shard)))
+            out.update(lazy_safetensors(os.path.join(folder, shard)))
         missing = sorted(set(weight_map) - set(out))
         if missing:
             raise ValueError(f"{index}: tensors listed but absent from the shards: {missing[:10]}")
@@ -206,6 +211,47 @@ def read_safetensors(folder: str, weights_name: str, variant: str | None = None)
 
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
               "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def lazy_safetensors(file: str) -> dict[str, Lazy]:
+    """Every tensor of one ``.safetensors`` file as a ``Lazy``: the header is read (and checked against the file's
+    size) now, each tensor's bytes when it is made, with a plain positioned read into a fresh array. Unlike a
+    memory map, nothing stays resident once the caller drops the array, so a loader taking one tensor at a time
+    holds one tensor beside what it built. A truncated or malformed file raises naming the file (and tensor)."""
+    codes = {v: np.dtype(jnp.dtype(k)) for k, v in _ST_DTYPES.items()}
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header size {n}")
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file}: not a safetensors file, or a truncated one ({e})") from None
+    header.pop("__metadata__", None)
+    out = {}
+    for key, info in header.items():
+        dtype = codes.get(info.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"{file}: tensor {key!r} has dtype {info.get('dtype')!r}, which this reader cannot hold")
+        shape = tuple(int(d) for d in info["shape"])
+        start, end = (8 + n + int(o) for o in info["data_offsets"])
+        if end - start != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or end > size:
+            raise ValueError(f"{file}: tensor {key!r} ({info['dtype']} {list(shape)}) spans bytes {start}..{end} of "
+                             f"a {size}-byte file: truncated or corrupt")
+        out[key] = Lazy(shape, dtype, lambda start=start, shape=shape, dtype=dtype: _read_at(file, start, shape, dtype))
+    return out
+
+
+def _read_at(file: str, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    out = np.empty(shape, dtype)
+    with open(file, "rb") as f:
+        f.seek(offset)
+        got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+    if got != out.nbytes:
+        raise ValueError(f"{file}: {got} of {out.nbytes} bytes at offset {offset}: the file changed while read")
+    return out
 
 
 def lazy_tensors(handle) -> dict[str, Lazy]:

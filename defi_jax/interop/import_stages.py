@@ -16,7 +16,8 @@ Sizes: what the weights fix is read off the files (``config.json`` of the diffus
 frames, schedules, data) comes from the base config.
 
 ``import_export`` reads back each stage that ``defi_jax.export_torch`` writes (its top ``config.json`` names
-the stage): ``gfdm/`` (diffusers UNet / VAE + transformers CLIP text), ``gidm/`` (``config.json`` = the GIDM's
+the stage): ``gfdm/`` (diffusers UNet / VAE + transformers CLIP text; the top ``config.json`` holds the run's
+``config.model``), ``gidm/`` (``config.json`` = the GIDM's
 ``config.model``, ``model.safetensors`` in the reference's stage-2 names) and a policy folder (``policy/`` +
 ``gidm/`` = the reference's stage-3 names, read by the ``torch_export`` kind through :func:`policy_export_key`;
 ``text_encoder/`` the goal tower; ``gfdm/``; ``action_stats.json``). JAX -> torch -> JAX is bitwise in float32.
@@ -29,8 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-
-import numpy as np
 
 from defi_jax.interop._convert import Rule, torch_key
 
@@ -229,9 +228,10 @@ def policy_export_key(path: str, ndim: int) -> tuple[str, tuple[int, ...] | None
     return path, None
 
 
-def read_policy_export(path: str) -> dict[str, np.ndarray]:
-    """Every tensor of a policy export's ``policy/`` and ``gidm/`` ``model.safetensors`` (memory-mapped)."""
-    from defi_jax.weights import read_safetensors_mmap
+def read_policy_export(path: str) -> dict:
+    """Every tensor of a policy export's ``policy/`` and ``gidm/`` ``model.safetensors`` (``Lazy``: each read when
+    placed)."""
+    from defi_jax.interop._convert import lazy_safetensors
 
     out = {}
     for part in ("policy", "gidm"):
@@ -239,7 +239,7 @@ def read_policy_export(path: str) -> dict[str, np.ndarray]:
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{file} not found: a policy export of launch.export_torch holds policy/ and "
                                     f"gidm/ model.safetensors")
-        out.update(read_safetensors_mmap(file))
+        out.update(lazy_safetensors(file))
     return out
 
 
@@ -304,10 +304,14 @@ def import_export(src: str, workdir: str, config=None, *, mesh=None) -> tuple:
     """A workdir of the stage an export folder of ``launch.export_torch`` holds; returns ``(config, note)``.
 
     ``config``: the base the folder's sizes go on (default ``configs/<stage>.py``'s full-size variant: gfdm:svd,
-    gidm:defi, policy:defi); a GFDM export holds only the networks' sizes, so pass the GFDM config it came from
-    (frames, text tokens). ``note``: "" for a float32 export; for a bfloat16 one, that the import is exact to
-    the bfloat16 weights, not bitwise to the float32 weights they were exported from.
+    gidm:defi, policy:defi). A GFDM export's ``config.json`` records the run's ``config.model``, which replaces
+    the base's (and ``data.num_frames`` follows its frames); an older export without it holds only the networks'
+    sizes, so pass the GFDM config it came from (frames, text tokens). ``note``: "" for a float32 export; for a
+    bfloat16 one, that the import is exact to the bfloat16 weights, not bitwise to the float32 weights they were
+    exported from.
     """
+    import ml_collections
+
     from defi_jax import paths
 
     src, workdir = os.path.abspath(src), paths.abspath(workdir)
@@ -319,9 +323,13 @@ def import_export(src: str, workdir: str, config=None, *, mesh=None) -> tuple:
         f"the float32 weights they were exported from (export with --dtype=float32 for a bitwise round trip)")
     require_fresh(workdir)
     if stage == "gfdm":
+        config = _base(config, "gfdm:svd")
+        if "model" in meta:   # the run's config.model (exports that record it): the same model, nothing guessed
+            config.model = ml_collections.ConfigDict(meta["model"])
+            if config.data.get("source", "frames") == "frames":
+                config.data.num_frames = int(config.model.num_frames) - 1   # the future frames it predicts
         return import_gfdm(os.path.join(src, "gfdm"), workdir, config, mesh=mesh), note
     if stage == "gidm":
-        import ml_collections
         config = _base(config, "gidm:defi")
         config.model = ml_collections.ConfigDict(
             _json(os.path.join(src, "gidm", "config.json"), "the GIDM's config.model of the export"))
