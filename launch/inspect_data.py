@@ -2,11 +2,15 @@
 
   python -m launch.inspect_data --dataset bridge --data_dir /data --num 4 --out /tmp/inspect
   python -m launch.inspect_data --dataset demo --num 2 --out /tmp/inspect        # the embedded demo data
+  python -m launch.inspect_data --dataset my_robot --lerobot /data/my_robot --num 2   # a LeRobot dataset folder
 
 NAME is a dataset of the standardization table (an OXE name, calvin, demo), a CALVIN released-layout task
 (calvin_abc_d, ...: --data_dir = the task folder, e.g. .../task_ABC_D; one sample per annotated segment), ssv2,
-ego4d or demo_human. --data_dir is the root holding <NAME>/ (or that folder itself). Robot datasets are read from
-their converted ArrayRecord copy when there is one, else straight from the RLDS TFRecords with tensorflow-datasets.
+ego4d, demo_human, or a LeRobot dataset (v2.1 / v3.0; one sample per episode): --lerobot PATH registers the
+folder as NAME with ``register_lerobot``'s defaults (the first two cameras, the first 7 action components); one
+registered in the same process before ``main`` runs is read where it was registered. --data_dir is the root
+holding <NAME>/ (or that folder itself). Robot datasets are read from their converted ArrayRecord copy when there
+is one, else straight from the RLDS TFRecords with tensorflow-datasets.
 Each JSON line: dataset, source, instruction, the frame shape of each view, the action shape and first row.
 """
 
@@ -55,10 +59,22 @@ def _robot_samples(name, path, num, size):
 
 
 def _calvin_samples(name, path, num, size):
-    from data_pipelines import calvin, oxe_table, video
+    from data_pipelines import calvin, oxe_table
 
     task = calvin.task_dir(path, oxe_table.CALVIN_DATASETS[name].folder)
-    reader = calvin.FrameReader(task, "train", name)
+    return _episodes(calvin.FrameReader(task, "train", name), num, size)
+
+
+def _lerobot_samples(name, path, num, size):
+    from data_pipelines import lerobot, oxe_table
+
+    return _episodes(lerobot.EpisodeReader(path, oxe_table.LEROBOT_DATASETS[name]), num, size)
+
+
+def _episodes(reader, num, size):
+    """The first ``num`` episodes of a reader whose records hold decoded frames (CALVIN, LeRobot)."""
+    from data_pipelines import video
+
     for e, ep in enumerate(reader.index["episodes"][:num]):
         frames = list(range(ep["start"], ep["start"] + ep["length"]))
         recs = reader.records(frames)
@@ -92,19 +108,30 @@ def main(argv=None):
     p.add_argument("--num", type=int, default=4)
     p.add_argument("--out", default="", help="folder for contact-sheet PNGs (none when empty)")
     p.add_argument("--size", type=int, default=128, help="frame size (short side resize + centre crop)")
+    p.add_argument("--lerobot", default="", help="a LeRobot dataset folder, registered as --dataset")
     a = p.parse_args(argv)
     data_dir, out = (d if not d or d.startswith("gs://") else os.path.abspath(d) for d in (a.data_dir, a.out))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from data_pipelines import demo, oxe_table
+    from data_pipelines import demo, lerobot, oxe_table
 
+    if a.lerobot:
+        try:
+            lerobot.register_lerobot(a.dataset, os.path.abspath(a.lerobot))
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"inspect_data: --lerobot={a.lerobot}: {e}") from None
     name = oxe_table.resolve(a.dataset)
     if name not in oxe_table.known_datasets():
         raise SystemExit(f"inspect_data: --dataset={a.dataset!r} unknown; known: {oxe_table.known_datasets()}")
     if data_dir and not data_dir.startswith("gs://") and not os.path.isdir(data_dir):
         raise SystemExit(f"inspect_data: --data_dir={data_dir} does not exist")
-    root = data_dir or demo.ensure_demo_data()
-    path = os.path.join(root, name) if os.path.isdir(os.path.join(root, name)) else root
-    if name in oxe_table.ROBOT_DATASETS:
+    if name in oxe_table.LEROBOT_DATASETS:      # read where it was registered, unless --data_dir says otherwise
+        path = data_dir or oxe_table.LEROBOT_DATASETS[name].path
+    else:
+        root = data_dir or demo.ensure_demo_data()
+        path = os.path.join(root, name) if os.path.isdir(os.path.join(root, name)) else root
+    if name in oxe_table.LEROBOT_DATASETS:
+        sampler = _lerobot_samples
+    elif name in oxe_table.ROBOT_DATASETS:
         sampler = _robot_samples
     elif name in oxe_table.CALVIN_DATASETS:
         sampler = _calvin_samples

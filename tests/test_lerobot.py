@@ -205,7 +205,7 @@ def registered(datasets):
     lerobot.register_lerobot("lr_v21", str(datasets["v21"]))
     lerobot.register_lerobot("lr_v30", str(datasets["v30"]), action_dims=(0, 1, 2, 3, 4, 5, 7), gripper="signed")
     yield datasets
-    for name in ("lr_v21", "lr_v30", "lr_av1"):
+    for name in ("lr_v21", "lr_v30", "lr_av1", "lr_cli"):
         oxe_table.LEROBOT_DATASETS.pop(name, None)
 
 
@@ -286,6 +286,40 @@ def test_action_statistics_json_quantiles_or_computed(registered):
     for k in ("mean", "q01", "q99", "min", "max"):
         np.testing.assert_allclose(src.stats[k], want[k], rtol=1e-6)
     assert src.stats["num_steps"] == 40
+
+
+def test_action_stats_tools_and_inspect_data(registered, tmp_path, capsys):
+    from data_pipelines import loader
+    from launch import inspect_data
+
+    for name, width in (("lr_v21", 6), ("lr_v30", 8)):
+        cfg = _cfg(name)
+        # compute_action_stats: the train episodes' parquet actions alone (stats.json not read), no frame decoded
+        got = dp.compute_action_stats(name, cfg)
+        want = arrayrecord.action_stats(np.concatenate([_want_actions(e, range(LENGTHS[e]), width) for e in (0, 1)]))
+        for k in ("mean", "std", "q01", "q99", "min", "max"):
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-6, err_msg=f"{name} {k}")
+        assert got["num_steps"] == 40
+        # action_stats: what policy_window normalizes with (v3.0: stats.json's quantiles; v2.1: computed)
+        stats = dp.action_stats(name, cfg)
+        assert stats == loader.open_source(name, cfg, "train", with_stats=True).stats
+        assert stats["q01"] == ([V30_STATS_Q[0]] * 7 if name == "lr_v30" else got["q01"])
+
+    inspect_data.main(["--dataset", "lr_v30", "--num", "2", "--size", "16", "--out", str(tmp_path / "sheets")])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["instruction"] for line in lines] == list(TASKS[:2])
+    for ep, line in enumerate(lines):
+        assert line["frames"] == {"primary": [20, 16, 16, 3], "wrist": [20, 16, 16, 3]} and line["actions"] == [20, 7]
+        np.testing.assert_allclose(line["first_action"], _want_actions(ep, [0], 8)[0], atol=1e-5)
+        assert os.path.isfile(line["contact_sheet"])
+    # --lerobot registers a folder as --dataset (a fresh process knows no LeRobot dataset otherwise); v2.1's wrist
+    # camera is PNG images inline in the parquet
+    inspect_data.main(["--dataset", "lr_cli", "--lerobot", str(registered["v21"]), "--num", "1", "--size", "16"])
+    (line,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert line["instruction"] == TASKS[0] and line["frames"] == {"primary": [20, 16, 16, 3], "wrist": [20, 16, 16, 3]}
+    np.testing.assert_allclose(line["first_action"], _want_actions(0, [0], 6)[0], atol=1e-5)
+    with pytest.raises(SystemExit, match=r"--lerobot=.*nothing: no LeRobot dataset at .*meta/info.json is missing"):
+        inspect_data.main(["--dataset", "lr_none", "--lerobot", str(tmp_path / "nothing")])
 
 
 @pytest.mark.parametrize("name", ["lr_v21", "lr_v30"])
