@@ -137,3 +137,30 @@ def nchw(x_NHWC) -> np.ndarray:
 
 def nhwc(x_NCHW: torch.Tensor) -> jax.Array:
     return jnp.asarray(x_NCHW.permute(0, 2, 3, 1).numpy())
+
+
+def assert_vae_matches_diffusers(vae, case: str, folder, seed: int):
+    """Our ``vae`` -> ``save_vae(folder)`` -> diffusers ``from_pretrained``: encode (the latent mode) and decode of
+    random frames of ``VAE_CASES[case]`` agree within 1e-4 (max relative). Returns the diffusers model."""
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    from defi_jax.interop import diffusers_svd
+
+    c = VAE_CASES[case]
+    diffusers_svd.save_vae(vae, str(folder))
+    ref = AutoencoderKLTemporalDecoder.from_pretrained(folder).eval()
+    x = torch.rand(c["videos"] * c["frames"], 3, *c["size"], generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    graphdef, state = nnx.split(vae)
+
+    def run(state, x):
+        model = nnx.merge(graphdef, state)
+        z = model.encode(x)
+        return z, model.decode(z, num_frames=c["frames"])
+
+    z, dec = fast_jit(run, state, nhwc(x))(state, nhwc(x))
+    with torch.no_grad():
+        ref_z = ref.encode(x).latent_dist.mode()
+        ref_dec = ref.decode(ref_z, num_frames=c["frames"]).sample
+    assert max_rel_err(nchw(z), ref_z.numpy()) <= 1e-4
+    assert max_rel_err(nchw(dec), ref_dec.numpy()) <= 1e-4
+    return ref

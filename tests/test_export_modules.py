@@ -25,7 +25,7 @@ whole policy    test_export_torch (actions of ``DeFIPolicyTorch`` vs ``DeFIPolic
 import numpy as np
 import pytest
 import torch
-from _svd_reference import (UNET_CASES, VAE_CASES, fast_jit, jax_unet_outputs, max_rel_err, nchw, nhwc,
+from _svd_reference import (UNET_CASES, VAE_CASES, assert_vae_matches_diffusers, jax_unet_outputs, max_rel_err,
                             torch_unet_outputs, unet_inputs, unet_inputs_jax)
 from flax import nnx
 from test_policy_modules import CONFIGS, IDS, _close, _fast, _head_inputs, _t
@@ -59,28 +59,9 @@ def test_unet_built_in_jax_exports_to_the_same_function(tmp_path):
 
 
 def test_vae_three_level_built_in_jax_exports_to_the_same_function(tmp_path):
-    from diffusers import AutoencoderKLTemporalDecoder as Ref
-
-    c = VAE_CASES["three_level"]
-    cfg = VAEConfig(**c["config"])
+    cfg = VAEConfig(**VAE_CASES["three_level"]["config"])
     abstract = nnx.eval_shape(lambda: AutoencoderKLTemporalDecoder(cfg, rngs=trace_rngs(0)))
-    vae = export_benchmark.random_weights(abstract, seed=13)
-    diffusers_svd.save_vae(vae, str(tmp_path))
-    ref = Ref.from_pretrained(tmp_path).eval()
-    x = torch.rand(c["videos"] * c["frames"], 3, *c["size"], generator=torch.Generator().manual_seed(14)) * 2 - 1
-    graphdef, state = nnx.split(vae)
-
-    def run(state, x):
-        model = nnx.merge(graphdef, state)
-        z = model.encode(x)
-        return z, model.decode(z, num_frames=c["frames"])
-
-    z, dec = fast_jit(run, state, nhwc(x))(state, nhwc(x))
-    with torch.no_grad():
-        ref_z = ref.encode(x).latent_dist.mode()
-        ref_dec = ref.decode(ref_z, num_frames=c["frames"]).sample
-    assert max_rel_err(nchw(z), ref_z.numpy()) <= 1e-4
-    assert max_rel_err(nchw(dec), ref_dec.numpy()) <= 1e-4
+    assert_vae_matches_diffusers(export_benchmark.random_weights(abstract, seed=13), "three_level", tmp_path, seed=14)
 
 
 @pytest.mark.parametrize("c", [CONFIGS[0], CONFIGS[2]], ids=[IDS[0], IDS[2]])
@@ -118,9 +99,10 @@ def test_video_former_and_head_built_in_jax_export_to_the_same_function(c):
 
 def test_benchmark_case_smoke():
     """``python -m launch.benchmark export --gfdm_full`` on the tiny GFDM, in this process: streamed export, strict
-    load back, import; every row timed and measured."""
+    load back, import into modules and into a workdir; every row timed and measured."""
     rows = export_benchmark.run(["--gfdm_full", "--gfdm_config=tiny", "--in_process"])
-    assert [r["what"] for r in rows] == ["gfdm_export", "gfdm_import"]
+    assert [r["what"] for r in rows] == ["gfdm_export", "gfdm_import", "gfdm_import_workdir"]
     for r in rows:
         assert r["case"] == "export" and r["median_s"] > 0 and r["peak_host_bytes"] >= 0
         assert r["weights_bytes"] == rows[0]["weights_bytes"] > 1e6
+    assert rows[2]["state_bytes"] > rows[2]["weights_bytes"]      # + the UNet's AdamW moments

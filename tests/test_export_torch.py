@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from _helpers import save_params
 from flax import nnx
 
 from configs import gfdm as gfdm_configs
@@ -23,25 +24,6 @@ STATS = {"normalized": True, "stats": {"q01": [-0.5, -0.4, -0.3, -0.2, -0.1, -0.
                                        "q99": [0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.0]}}
 
 
-def _nested(flat: dict) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
-def _save_params(config, workdir: str, params: dict, extra: dict | None = None) -> None:
-    """A checkpoint holding only parameters (flat ``a/b/c`` paths): what ``restore_model`` and the export read."""
-    ckpt = checkpoint.Checkpointer(workdir, async_save=False)
-    ckpt.save(0, {"params": _nested(params), "extra": _nested(extra or {}), "step": np.int32(0)}, None,
-              config.to_json_best_effort())
-    ckpt.close()
-
-
 def _flat(state) -> dict:
     return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
 
@@ -53,7 +35,7 @@ def _write_policy_workdir(config, workdir: str, seed: int) -> None:
     rs = np.random.default_rng(seed)
     params = {k: (v + 0.05 * rs.standard_normal(v.shape)).astype(v.dtype) if v.dtype.kind == "f" else v
               for k, v in _flat(nnx.state(model, nnx.Param)).items()}
-    _save_params(config, workdir, params, _flat(nnx.state(model, nnx.Not(nnx.Param))))
+    save_params(config, workdir, params, _flat(nnx.state(model, nnx.Not(nnx.Param))))
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +167,7 @@ def test_a_gfdm_workdir_exports_its_stage_in_bfloat16(exported, tmp_path):
     from diffusers import UNetSpatioTemporalConditionModel
 
     c = gfdm_configs.get_config("tiny")     # the policy's GFDM as a GFDM workdir of its own
-    _save_params(c, str(tmp_path / "gfdm"), checkpoint.restore_params(exported["workdir"], prefix="gfdm/"))
+    save_params(c, str(tmp_path / "gfdm"), checkpoint.restore_params(exported["workdir"], prefix="gfdm/"))
     meta = export_torch.export(str(tmp_path / "gfdm"), str(tmp_path / "out"), dtype="bfloat16")
     assert meta["stage"] == "gfdm" and meta["parts"] == ["gfdm/unet", "gfdm/vae", "gfdm/text_encoder"]
     from safetensors.torch import load_file
@@ -205,7 +187,7 @@ def test_a_gidm_workdir_exports_the_reference_stage2_names(tmp_path):
 
     c = gidm_configs.get_config("tiny")
     model = stage_lib.get("gidm").build_model(c, nnx.Rngs(4))
-    _save_params(c, str(tmp_path / "gidm"), _flat(nnx.state(model, nnx.Param)),
+    save_params(c, str(tmp_path / "gidm"), _flat(nnx.state(model, nnx.Param)),
                  _flat(nnx.state(model, nnx.Not(nnx.Param))))
     meta = export_torch.export(str(tmp_path / "gidm"), str(tmp_path / "out"))
     assert meta["stage"] == "gidm" and meta["parts"] == ["gidm"]

@@ -6,10 +6,10 @@ import csv
 import json
 
 import numpy as np
+from _helpers import save_params
 from flax import nnx
 from PIL import Image
 
-from defi_jax import checkpoint
 from defi_jax import stage as stage_lib
 from defi_jax.evaluation import gfdm_quality
 
@@ -27,17 +27,6 @@ def test_psnr_ssim_known_values():
     got = gfdm_quality.ssim(np.full((16, 16, 3), a, np.float32), np.full((16, 16, 3), b, np.float32))
     np.testing.assert_allclose(got, (2 * a * b + c1) / (a * a + b * b + c1), rtol=1e-4)
     assert gfdm_quality.unavailable("LPIPS", None) == "unavailable: no weights"
-
-
-def _nested(flat):
-    out = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
 
 
 def _random_params(config, seed=0) -> dict:
@@ -62,10 +51,7 @@ def test_run_writes_json_csv_gif(tmp_path, demo_data_dir, tiny_config):
     config = tiny_config("gfdm")
     config.data.data_dir = demo_data_dir
     workdir = str(tmp_path / "gfdm")
-    ckpt = checkpoint.Checkpointer(workdir, async_save=False)
-    ckpt.save(0, {"params": _nested(_random_params(config)), "extra": {}, "step": np.int32(0)}, None,
-              config.to_json_best_effort())
-    ckpt.close()
+    save_params(config, workdir, _random_params(config))
 
     out = tmp_path / "quality"
     # 1 vs 2 steps keeps the test short; the command compares 1 and 5 by default

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from _svd_reference import UNET_CASES, VAE_CASES, fast_jit, max_rel_err, nchw, nhwc, torch_unet, torch_vae, \
+from _svd_reference import UNET_CASES, VAE_CASES, assert_vae_matches_diffusers, max_rel_err, torch_unet, torch_vae, \
     unet_inputs
 from flax import nnx
 from safetensors.numpy import load_file, save_file
@@ -53,9 +53,7 @@ def test_unet_save_loads_in_diffusers_sharded_and_identical(tmp_path):
 
 def test_vae_built_in_jax_exports_to_the_same_function(tmp_path):
     """Random JAX weights (never seen by torch) -> save_vae -> from_pretrained -> same encode / decode."""
-    from diffusers import AutoencoderKLTemporalDecoder as Ref
-    c = VAE_CASES["two_level"]
-    cfg = VAEConfig(**c["config"])
+    cfg = VAEConfig(**VAE_CASES["two_level"]["config"])
     abstract = nnx.eval_shape(lambda: AutoencoderKLTemporalDecoder(cfg, rngs=trace_rngs(0)))
     graphdef, state = nnx.split(abstract)
     leaves, treedef = jax.tree.flatten(state)
@@ -63,24 +61,8 @@ def test_vae_built_in_jax_exports_to_the_same_function(tmp_path):
     # every parameter random (norm scales, biases and mix factors too), scaled to keep activations O(1)
     state = jax.tree.unflatten(treedef, [
         (rng.standard_normal(x.shape) / np.sqrt(max(np.prod(x.shape[:-1]), 1))).astype(x.dtype) for x in leaves])
-    vae = nnx.merge(graphdef, state)
-    diffusers_svd.save_vae(vae, str(tmp_path))
-    ref = Ref.from_pretrained(tmp_path).eval()
+    ref = assert_vae_matches_diffusers(nnx.merge(graphdef, state), "two_level", tmp_path, seed=8)
     assert tuple(ref.config.block_out_channels) == cfg.block_out_channels
-
-    x = torch.rand(c["videos"] * c["frames"], 3, *c["size"], generator=torch.Generator().manual_seed(8)) * 2 - 1
-
-    def run(state, x):
-        model = nnx.merge(graphdef, state)
-        z = model.encode(x)
-        return z, model.decode(z, num_frames=c["frames"])
-
-    z, dec = fast_jit(run, state, nhwc(x))(state, nhwc(x))
-    with torch.no_grad():
-        ref_z = ref.encode(x).latent_dist.mode()
-        ref_dec = ref.decode(ref_z, num_frames=c["frames"]).sample
-    assert max_rel_err(nchw(z), ref_z.numpy()) <= 1e-4
-    assert max_rel_err(nchw(dec), ref_dec.numpy()) <= 1e-4
 
 
 def test_vae_round_trip_is_exact_and_fp16_variants_work(tmp_path):

@@ -15,9 +15,14 @@ Policy rows (same backend, same process for the latencies; medians of ``--steps`
                     loaded back into PyTorch strictly
   gfdm_import       the folders read back into our JAX modules (``diffusers_svd.load_unet`` / ``load_vae``,
                     ``hf_clip.load_text_encoder``)
+  gfdm_import_workdir  ``launch.import_torch export``: the folder into a GFDM workdir at step 0 (the train state:
+                    the weights, in their shardings, plus the UNet's fresh AdamW moments; ``checkpoints/0`` written),
+                    the model rebuilt from the folder's recorded ``config.model`` on the variant's config
 Peak host memory: the process's peak resident set (``ru_maxrss``) minus its resident set before the model was
-made; ``peak_over_weights`` divides it by the float32 weights' bytes (a streamed export stays near 1: the model
-itself, plus one tensor at a time; writing a whole second copy would read ~2-3).
+made; ``peak_over_weights`` divides it by the float32 weights' bytes (a streamed export or import stays near 1:
+the model itself, plus one tensor at a time; a whole second copy would read ~2-3). ``peak_over_state`` divides
+the workdir import's by the train state's bytes (on a CPU the "device" state is host memory too; it holds the
+optimizer moments beside the weights, so near 1 is the streamed figure there).
 """
 
 from __future__ import annotations
@@ -161,6 +166,21 @@ def _gfdm_import(out: str) -> dict:
     return {"seconds": seconds, "peak_bytes": _peak_bytes() - base}
 
 
+def _gfdm_import_workdir(variant: str, out: str, workdir: str) -> dict:
+    from configs import gfdm as gfdm_configs
+    from defi_jax import trainer
+    from defi_jax.interop import import_stages
+
+    import jax
+
+    base, start = _rss_bytes(), time.perf_counter()
+    config, _ = import_stages.import_export(out, workdir, gfdm_configs.get_config(variant))
+    seconds, peak = time.perf_counter() - start, _peak_bytes() - base
+    state = jax.tree.leaves(trainer.StateLayout(config).abstract_state())   # all devices: this host's memory
+    return {"seconds": seconds, "peak_bytes": peak,
+            "state_bytes": sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in state)}
+
+
 # ---------------------------------------------------------------------------------------------------
 # The case
 # ---------------------------------------------------------------------------------------------------
@@ -226,6 +246,8 @@ def _gfdm_rows(a, tmp: str) -> list[dict]:
     out = os.path.join(tmp, "gfdm")
     exp = _child("gfdm_export", a.in_process, variant=a.gfdm_config, channels_div=a.channels_div, out=out)
     imp = _child("gfdm_import", a.in_process, out=out)
+    wd = _child("gfdm_import_workdir", a.in_process, variant=a.gfdm_config, out=out,
+                workdir=os.path.join(tmp, "gfdm_workdir"))
     w = exp["weights_bytes"]
     cfg = (f"gfdm:{a.gfdm_config}" + (f" channels/{a.channels_div}" if a.channels_div > 1 else "")
            + f", {w / 4e6:.0f}M params, float32")
@@ -234,7 +256,10 @@ def _gfdm_rows(a, tmp: str) -> list[dict]:
                  peak_over_weights=exp["peak_bytes"] / w, made_peak_over_weights=exp["made_peak_bytes"] / w,
                  init_s=exp["init_seconds"]),
             dict(base, what="gfdm_import", median_s=imp["seconds"], peak_host_bytes=imp["peak_bytes"],
-                 peak_over_weights=imp["peak_bytes"] / w)]
+                 peak_over_weights=imp["peak_bytes"] / w),
+            dict(base, what="gfdm_import_workdir", median_s=wd["seconds"], peak_host_bytes=wd["peak_bytes"],
+                 peak_over_weights=wd["peak_bytes"] / w, state_bytes=wd["state_bytes"],
+                 peak_over_state=wd["peak_bytes"] / wd["state_bytes"])]
 
 
 def run(args: list[str]) -> list[dict]:
