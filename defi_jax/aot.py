@@ -28,8 +28,10 @@ import math
 import re
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from defi_jax import metrics, sharding
 
@@ -191,8 +193,13 @@ def compile_report(config, devices: Sequence[jax.Device], *, chip: Chip | None =
     t0 = time.perf_counter()
     compiled, memory = trainer.compile_train_step(config, mesh)
     compile_s = time.perf_counter() - t0
-    flops = metrics.compiled_flops(compiled)
-    report = {
+    report = _report(config, mesh, compile_s, memory, metrics.compiled_flops(compiled), compiled.as_text())
+    return _add_chip(report, chip, step_time)
+
+
+def _report(config, mesh, compile_s: float, memory: dict, flops: float | None, hlo_text: str) -> dict:
+    devices = list(mesh.devices.flat)
+    return {
         "platform": devices[0].platform,
         "device_kind": devices[0].device_kind,
         "num_devices": len(devices),
@@ -203,8 +210,13 @@ def compile_report(config, devices: Sequence[jax.Device], *, chip: Chip | None =
         "memory": memory,
         "flops_per_step_per_device": flops,
         "flops_per_step": None if flops is None else flops * len(devices),
-        "collectives": count_collectives(compiled.as_text()),
+        "collectives": count_collectives(hlo_text),
     }
+
+
+def _add_chip(report: dict, chip: Chip | None, step_time: float | None) -> dict:
+    """``report`` plus HBM use, the ideal step times and the MFU at ``step_time`` on ``chip``."""
+    memory, flops = report["memory"], report["flops_per_step_per_device"]
     if chip is not None:
         report["chip"] = chip.name
         report["peak_flops_per_device"] = chip.peak_flops
@@ -218,6 +230,147 @@ def compile_report(config, devices: Sequence[jax.Device], *, chip: Chip | None =
                 report["step_time_s"] = step_time
                 report["mfu"] = flops / (step_time * chip.peak_flops)
     return report
+
+
+# ---- per-block compile: the train step composed from its remat units ----------------------------------
+@dataclasses.dataclass
+class _Unit:
+    """One distinct remat unit of the UNet (a res-block or a spatio-temporal transformer) at per-device shapes."""
+
+    name: str
+    graphdef: Any
+    state: Any                # abstract params (compute dtype), whole (an FSDP step gathers them per unit)
+    args: tuple               # abstract activations, the batch split over the mesh's batch axes
+    out: Any
+    static: dict
+    remat: bool
+    count: int = 0
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+class _UnitRecorder:
+    """The :func:`defi_jax.models.svd_unet.unit_hook`: records each unit and stands in for it.
+
+    The stand-in (a squared sum of the unit's params and inputs, broadcast to its output, under the same
+    remat) keeps what the step holds around a unit: its inputs saved for the backward pass, its output, the
+    gradients of its params and inputs; it drops what runs inside the unit.
+    """
+
+    def __init__(self, batch_shards: int):
+        self.batch_shards = batch_shards
+        self.units: dict[str, _Unit] = {}
+
+    def _local(self, x):
+        if x.shape[0] % self.batch_shards:
+            raise ValueError(f"--per_block: a UNet activation {x.shape} does not split its leading dim over the "
+                             f"{self.batch_shards} batch shards of config.mesh")
+        return jax.ShapeDtypeStruct((x.shape[0] // self.batch_shards, *x.shape[1:]), x.dtype)
+
+    def __call__(self, layer, remat: bool, args: tuple, static: dict):
+        from flax import nnx
+        graphdef, state = nnx.split(layer)
+        state_abs, args_abs = _abstract(state), _abstract(args)
+        out = jax.eval_shape(lambda st, *a: nnx.merge(graphdef, st)(*a, **static), state_abs, *args_abs)
+        shapes = ", ".join("x".join(map(str, a.shape)) for a in jax.tree.leaves(args_abs))
+        params = sum(math.prod(x.shape) for x in jax.tree.leaves(state_abs))
+        name = f"{type(layer).__name__}({shapes}; {params} params)"
+        key = f"{name} {static} {remat} {jax.tree.structure(state_abs)} {_abstract(jax.tree.leaves(state_abs))}"
+        unit = self.units.get(key)
+        if unit is None:
+            unit = self.units[key] = _Unit(name, graphdef, state_abs, jax.tree.map(self._local, args_abs),
+                                           jax.tree.map(self._local, out), dict(static), remat)
+        unit.count += 1
+
+        def stand_in(m, *a):
+            leaves = [x for x in jax.tree.leaves((nnx.state(m, nnx.Param), a))
+                      if jnp.issubdtype(x.dtype, jnp.floating)]
+            total = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
+            return jax.tree.map(lambda o: jnp.broadcast_to(total.astype(o.dtype), o.shape), out)
+
+        return nnx.remat(stand_in)(layer, *args) if remat else stand_in(layer, *args)
+
+
+def _compile_unit(unit: _Unit, device: jax.Device, jit_kwargs: dict):
+    """The unit's forward pass and its backward pass (recomputed forward first, under its remat) on one device."""
+    from flax import nnx
+
+    def fwd_bwd(state, args, cotangent):
+        def call(st, *a):
+            return nnx.merge(unit.graphdef, st)(*a, **unit.static)
+        out, vjp = jax.vjp(jax.checkpoint(call) if unit.remat else call, state, *args)
+        return out, vjp(cotangent)  # the forward pass, then (recomputed) forward + backward, as in the step
+
+    on = jax.sharding.SingleDeviceSharding(device)
+    put = lambda t: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on), t)  # noqa: E731
+    return jax.jit(fwd_bwd, **jit_kwargs).lower(put(unit.state), put(unit.args), put(unit.out)).compile()
+
+
+def per_block_report(config, devices: Sequence[jax.Device], *, chip: Chip | None = None,
+                     step_time: float | None = None, compare_whole: bool = False) -> dict:
+    """:func:`compile_report` composed from pieces the compiler handles one at a time (the full GFDM).
+
+    Two kinds of compile: (1) the whole train step on the mesh with every UNet remat unit (res-block,
+    spatio-temporal transformer) replaced by a stand-in that keeps the unit's saved inputs, output and
+    gradients (:class:`_UnitRecorder`): state, optimizer, gradients, activations kept across units, the VAE
+    and text encoders, collectives; (2) each distinct unit's recomputed forward + backward on one device at
+    the per-device batch. Peak = (1)'s peak + the largest unit temporaries; FLOPs = (1)'s + each unit's x
+    its calls. Needs ``config.model.remat`` (the units are the remat boundaries) and
+    ``config.train.grad_accum_steps == 1``. ``compare_whole`` also compiles the whole step (what the
+    composition replaces: mid-size configs only) and reports the composition's relative error.
+    """
+    from defi_jax import stage as stage_lib, trainer
+    from defi_jax.models import svd_unet
+
+    key = {"gfdm": "remat", "policy": "gfdm.remat"}.get(config.stage)
+    remat = key is not None and bool(config.model.get("gfdm", {}).get("remat", False) if config.stage == "policy"
+                                     else config.model.get("remat", False))
+    if not remat:
+        raise ValueError(f"--per_block composes the SVD UNet's remat units: needs config.stage='gfdm' with "
+                         f"config.model.remat=True (or 'policy' with config.model.gfdm.remat=True); got "
+                         f"stage={config.stage!r}" + (f", config.model.{key}=False" if key else "")
+                         + "; compile the whole step instead")
+    if config.train.grad_accum_steps != 1:
+        raise ValueError(f"--per_block: config.train.grad_accum_steps={config.train.grad_accum_steps}; "
+                         f"compose at grad_accum_steps=1 with the microbatch as config.train.batch_size")
+    mesh = sharding.make_mesh(config.mesh, devices=list(devices))
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    recorder = _UnitRecorder(shards)
+    t0 = time.perf_counter()
+    with svd_unet.unit_hook(recorder):
+        outer, outer_memory = trainer.compile_train_step(config, mesh)
+    outer_s = time.perf_counter() - t0
+    if not recorder.units:
+        raise ValueError("--per_block: the train step called no UNet remat unit")
+    outer_flops = metrics.compiled_flops(outer)
+    jit_kwargs = stage_lib.jit_kwargs(config)
+    units = []
+    for unit in recorder.units.values():
+        t1 = time.perf_counter()
+        compiled = _compile_unit(unit, devices[0], jit_kwargs)
+        units.append({"name": unit.name, "count": unit.count, "memory": trainer.memory_stats(compiled),
+                      "flops": metrics.compiled_flops(compiled), "compile_seconds": time.perf_counter() - t1})
+    largest = max(units, key=lambda u: u["memory"].get("temp", 0))
+    memory = dict(outer_memory)
+    if outer_memory:
+        memory["temp"] = outer_memory["temp"] + largest["memory"]["temp"]
+        memory["peak_estimate"] = outer_memory["peak_estimate"] + largest["memory"]["temp"]
+    flops = None
+    if outer_flops is not None and all(u["flops"] is not None for u in units):
+        flops = outer_flops + sum(u["count"] * u["flops"] for u in units)
+    report = _report(config, mesh, time.perf_counter() - t0, memory, flops, outer.as_text())
+    report["per_block"] = {"outer_memory": outer_memory, "outer_flops": outer_flops,
+                           "outer_compile_seconds": outer_s, "largest_unit": largest["name"], "units": units}
+    if compare_whole:
+        whole = compile_report(config, devices)
+        report["whole"] = {k: whole[k] for k in ("memory", "flops_per_step_per_device", "compile_seconds")}
+        pairs = {"peak": (memory.get("peak_estimate"), whole["memory"].get("peak_estimate")),
+                 "flops": (flops, whole["flops_per_step_per_device"])}
+        report["per_block"]["relative_error"] = {k: None if not (a and b) else (a - b) / b
+                                                 for k, (a, b) in pairs.items()}
+    return _add_chip(report, chip, step_time)
 
 
 def _bytes(n: float) -> str:
@@ -263,4 +416,20 @@ def format_report(report: dict) -> str:
     if "mfu" in report:
         lines.append(f"MFU at a step time of {_seconds(report['step_time_s'])}: {100 * report['mfu']:.3g}%")
     lines.append("collectives: " + ", ".join(f"{k}={v}" for k, v in report["collectives"].items()))
+    if "per_block" in report:
+        pb = report["per_block"]
+        outer = pb["outer_memory"]
+        lines.append(f"per-block: the step with its UNet units stood in: peak "
+                     f"{_bytes(outer.get('peak_estimate', 0))} "
+                     f"(argument {_bytes(outer.get('argument', 0))}, temp {_bytes(outer.get('temp', 0))}), compiled "
+                     f"in {pb['outer_compile_seconds']:.1f} s; + the largest unit's temporaries:")
+        for u in sorted(pb["units"], key=lambda u: -u["memory"].get("temp", 0)):
+            flops = "?" if u["flops"] is None else f"{u['flops']:.3g}"
+            lines.append(f"  {u['count']} x {u['name']}: temp {_bytes(u['memory'].get('temp', 0))}, "
+                         f"FLOPs {flops} per call ({u['compile_seconds']:.1f} s)")
+        if "whole" in report:
+            w, err = report["whole"], pb["relative_error"]
+            lines.append(f"whole step (compiled to check): peak {_bytes(w['memory'].get('peak_estimate', 0))}, "
+                         f"FLOPs {w['flops_per_step_per_device'] or 0:.4g} per device; composed vs whole: "
+                         + ", ".join(f"{k} {'?' if v is None else f'{100 * v:+.1f}%'}" for k, v in err.items()))
     return "\n".join(lines)

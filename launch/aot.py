@@ -4,6 +4,7 @@
     python -m launch.aot --config=configs/gidm.py:defi --topology=v6e-64 --step_time=0.8 --json=/tmp/aot.json
     python -m launch.aot --config=configs/toy.py:tiny --topology=v5p:2x2x2 --config.mesh.shape='(1,4,2)'
     python -m launch.aot --config=configs/toy.py:tiny --fake_devices=8
+    python -m launch.aot --config=configs/gfdm.py:svd --topology=v5p-16 --per_block
 
 ``--topology`` runs the real TPU compiler on this machine (needs ``pip install -e '.[tpu]'``, i.e. libtpu;
 no TPU attached): names like ``v5p-128`` / ``v4-32`` count TensorCores (two per chip), ``v5e-256`` /
@@ -12,7 +13,9 @@ no TPU attached): names like ``v5p-128`` / ``v4-32`` count TensorCores (two per 
 Prints per-device memory (arguments, temporaries, peak vs the chip's HBM), FLOPs per step, the ideal step
 time at 100% and 50% MFU (or the MFU at ``--step_time``) and the collectives in the compiled program.
 ``--fake_devices=N`` compiles for N CPU devices instead: memory is then XLA:CPU's, not a TPU's.
-The TPU compiler needs several GiB of host RAM for full-size models.
+The TPU compiler needs several GiB of host RAM for full-size models; ``--per_block`` (GFDM with
+``model.remat``) compiles the step with its UNet res-blocks / transformers stood in plus each distinct block
+on its own, and composes the peak (the stood-in step's + the largest block's temporaries) and the FLOPs.
 """
 
 import json
@@ -28,6 +31,11 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology: v5p-128, v4-32,
 _FAKE_DEVICES = flags.DEFINE_integer("fake_devices", None, "Compile for this many fake CPU devices instead.")
 _STEP_TIME = flags.DEFINE_float("step_time", None, "Measured or assumed seconds per step: reports the MFU.")
 _JSON = flags.DEFINE_string("json", None, "Also write the numbers to this JSON file.")
+_PER_BLOCK = flags.DEFINE_bool("per_block", False, "Compose the GFDM step from per-block compiles (the step with its "
+                               "UNet remat units stood in, plus each distinct unit): for models the compiler cannot "
+                               "take whole on this host.")
+_COMPARE_WHOLE = flags.DEFINE_bool("compare_whole", False, "With --per_block: also compile the whole step and report "
+                                   "the composition's relative error (mid-size configs).")
 flags.mark_flags_as_required(["config"])
 flags.mark_flags_as_mutual_exclusive(["topology", "fake_devices"], required=True)
 
@@ -78,16 +86,23 @@ def main(argv):
         if len(devices) != _FAKE_DEVICES.value:
             raise app.UsageError(f"--fake_devices={_FAKE_DEVICES.value}: jax started with {len(devices)} CPU "
                                  f"devices (XLA_FLAGS was set elsewhere?)")
-    report = aot.compile_report(config, devices, chip=chip, step_time=_STEP_TIME.value)
+    if _COMPARE_WHOLE.value and not _PER_BLOCK.value:
+        raise app.UsageError("--compare_whole checks --per_block: give both")
+    try:
+        if _PER_BLOCK.value:
+            report = aot.per_block_report(config, devices, chip=chip, step_time=_STEP_TIME.value,
+                                          compare_whole=_COMPARE_WHOLE.value)
+        else:
+            report = aot.compile_report(config, devices, chip=chip, step_time=_STEP_TIME.value)
+    except ValueError as e:  # a config --per_block cannot compose: one line naming the key
+        sys.exit(f"launch.aot: {e}")
     if _TOPOLOGY.value:
         report |= {"topology": topology.name, "topology_name": topology.topology_name, "num_slices": num_slices}
     print(aot.format_report(report))
     if _JSON.value:
-        path = os.path.abspath(_JSON.value)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {path}")
+        from defi_jax import paths
+        paths.write_text(_JSON.value, json.dumps(report, indent=2))  # atomic; local or gs://
+        print(f"wrote {_JSON.value}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from defi_jax import aot
@@ -13,11 +14,11 @@ from defi_jax import aot
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _aot(tmp_path, *args):
+def _aot(tmp_path, *args, config="configs/toy.py:tiny"):
     """Runs ``python -m launch.aot`` in a fresh process (it sets the jax platform before jax starts)."""
     out = tmp_path / "aot.json"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    proc = subprocess.run([sys.executable, "-m", "launch.aot", "--config=configs/toy.py:tiny", f"--json={out}",
+    proc = subprocess.run([sys.executable, "-m", "launch.aot", f"--config={config}", f"--json={out}",
                            *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     return proc, (json.loads(out.read_text()) if out.exists() else None)
 
@@ -94,3 +95,45 @@ def test_fake_devices_compile(tmp_path):
     assert report["collectives"]["all-reduce"] > 0
     assert "CPU memory of fake devices" in proc.stdout
     assert "ideal step time" not in proc.stdout and "FLOPs per step" in proc.stdout
+
+
+# A GFDM far smaller than configs/gfdm.py:tiny (two UNet levels, one text layer, precomputed latents), with the
+# UNet's per-block remat on: what --per_block composes.
+_SMALL_GFDM = ("--config.model.remat=True", "--config.data.source=latents", "--config.data.latents_dir=unused",
+               "--config.data.resolution=16", "--config.train.batch_size=2", "--config.train.compiler_options=None",
+               "--config.model.text_encoder.num_hidden_layers=1",
+               "--config.model.unet.block_out_channels=(32,32)", "--config.model.unet.num_attention_heads=(2,2)",
+               "--config.model.unet.down_block_types=('CrossAttnDownBlockSpatioTemporal','DownBlockSpatioTemporal')",
+               "--config.model.unet.up_block_types=('UpBlockSpatioTemporal','CrossAttnUpBlockSpatioTemporal')")
+
+
+def test_per_block_composition_matches_the_whole_step(tmp_path):
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler to run")
+    proc, report = _aot(tmp_path, "--topology=v5p-2", "--per_block", "--compare_whole", *_SMALL_GFDM,
+                        config="configs/gfdm.py:tiny")
+    if proc.returncode and "libtpu could not describe" in proc.stderr:
+        pytest.skip(f"libtpu cannot load here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pb = report["per_block"]
+    # Every res-block / transformer of the UNet was stood in and compiled on its own: the down block's and the
+    # up block's res-blocks and transformers, the mid block's two res-blocks and its transformer.
+    kinds = {u["name"].split("(")[0] for u in pb["units"]}
+    assert kinds == {"SpatioTemporalResBlock", "TransformerSpatioTemporalModel"}
+    assert sum(u["count"] for u in pb["units"]) == 2 * 1 + 2 + 3 + 2 * 2 + 2
+    assert all(u["memory"]["temp"] > 0 and u["flops"] > 0 for u in pb["units"])
+    # The composed peak and FLOPs against the whole step's, from the same compiler.
+    err = pb["relative_error"]
+    assert abs(err["flops"]) < 0.10, err
+    assert -0.05 < err["peak"] < 0.35, err  # composed is an upper bound: units' temporaries never overlap
+    assert report["memory"]["peak_estimate"] == pytest.approx(
+        pb["outer_memory"]["peak_estimate"] + max(u["memory"]["temp"] for u in pb["units"]))
+    assert "composed vs whole" in proc.stdout and "per-block:" in proc.stdout
+
+
+def test_per_block_needs_the_unet_remat():
+    from configs import gfdm, toy
+    with pytest.raises(ValueError, match="config.model.remat=True"):
+        aot.per_block_report(gfdm.get_config("tiny"), jax.devices())   # tiny trains without remat
+    with pytest.raises(ValueError, match="config.stage=.gfdm. with"):
+        aot.per_block_report(toy.get_config("tiny"), jax.devices())

@@ -13,6 +13,8 @@ gives the same result. ``added_time_ids`` are (fps, motion_bucket_id, noise_aug_
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from typing import Any
@@ -185,8 +187,28 @@ class TransformerSpatioTemporalModel(nnx.Module):
         return self.proj_out(h).reshape(n, hh, ww, c) + residual
 
 
+_UNIT_HOOK: contextvars.ContextVar = contextvars.ContextVar("svd_unet_unit_hook", default=None)
+
+
+@contextlib.contextmanager
+def unit_hook(fn):
+    """Routes every res-block / transformer call of the UNet (its remat units) through
+    ``fn(layer, remat, args, static) -> output`` while the context is open (in this thread).
+
+    ``defi_jax.aot``'s per-block compile uses it to record the units and stand in for them; nothing else should.
+    """
+    token = _UNIT_HOOK.set(fn)
+    try:
+        yield
+    finally:
+        _UNIT_HOOK.reset(token)
+
+
 def _run(layer, remat: bool, *args, **static):
     """``layer(*args, **static)``, under ``nnx.remat`` (activations recomputed in the backward pass) if asked."""
+    hook = _UNIT_HOOK.get()
+    if hook is not None:
+        return hook(layer, remat, args, static)
     if not remat:
         return layer(*args, **static)
     return nnx.remat(lambda m, *a: m(*a, **static))(layer, *args)
