@@ -5,11 +5,14 @@
     config, note = import_export("/tmp/defi_torch", "/ckpt/policy")                   # launch.export_torch's folder
 
 Every importer only builds a config whose ``config.init`` names the sources (``defi_jax.weights``: the files are
-read once on the host, memory-mapped, every missing or mis-shaped tensor named with both shapes) and hands it to
-:func:`write_workdir`, which the reference stage-3 import (``defi_policy.import_policy_workdir``) shares: it
-refuses a workdir that holds checkpoints, runs ``Trainer.init_state`` (the sources fill the parameters, the
-optimizer state is fresh) and writes ``checkpoints/0``, ``config.json`` and the stage's ``assets/``, which is what
-``launch.train`` writes, so ``launch.train`` with the same config continues from step 0.
+read once on the host, streamed, each safetensors tensor read when its parameter is placed into its sharding;
+every missing or mis-shaped tensor named with both shapes) and hands it to :func:`write_workdir`, which the
+reference stage-3 import (``defi_policy.import_policy_workdir``) shares: it refuses a workdir that holds
+checkpoints, runs ``Trainer.init_state`` (the sources fill the parameters, donated into the state: no second
+copy; the optimizer state is fresh) and writes ``checkpoints/0``, ``config.json`` and the stage's ``assets/``,
+which is what ``launch.train`` writes, so ``launch.train`` with the same config continues from step 0. Host memory
+peaks at the train state (weights + optimizer moments) plus Orbax's write buffers (``launch.benchmark export
+--gfdm_full``, row ``gfdm_import_workdir``).
 
 Sizes: what the weights fix is read off the files (``config.json`` of the diffusers / transformers folders,
 ``defi_torch.infer_gidm_config`` on the stage-2 tensors, the export's ``config.json``); the rest (heads,
