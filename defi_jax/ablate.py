@@ -1,10 +1,12 @@
 """The paper's ablations in miniature: train every variant on the demo data, evaluate it in Meta-World, tabulate.
 
-A variant is a set of config overrides on ``configs/policy.py:tiny`` plus the pretraining it fine-tunes from
-(:data:`VARIANTS`). Layout under the ablation's workdir::
+A variant is a set of config overrides on ``configs/policy.py:demo`` (``make demo``'s policy) plus the
+pretraining it fine-tunes from (:data:`VARIANTS`). Layout under the ablation's workdir::
 
     pretrain/<pretraining>/{gidm,gfdm}      configs/{gidm,gfdm}.py:tiny, trained once, shared by every variant
-                                            and seed that uses them ("standard", "no_human_video")
+                                            and seed that uses them ("standard", "no_human_video"); with
+                                            ``pretrained`` (e.g. make demo's workdir) the standard pretraining is
+                                            that folder's finished ``gidm`` / ``gfdm`` (its VAE-trained GFDM too)
     <variant>/seed=<seed>/                  the fine-tuning run (configs/policy.py:tiny + the variant's keys)
     <variant>/seed=<seed>/eval_metaworld/   its closed-loop evaluation (summary.json / .csv; the same protocol
                                             for every variant)
@@ -29,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from defi_jax import config_validation, paths, sweep
 
-POLICY_CONFIG = "configs/policy.py:tiny"
+POLICY_CONFIG = "configs/policy.py:demo"   # make demo's policy: the tiny model, trained to act closed-loop
 PRETRAIN_CONFIGS = {"gidm": "configs/gidm.py:tiny", "gfdm": "configs/gfdm.py:tiny"}
 EVAL_DIR = "eval_metaworld"
 
@@ -37,7 +39,7 @@ EVAL_DIR = "eval_metaworld"
 @dataclasses.dataclass(frozen=True)
 class Variant:
     name: str
-    overrides: tuple[tuple[str, str], ...] = ()   # on configs/policy.py:tiny (command-line text)
+    overrides: tuple[tuple[str, str], ...] = ()   # on POLICY_CONFIG (command-line text)
     pretraining: str = "standard"                  # key of PRETRAININGS: the GIDM / GFDM workdirs it starts from
     gidm: bool = True                              # fine-tunes from a pretrained GIDM workdir
     gfdm: bool = True                              # ... and from a pretrained GFDM workdir
@@ -135,9 +137,36 @@ def _run(spec: str, workdir: str, overrides: Sequence[tuple[str, str]], configs:
                      argv=argv, num_steps=int(config.train.num_steps))
 
 
+REUSED = "reused"   # the status of a pretraining run taken from ``plan(pretrained=...)``: never trained here
+
+
+def _reused(stage: str, folder: str) -> sweep.Run:
+    """A finished pretraining workdir (``folder/stage``), reused as the standard pretraining."""
+    from defi_jax import trainer
+
+    workdir = os.path.join(os.path.abspath(folder), stage)
+    done = os.path.join(workdir, trainer.FINISHED)
+    if not os.path.exists(done):
+        raise ValueError(f"--pretrained: {workdir} holds no finished {stage.upper()} run (no {trainer.FINISHED})")
+    with open(done) as f:
+        step = int(json.load(f)["step"])
+    return sweep.Run(value="pretrained", seed=0, workdir=workdir, argv=[], num_steps=step, status=REUSED, step=step)
+
+
+def _latent_scale(gfdm_workdir: str) -> list[tuple[str, str]]:
+    """The VAE latent scale a finished GFDM was trained with (its ``config.json``), for the policy built on it."""
+    with open(os.path.join(gfdm_workdir, "config.json")) as f:
+        scale = json.load(f)["model"]["vae"]["scaling_factor"]
+    return [("model.gfdm.vae.scaling_factor", repr(float(scale)))]
+
+
 def plan(workdir: str, variants: Sequence[str], seeds: Sequence[int], *, data_dir: str, steps: int | None = None,
-         pretrain_steps: int | None = None) -> Plan:
-    """Every pretraining and fine-tuning run of ``variants`` x ``seeds``, each config built and validated."""
+         pretrain_steps: int | None = None, pretrained: str | None = None) -> Plan:
+    """Every pretraining and fine-tuning run of ``variants`` x ``seeds``, each config built and validated.
+
+    ``pretrained``: a folder with finished ``gidm`` and ``gfdm`` workdirs (``make demo``'s ``workdirs/demo``)
+    used as the standard pretraining instead of training one under ``workdir/pretrain`` (the policies on it
+    then take the latent scale that GFDM was trained with)."""
     workdir = os.path.abspath(workdir)
     configs: dict[str, object] = {}
     base = {"train.progress_bar": "false", "data.data_dir": data_dir}
@@ -149,19 +178,25 @@ def plan(workdir: str, variants: Sequence[str], seeds: Sequence[int], *, data_di
         for stage, spec in PRETRAIN_CONFIGS.items():
             if stage not in used:
                 continue
+            if pretrained and kind == "standard":
+                pretrain[kind][stage] = _reused(stage, pretrained)
+                continue
             defaults = config_validation.load_config(spec)
             overrides = [*base.items(), *PRETRAININGS[kind], *_steps_overrides(pretrain_steps, defaults)]
             pretrain[kind][stage] = _run(spec, os.path.join(workdir, "pretrain", kind, stage), overrides, configs)
     defaults = config_validation.load_config(POLICY_CONFIG)
+    scale = _latent_scale(_reused("gfdm", pretrained).workdir) if pretrained else []
     runs = {}
     for name in variants:
         v = VARIANTS[name]
-        sources = {stage: pretrain[v.pretraining][stage].workdir if use else ""
-                   for stage, use in (("gidm", v.gidm), ("gfdm", v.gfdm))}
+        # A stage the variant does not pretrain keeps the config's path: policy.gidm_init=random /
+        # gfdm_init=initial empty it (defi_jax.policy.stage.resolve_init).
+        sources = {stage: pretrain[v.pretraining][stage].workdir for stage in ("gidm", "gfdm") if getattr(v, stage)}
         for seed in seeds:
             overrides = [*base.items(), ("policy.pretrain_missing", "false"),
                          *((f"init.sources.{s}.path", p) for s, p in sources.items()), *v.overrides,
-                         ("seed", str(seed)), *_steps_overrides(steps, defaults)]
+                         *(scale if v.pretraining == "standard" else ()), ("seed", str(seed)),
+                         *_steps_overrides(steps, defaults)]
             runs[name, seed] = _run(POLICY_CONFIG, os.path.join(workdir, name, f"seed={seed}"), overrides, configs)
     return Plan(workdir, pretrain, runs, configs)
 
@@ -169,7 +204,7 @@ def plan(workdir: str, variants: Sequence[str], seeds: Sequence[int], *, data_di
 def train(p: Plan, *, log: Callable[[str], None] = print) -> bool:
     """Pretraining first, then every fine-tuning run whose pretraining finished (the others are ``blocked``).
     Returns False when SIGTERM / Ctrl-C stopped it (the running training saved; rerun to resume)."""
-    pre = [r for stages in p.pretrain.values() for r in stages.values()]
+    pre = [r for stages in p.pretrain.values() for r in stages.values() if r.status != REUSED]
     log(f"== pretraining: {len(pre)} run(s) under {os.path.join(p.workdir, 'pretrain')}")
     sweep.execute(pre, log=log)
     if any(r.status == "stopped" for r in pre):
@@ -180,7 +215,7 @@ def train(p: Plan, *, log: Callable[[str], None] = print) -> bool:
     for (name, _), run in p.runs.items():
         v = VARIANTS[name]
         needed = [p.pretrain[v.pretraining][s] for s, use in (("gidm", v.gidm), ("gfdm", v.gfdm)) if use]
-        (ready if all(r.status in ("done", "skipped") for r in needed) else blocked).append(run)
+        (ready if all(r.status in ("done", "skipped", REUSED) for r in needed) else blocked).append(run)
     for run in blocked:
         run.status = "blocked (its pretraining did not finish)"
         log(f"{run.workdir}: not trained, its pretraining did not finish")
@@ -411,7 +446,8 @@ def dry_run(p: Plan, *, run_steps: bool = True, batch_size: int = 2,
     first_seed = {}
     for (name, _), run in p.runs.items():
         first_seed.setdefault(name, run)
-    todo = {f"pretrain/{k}/{s}": r for k, stages in p.pretrain.items() for s, r in stages.items()} | first_seed
+    todo = {f"pretrain/{k}/{s}": r for k, stages in p.pretrain.items() for s, r in stages.items()
+            if r.status != REUSED} | first_seed
     trainers: dict[str, trainer.Trainer] = {}
     lowered_for: dict[str, tuple] = {}
     out = {}

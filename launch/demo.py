@@ -10,9 +10,11 @@
 3. ``gidm``: pretrains the GIDM (``configs/gidm.py:tiny``) on frame pairs, no actions used;
 4. ``gfdm``: pretrains the GFDM (``configs/gfdm.py:tiny``) on clips with that VAE frozen (read from ``WORKDIR/vae``
    through ``config.init.sources.vae_workdir``), writing sample GIFs (real clips above, predicted below);
-5. ``policy``: fine-tunes the DeFI policy (``configs/policy.py:tiny``) from those two workdirs on labelled windows;
+5. ``policy``: fine-tunes the DeFI policy (``configs/policy.py:demo``: the tiny model, trained longer) from those
+   two workdirs on labelled windows;
 6. ``evaluate``: runs the policy closed-loop in Meta-World on the demo's robot tasks (``--episodes`` each, the
-   scripted experts on the same seeds; ``WORKDIR/eval_metaworld``: summary.json / .csv, rollout GIFs);
+   first ``--steps_per_chunk`` actions of each chunk executed, the scripted experts on the same seeds;
+   ``WORKDIR/eval_metaworld``: summary.json / .csv, rollout GIFs);
 7. ``export``: loads the policy checkpoint for inference, acts, exports it with ``jax.export`` and checks that
    the exported artifact (jax + numpy only) reproduces the in-process actions;
 8. ``sweep``: a tiny human-video-fraction sweep of the GIDM (``defi_jax.sweep``: one short run per value of
@@ -37,8 +39,12 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Where each stage wri
 _STEPS = flags.DEFINE_integer("steps", None, "Train steps per stage and per sweep run (default: each tiny "
                               "config's own; the sweep's runs: SWEEP_STEPS).")
 _STAGES = flags.DEFINE_list("stages", list(PARTS), "Parts to run, in order.")
-_EPISODES = flags.DEFINE_integer("episodes", 5, "Closed-loop Meta-World episodes per demo task (evaluate).")
+_EPISODES = flags.DEFINE_integer("episodes", 10, "Closed-loop Meta-World episodes per demo task (evaluate).")
+_STEPS_PER_CHUNK = flags.DEFINE_integer("steps_per_chunk", 10, "Actions of each predicted chunk executed before the "
+                                        "policy is asked again (evaluate).", lower_bound=1)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Demo data folder (default: $DEFI_JAX_DEMO_DIR or ~/.cache).")
+
+POLICY_VARIANT = "demo"   # configs/policy.py's: tiny's model, trained to act closed-loop
 
 # The sweep part: the tiny GIDM at each human-video fraction, SWEEP_STEPS steps per run (--steps overrides).
 SWEEP_PARAM = "data.human_video_fraction"
@@ -91,7 +97,7 @@ def _vae_scaling_factor(root: str) -> float | None:
 def _config(name: str, root: str, data_dir: str | None):
     import importlib
 
-    config = importlib.import_module(f"configs.{name}").get_config("tiny")
+    config = importlib.import_module(f"configs.{name}").get_config(POLICY_VARIANT if name == "policy" else "tiny")
     if name == "gfdm":
         vae, scale = os.path.join(root, "vae"), _vae_scaling_factor(root)
         if scale is not None:
@@ -181,14 +187,16 @@ def _closed_loop(root: str) -> dict:
     policy = DeFIPolicy.from_checkpoint(os.path.join(root, "policy"), seed=0)
     smoke = _STEPS.value is not None and _STEPS.value < 20
     protocol = metaworld.Protocol(tasks=metaworld.task_list("demo"), episodes=_EPISODES.value,
-                                  horizon=30 if smoke else 200, workers=2, videos_per_task=2)
+                                  horizon=30 if smoke else 200, steps_per_chunk=_STEPS_PER_CHUNK.value, workers=2,
+                                  videos_per_task=2)
     out = os.path.join(root, "eval_metaworld")
     summary = metaworld.evaluate(policy, protocol, out, policy_info={"checkpoint": os.path.join(root, "policy")},
                                  progress=None)
     row = {f"success/{t}": v["success"] for t, v in summary["tasks"].items()}
     return row | {"mean_success": summary["mean_success"],
                   "mean_expert_success": summary.get("mean_expert_success", float("nan")), "artifact": out,
-                  "videos": os.path.join(out, "videos"), "horizon": protocol.horizon}
+                  "videos": os.path.join(out, "videos"), "horizon": protocol.horizon,
+                  "steps_per_chunk": protocol.steps_per_chunk}
 
 
 def _sweep(root: str, data_dir: str | None) -> dict:
@@ -264,7 +272,8 @@ def main(argv):
             policy_step = _finished_step(os.path.join(root, "policy"))
             if name == "evaluate":
                 print(f"   Meta-World closed loop, {_EPISODES.value} episode(s) per demo task", flush=True)
-                row = _reused(previous, name, policy_step=policy_step, episodes=_EPISODES.value) or \
+                row = _reused(previous, name, policy_step=policy_step, episodes=_EPISODES.value,
+                              steps_per_chunk=_STEPS_PER_CHUNK.value) or \
                     _closed_loop(root) | {"episodes": _EPISODES.value}
             else:
                 print("   act, jax.export, reload and compare", flush=True)

@@ -2,6 +2,7 @@
 (per-task success, episode counts, Wilson intervals, the paper column); finished runs and evaluations are skipped."""
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -141,3 +142,48 @@ def test_resume_skips_finished_training_and_evaluation(plan, tmp_path):
         f.write('{"protocol": ')          # cut by a kill
     assert ablate._finished_eval(out, saved["protocol"], 3) is None
     assert np.isnan(ablate.Cell(0, 0).rate) and str(ablate.Cell(0, 0)) == "n/a"
+
+
+def test_init_switches_empty_the_pretrained_source(demo_data_dir):
+    """policy.gidm_init=random / gfdm_init=initial on a config that names pretrained workdirs (tiny names the
+    demo's) leave those workdirs unread: validation empties their paths (defi_jax.policy.stage.resolve_init)."""
+    from defi_jax import config_validation
+
+    for key, value, emptied, kept in (("gidm_init", "random", "gidm", "gfdm"), ("gfdm_init", "initial", "gfdm", "gidm")):
+        config = config_validation.load_config(ablate.POLICY_CONFIG)
+        config.data.data_dir = demo_data_dir
+        assert config.init.sources[emptied].path and config.init.sources[kept].path
+        config.policy[key] = value
+        config_validation.validate(config, num_devices=1)
+        assert config.init.sources[emptied].path == "" and config.init.sources[kept].path, key
+
+
+def _finished_workdir(path, scale=None) -> str:
+    os.makedirs(path)
+    with open(os.path.join(path, "finished.json"), "w") as f:
+        json.dump({"step": 7, "metrics": {}}, f)
+    if scale is not None:
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump({"model": {"vae": {"scaling_factor": scale}}}, f)
+    return str(path)
+
+
+def test_pretrained_folder_replaces_the_standard_pretraining(tmp_path, demo_data_dir):
+    gidm = _finished_workdir(tmp_path / "demo" / "gidm")
+    gfdm = _finished_workdir(tmp_path / "demo" / "gfdm", scale=0.4)
+    p = ablate.plan(str(tmp_path / "ablate"), ["defi", "no_gidm_pretrain", "no_human_video"], [0],
+                    data_dir=demo_data_dir, steps=3, pretrained=str(tmp_path / "demo"))
+    assert {s: r.status for s, r in p.pretrain["standard"].items()} == {"gidm": ablate.REUSED, "gfdm": ablate.REUSED}
+    assert p.pretrain["no_human_video"]["gidm"].status == "pending"      # other pretrainings are still trained
+    defi, no_gidm = (_flat(p.configs[p.runs[v, 0].workdir]) for v in ("defi", "no_gidm_pretrain"))
+    assert (defi["init.sources.gidm.path"], defi["init.sources.gfdm.path"]) == (gidm, gfdm)
+    assert defi["model.gfdm.vae.scaling_factor"] == no_gidm["model.gfdm.vae.scaling_factor"] == 0.4
+    assert (no_gidm["init.sources.gidm.path"], no_gidm["init.sources.gfdm.path"]) == ("", gfdm)
+    assert _flat(p.configs[p.runs["no_human_video", 0].workdir])["model.gfdm.vae.scaling_factor"] != 0.4
+    logs = []
+    p.pretrain.pop("no_human_video")
+    ablate.train(dataclasses.replace(p, runs={}), log=logs.append)      # the reused runs are not trained again
+    assert logs[0].startswith("== pretraining: 0 run(s)")
+    os.remove(os.path.join(gidm, "finished.json"))
+    with pytest.raises(ValueError, match="gidm holds no finished GIDM run"):
+        ablate.plan(str(tmp_path / "ablate"), ["defi"], [0], data_dir=demo_data_dir, pretrained=str(tmp_path / "demo"))

@@ -122,3 +122,27 @@ def test_demo_rollouts_are_deterministic_for_a_seed():
     np.testing.assert_array_equal(a[0]["actions"], b[0]["actions"])
     assert a[0]["frames"].shape == (12, 24, 24, 3) and a[0]["frames"].std() > 5
     assert not np.array_equal(a[0]["states"], c[0]["states"])                  # another seed, another goal
+
+
+def test_default_demo_tasks_and_the_generation_knobs_reach_the_generator(monkeypatch, tmp_path):
+    """The demo's robot tasks (closed-loop evaluated) and human-video tasks are distinct, each has its
+    instruction, and ensure_demo_data generates with this module's episode counts (not the CLI's)."""
+    import subprocess
+
+    assert not set(demo.ROBOT_TASKS) & set(demo.HUMAN_TASKS)
+    assert all(t in demo.INSTRUCTIONS for t in demo.ROBOT_TASKS + demo.HUMAN_TASKS)
+    calls = []
+
+    def generator(args, **kwargs):     # stands in for the launch.make_demo_data process
+        calls.append(args)
+        return subprocess.CompletedProcess(args, 1, "", "generator stopped by the test")
+
+    monkeypatch.setattr(demo.subprocess, "run", generator)
+    for kwargs, episodes, human in (({}, demo.EPISODES, demo.HUMAN_EPISODES), ({"episodes": 2}, 2, demo.HUMAN_EPISODES),
+                                    ({"episodes": 2, "human_episodes": 1}, 2, 1)):
+        with pytest.raises(RuntimeError, match="generator stopped by the test"):
+            demo.ensure_demo_data(str(tmp_path / "demo"), **kwargs)
+        args = calls[-1]
+        assert args[args.index("--episodes") + 1] == str(episodes), kwargs
+        assert args[args.index("--human_episodes") + 1] == str(human), kwargs
+    assert not os.path.exists(tmp_path / "demo")

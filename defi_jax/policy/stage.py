@@ -194,6 +194,22 @@ def evaluate(model: DeFIPolicyModel, config, workdir: str, step: int, eval_iter)
 
 
 # ---- checks and shapes ------------------------------------------------------------------------------
+# policy.<key> value -> the config.init.sources entry that value does not read: the stage's pretrained workdir.
+_NOT_PRETRAINED = {"gidm_init": ("random", "gidm"), "gfdm_init": ("initial", "gfdm")}
+
+
+def resolve_init(config) -> None:
+    """Empties ``config.init.sources.gidm.path`` under ``policy.gidm_init=random`` and ``.gfdm.path`` under
+    ``policy.gfdm_init=initial``: a config that names a pretrained workdir (``tiny`` names the demo's) then
+    starts from random / initial weights, as the switch says, instead of silently loading that workdir.
+    ``gfdm_init=initial`` keeps the ``svd_*`` sources (the un-fine-tuned weights). Called by :func:`validate`,
+    so every run (and the ``config.json`` it records) sees the resolved sources."""
+    for key, (value, name) in _NOT_PRETRAINED.items():
+        source = config.init.sources.get(name)
+        if config.policy[key] == value and source is not None and source.path:
+            source.path = ""
+
+
 def validate(config) -> None:
     from defi_jax import weights
     from defi_jax.policy.model import LATENT_ACTIONS
@@ -217,6 +233,7 @@ def validate(config) -> None:
         raise ValueError(f"config.policy.gfdm_init={p.gfdm_init!r} must be 'pretrained' or 'initial'")
     if p.gidm_init not in ("pretrained", "random"):
         raise ValueError(f"config.policy.gidm_init={p.gidm_init!r} must be 'pretrained' or 'random'")
+    resolve_init(config)
     weights.require_sources(config, {"goal_text": "goal_text/"})
     # The two pretrained stages are required whether frozen or not: without them the run would silently be
     # the "no GFDM / GIDM pretraining" ablation, which is config.policy.{gfdm,gidm}_init.
