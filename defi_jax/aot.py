@@ -309,7 +309,7 @@ def _compile_unit(unit: _Unit, device: jax.Device, jit_kwargs: dict):
 
 
 def per_block_report(config, devices: Sequence[jax.Device], *, chip: Chip | None = None,
-                     step_time: float | None = None, compare_whole: bool = False) -> dict:
+                     step_time: float | None = None, compare_whole: bool = False, log=None) -> dict:
     """:func:`compile_report` composed from pieces the compiler handles one at a time (the full GFDM).
 
     Two kinds of compile: (1) the whole train step on the mesh with every UNet remat unit (res-block,
@@ -319,8 +319,10 @@ def per_block_report(config, devices: Sequence[jax.Device], *, chip: Chip | None
     the per-device batch. Peak = (1)'s peak + the largest unit temporaries; FLOPs = (1)'s + each unit's x
     its calls. Needs ``config.model.remat`` (the units are the remat boundaries) and
     ``config.train.grad_accum_steps == 1``. ``compare_whole`` also compiles the whole step (what the
-    composition replaces: mid-size configs only) and reports the composition's relative error.
+    composition replaces: mid-size configs only) and reports the composition's relative error. ``log``
+    (e.g. ``print``) gets a line as each compile finishes.
     """
+    log = log or (lambda _: None)
     from defi_jax import stage as stage_lib, trainer
     from defi_jax.models import svd_unet
 
@@ -342,6 +344,7 @@ def per_block_report(config, devices: Sequence[jax.Device], *, chip: Chip | None
     with svd_unet.unit_hook(recorder):
         outer, outer_memory = trainer.compile_train_step(config, mesh)
     outer_s = time.perf_counter() - t0
+    log(f"per-block: the step with {len(recorder.units)} distinct UNet units stood in compiled in {outer_s:.0f} s")
     if not recorder.units:
         raise ValueError("--per_block: the train step called no UNet remat unit")
     outer_flops = metrics.compiled_flops(outer)
@@ -352,6 +355,8 @@ def per_block_report(config, devices: Sequence[jax.Device], *, chip: Chip | None
         compiled = _compile_unit(unit, devices[0], jit_kwargs)
         units.append({"name": unit.name, "count": unit.count, "memory": trainer.memory_stats(compiled),
                       "flops": metrics.compiled_flops(compiled), "compile_seconds": time.perf_counter() - t1})
+        log(f"per-block: unit {len(units)}/{len(recorder.units)} {unit.name}: temp "
+            f"{_bytes(units[-1]['memory'].get('temp', 0))}, compiled in {units[-1]['compile_seconds']:.0f} s")
     largest = max(units, key=lambda u: u["memory"].get("temp", 0))
     memory = dict(outer_memory)
     if outer_memory:

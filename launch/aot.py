@@ -91,7 +91,8 @@ def main(argv):
     try:
         if _PER_BLOCK.value:
             report = aot.per_block_report(config, devices, chip=chip, step_time=_STEP_TIME.value,
-                                          compare_whole=_COMPARE_WHOLE.value)
+                                          compare_whole=_COMPARE_WHOLE.value,
+                                          log=lambda line: print(line, flush=True))
         else:
             report = aot.compile_report(config, devices, chip=chip, step_time=_STEP_TIME.value)
     except ValueError as e:  # a config --per_block cannot compose: one line naming the key

@@ -97,17 +97,20 @@ def test_fake_devices_compile(tmp_path):
     assert "ideal step time" not in proc.stdout and "FLOPs per step" in proc.stdout
 
 
-# A GFDM far smaller than configs/gfdm.py:tiny (two UNet levels, one text layer, precomputed latents), with the
+# A GFDM far smaller than configs/gfdm.py:tiny (one UNet level, one text layer, precomputed latents), with the
 # UNet's per-block remat on: what --per_block composes.
 _SMALL_GFDM = ("--config.model.remat=True", "--config.data.source=latents", "--config.data.latents_dir=unused",
-               "--config.data.resolution=16", "--config.train.batch_size=2", "--config.train.compiler_options=None",
-               "--config.model.text_encoder.num_hidden_layers=1",
-               "--config.model.unet.block_out_channels=(32,32)", "--config.model.unet.num_attention_heads=(2,2)",
-               "--config.model.unet.down_block_types=('CrossAttnDownBlockSpatioTemporal','DownBlockSpatioTemporal')",
-               "--config.model.unet.up_block_types=('UpBlockSpatioTemporal','CrossAttnUpBlockSpatioTemporal')")
+               "--config.data.resolution=16", "--config.train.batch_size=2",
+               "--config.model.text_encoder.num_hidden_layers=1", "--config.model.unet.block_out_channels=(32,)",
+               "--config.model.unet.num_attention_heads=(2,)", "--config.model.feature_up_blocks=1",
+               "--config.model.unet.down_block_types=('CrossAttnDownBlockSpatioTemporal',)",
+               "--config.model.unet.up_block_types=('CrossAttnUpBlockSpatioTemporal',)")
 
 
-def test_per_block_composition_matches_the_whole_step(tmp_path):
+def test_per_block_composition_against_the_whole_step(tmp_path):
+    # Three TPU compiles of the step (whole, stood-in, units): 2 min on an idle 2-core machine, 5 under load.
+    if not os.environ.get("DEFI_SLOW_TPU_TESTS"):
+        pytest.skip("slow (three TPU compiles of a GFDM step, minutes): set DEFI_SLOW_TPU_TESTS=1 to run it")
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip("libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler to run")
     proc, report = _aot(tmp_path, "--topology=v5p-2", "--per_block", "--compare_whole", *_SMALL_GFDM,
@@ -116,16 +119,19 @@ def test_per_block_composition_matches_the_whole_step(tmp_path):
         pytest.skip(f"libtpu cannot load here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     pb = report["per_block"]
-    # Every res-block / transformer of the UNet was stood in and compiled on its own: the down block's and the
-    # up block's res-blocks and transformers, the mid block's two res-blocks and its transformer.
+    # Every res-block / transformer of the UNet was stood in and compiled on its own: the down block's one of
+    # each, the mid block's two res-blocks and transformer, the up block's two of each.
     kinds = {u["name"].split("(")[0] for u in pb["units"]}
     assert kinds == {"SpatioTemporalResBlock", "TransformerSpatioTemporalModel"}
-    assert sum(u["count"] for u in pb["units"]) == 2 * 1 + 2 + 3 + 2 * 2 + 2
+    assert sum(u["count"] for u in pb["units"]) == 2 + 3 + 4
     assert all(u["memory"]["temp"] > 0 and u["flops"] > 0 for u in pb["units"])
-    # The composed peak and FLOPs against the whole step's, from the same compiler.
+    # FLOPs compose exactly (each unit's forward, recomputed forward and backward, times its calls).
     err = pb["relative_error"]
-    assert abs(err["flops"]) < 0.10, err
-    assert -0.05 < err["peak"] < 0.35, err  # composed is an upper bound: units' temporaries never overlap
+    assert abs(err["flops"]) < 0.02, err
+    # The peak does not: with HBM to spare the compiler schedules the whole step for speed, its temporaries above
+    # even the stood-in step's plus ALL units' at this size. Measured: -49% here, -21% at 128 channels and
+    # 16 x 16 latents. So the composed peak is a lower bound of what the compiler picks when unconstrained.
+    assert -0.6 < err["peak"] < 0.05, err
     assert report["memory"]["peak_estimate"] == pytest.approx(
         pb["outer_memory"]["peak_estimate"] + max(u["memory"]["temp"] for u in pb["units"]))
     assert "composed vs whole" in proc.stdout and "per-block:" in proc.stdout
