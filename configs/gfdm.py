@@ -9,8 +9,8 @@
 Variants:
   ``svd``   the full model (UNet 1,524,623,082 + VAE 97,742,847 + CLIP text 63,165,952 parameters),
             256 x 256, 16 frames, the released recipe: AdamW lr 5e-6, weight decay 0, global batch 48
-            (6 x 8 GPUs), VAE and text encoder frozen. ``--config.train.compute_dtype=bfloat16`` for mixed
-            precision (the reference used fp16 autocast).
+            (6 x 8 GPUs), VAE and text encoder frozen; bfloat16 compute (the reference used fp16 autocast;
+            ``--config.train.compute_dtype=float32`` for full precision).
   ``tiny``  a small random model on 32 x 32 frames, 4 frames, for tests and the demo (embedded demo data
             when ``config.data.data_dir`` is empty; the byte tokenizer since no CLIP vocabulary ships).
 Precomputed latents (the released recipe's input): ``python -m launch.precompute_latents
@@ -166,6 +166,8 @@ def get_config(arg: str | None = None):
         t.log_every = 10
         t.eval_every = 0
         t.save_every = 30
-    elif variant != "svd":
+    elif variant == "svd":
+        t.compute_dtype = "bfloat16"   # mixed precision, as the reference's fp16 autocast; float32 master weights
+    else:
         raise ValueError(f"configs/gfdm.py: unknown variant {variant!r} (tiny | svd)")
     return c

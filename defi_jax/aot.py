@@ -319,7 +319,13 @@ def per_block_report(config, devices: Sequence[jax.Device], *, chip: Chip | None
     the per-device batch. Peak = (1)'s peak + the largest unit temporaries; FLOPs = (1)'s + each unit's x
     its calls. Needs ``config.model.remat`` (the units are the remat boundaries) and
     ``config.train.grad_accum_steps == 1``. ``compare_whole`` also compiles the whole step (what the
-    composition replaces: mid-size configs only) and reports the composition's relative error. ``log``
+    composition replaces: mid-size configs only) and reports the composition's relative error.
+
+    Validated on the TPU compiler (v5p, one chip): FLOPs compose to within 0.2% of the whole step's; the peak
+    comes out 21% (128 channels, 16 x 16 latents, 8 frames) to 49% (32 channels, 8 x 8) BELOW the whole
+    step's, because with HBM to spare the compiler schedules the whole step for speed rather than memory.
+    Read the composed peak as what the remat schedule needs, not as a bound on what an unconstrained
+    compile reports. ``log``
     (e.g. ``print``) gets a line as each compile finishes.
     """
     log = log or (lambda _: None)
