@@ -51,7 +51,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from defi_jax import config_validation, distributed, metrics as metrics_lib, optim, paths, sharding, stage as stage_lib
+from defi_jax import config_validation, distributed, metrics as metrics_lib, nn, optim, paths, sharding, stage as stage_lib
 from defi_jax.checkpoint import Checkpointer
 
 _log = logging.getLogger(__name__)
@@ -143,7 +143,8 @@ class StateLayout:
 
     def build_model(self, seed: int | None = None) -> nnx.Module:
         """The stage's model, randomly initialised (pure construction: no file is read)."""
-        return self.stage.build_model(self.config, nnx.Rngs(self.config.seed if seed is None else seed))
+        with nn.fast_traced_rngs():
+            return self.stage.build_model(self.config, nnx.Rngs(self.config.seed if seed is None else seed))
 
     def _shardings_of(self, abstract_state: nnx.State):
         return nnx.to_pure_dict(sharding.state_shardings(abstract_state, self.mesh, self.rules))

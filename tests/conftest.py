@@ -8,6 +8,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")   # libtpu may be installed (the tpu extra): never probe for a TPU here
 
+# One XLA compilation cache for the whole run, shared by the xdist workers and every child process (they inherit
+# this environment): tests build the same tiny models again and again (the tiny policy's init program alone
+# compiles for ~40 s). It starts empty each run (a fresh temporary folder, removed at the end), so no test
+# depends on an earlier run; a max size turns on the cache's file lock, so workers never read a half-written entry.
+if "DEFI_JAX_TEST_XLA_CACHE" not in os.environ:
+    import tempfile
+    os.environ["DEFI_JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="defi_jax_test_xla_cache_")
+    _OWN_XLA_CACHE = True   # this process made it (the xdist controller, or a run without xdist): it removes it
+else:
+    _OWN_XLA_CACHE = False
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["DEFI_JAX_TEST_XLA_CACHE"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 * 2**30))
+
 
 import pytest  # noqa: E402
 
@@ -100,9 +115,16 @@ def error_message():
     return message
 
 
+def pytest_unconfigure(config):
+    if _OWN_XLA_CACHE:
+        import shutil
+        shutil.rmtree(os.environ["DEFI_JAX_TEST_XLA_CACHE"], ignore_errors=True)
+
+
 @pytest.fixture
 def count_compiles():
-    """``with count_compiles() as n: ...``; ``n[0]`` is then the number of XLA backend compiles inside."""
+    """``with count_compiles() as n: ...``; ``n[0]`` is then the number of programs compiled inside: XLA backend
+    compiles plus the run's compilation-cache hits (a program jax had to look up again: the same mistake)."""
     import contextlib
 
     import jax
@@ -111,15 +133,21 @@ def count_compiles():
     def counting():
         n = [0]
 
-        def on_event(event: str, duration: float, **kwargs):
+        def on_duration(event: str, duration: float, **kwargs):
             if event == "/jax/core/compile/backend_compile_duration":
                 n[0] += 1
 
-        jax.monitoring.register_event_duration_secs_listener(on_event)
+        def on_event(event: str, **kwargs):
+            if event == "/jax/compilation_cache/cache_hits":
+                n[0] += 1
+
+        jax.monitoring.register_event_duration_secs_listener(on_duration)
+        jax.monitoring.register_event_listener(on_event)
         try:
             yield n
         finally:
-            jax.monitoring.unregister_event_duration_listener(on_event)
+            jax.monitoring.unregister_event_duration_listener(on_duration)
+            jax.monitoring.unregister_event_listener(on_event)
     return counting
 
 
