@@ -1,6 +1,6 @@
 """The paper's ablations in miniature: train, evaluate in Meta-World and tabulate every variant (``defi_jax/ablate.py``).
 
-    python -m launch.ablate --suite=metaworld --tasks=reach-v3,button-press-v3 --seeds=2 --episodes=10 \\
+    python -m launch.ablate --suite=metaworld --tasks=demo --seeds=2 --episodes=10 \\
         --workdir=workdirs/ablate
     python -m launch.ablate --variants=defi,no_gidm_pretrain --steps=100 --workdir=/tmp/ablate
     python -m launch.ablate --workdir=/tmp/ablate --dry_run       # every config built + one train step each
@@ -35,6 +35,8 @@ _PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", None, "GIDM / GFDM pret
                                        "when given, else each tiny config's own).", lower_bound=1)
 _VARIANTS = flags.DEFINE_string("variants", None, "Comma-separated variants (default: all).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Ablation folder (local).")
+_PRETRAINED = flags.DEFINE_string("pretrained", None, "Folder with finished gidm / gfdm workdirs (make demo's "
+                                  "workdirs/demo), reused as the standard pretraining instead of training them.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Demo data folder (default: $DEFI_JAX_DEMO_DIR or ~/.cache).")
 _HORIZON = flags.DEFINE_integer("horizon", 200, "Env steps per episode at most.", lower_bound=1)
 _WORKERS = flags.DEFINE_integer("workers", 2, "Env worker processes (part of the protocol).", lower_bound=1)
@@ -61,7 +63,8 @@ def main(argv):
         tasks = metaworld.task_list(_TASKS.value)
         data_dir = os.path.abspath(_DATA_DIR.value) if _DATA_DIR.value else demo.default_root()
         plan = ablate.plan(workdir, variants, range(_SEEDS.value), data_dir=data_dir, steps=_STEPS.value,
-                           pretrain_steps=_PRETRAIN_STEPS.value or _STEPS.value)
+                           pretrain_steps=_PRETRAIN_STEPS.value or _STEPS.value,
+                           pretrained=os.path.abspath(_PRETRAINED.value) if _PRETRAINED.value else None)
     except (ValueError, config_validation.ConfigError) as e:
         print(f"launch.ablate: {e}", file=sys.stderr)
         return 2

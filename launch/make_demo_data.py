@@ -19,8 +19,8 @@ def main(argv=None):
     p.add_argument("--tasks", nargs="+", default=list(demo.ROBOT_TASKS), help="Meta-World v3 tasks (robot RLDS)")
     p.add_argument("--human_tasks", nargs="+", default=list(demo.HUMAN_TASKS),
                    help="tasks rendered as action-free SSv2-layout videos (must differ from --tasks)")
-    p.add_argument("--episodes", type=int, default=4, help="episodes per robot task")
-    p.add_argument("--human_episodes", type=int, default=None, help="videos per human task (default --episodes)")
+    p.add_argument("--episodes", type=int, default=demo.EPISODES, help="episodes per robot task")
+    p.add_argument("--human_episodes", type=int, default=None, help="videos per human task (default: the demo's)")
     p.add_argument("--size", type=int, default=128, help="rendered frame size (square)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max_steps", type=int, default=200)
@@ -30,7 +30,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     out = os.path.abspath(a.out)
     demo.make_demo_data(out, tasks=tuple(a.tasks), human_tasks=tuple(a.human_tasks), episodes=a.episodes,
-                        human_episodes=a.human_episodes, size=a.size, seed=a.seed, max_steps=a.max_steps)
+                        human_episodes=demo.HUMAN_EPISODES if a.human_episodes is None else a.human_episodes,
+                        size=a.size, seed=a.seed, max_steps=a.max_steps)
     print(out)
 
 
