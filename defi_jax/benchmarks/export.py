@@ -246,20 +246,25 @@ def _gfdm_rows(a, tmp: str) -> list[dict]:
     out = os.path.join(tmp, "gfdm")
     exp = _child("gfdm_export", a.in_process, variant=a.gfdm_config, channels_div=a.channels_div, out=out)
     imp = _child("gfdm_import", a.in_process, out=out)
-    wd = _child("gfdm_import_workdir", a.in_process, variant=a.gfdm_config, out=out,
-                workdir=os.path.join(tmp, "gfdm_workdir"))
     w = exp["weights_bytes"]
     cfg = (f"gfdm:{a.gfdm_config}" + (f" channels/{a.channels_div}" if a.channels_div > 1 else "")
            + f", {w / 4e6:.0f}M params, float32")
     base = dict(case="export", config=cfg, device=_device(), weights_bytes=w)
-    return [dict(base, what="gfdm_export", median_s=exp["seconds"], peak_host_bytes=exp["peak_bytes"],
+    rows = [dict(base, what="gfdm_export", median_s=exp["seconds"], peak_host_bytes=exp["peak_bytes"],
                  peak_over_weights=exp["peak_bytes"] / w, made_peak_over_weights=exp["made_peak_bytes"] / w,
                  init_s=exp["init_seconds"]),
             dict(base, what="gfdm_import", median_s=imp["seconds"], peak_host_bytes=imp["peak_bytes"],
-                 peak_over_weights=imp["peak_bytes"] / w),
-            dict(base, what="gfdm_import_workdir", median_s=wd["seconds"], peak_host_bytes=wd["peak_bytes"],
-                 peak_over_weights=wd["peak_bytes"] / w, state_bytes=wd["state_bytes"],
-                 peak_over_state=wd["peak_bytes"] / wd["state_bytes"])]
+                 peak_over_weights=imp["peak_bytes"] / w)]
+    return rows if a.no_workdir_import else rows + [_workdir_row(a, tmp, base)]
+
+
+def _workdir_row(a, tmp: str, base: dict) -> dict:
+    w = base["weights_bytes"]
+    wd = _child("gfdm_import_workdir", a.in_process, variant=a.gfdm_config, out=os.path.join(tmp, "gfdm"),
+                workdir=os.path.join(tmp, "gfdm_workdir"))
+    return dict(base, what="gfdm_import_workdir", median_s=wd["seconds"], peak_host_bytes=wd["peak_bytes"],
+                peak_over_weights=wd["peak_bytes"] / w, state_bytes=wd["state_bytes"],
+                peak_over_state=wd["peak_bytes"] / wd["state_bytes"])
 
 
 def run(args: list[str]) -> list[dict]:
@@ -270,6 +275,9 @@ def run(args: list[str]) -> list[dict]:
     p.add_argument("--gfdm_full", action="store_true", help="export / import of the full-size GFDM instead")
     p.add_argument("--gfdm_config", default="svd", choices=("svd", "tiny"))
     p.add_argument("--channels_div", type=int, default=1, help="--gfdm_full: divide UNet / VAE channels by this")
+    p.add_argument("--no_workdir_import", action="store_true",
+                   help="--gfdm_full: skip the import into a workdir (it holds the whole train state, weights + "
+                        "AdamW moments, in host memory: ~18 GB for the full GFDM)")
     p.add_argument("--in_process", action="store_true", help="no child processes (a smoke test; peaks mixed)")
     p.add_argument("--torch_threads", type=int, default=0,
                    help="torch.set_num_threads for torch_act (0: torch's default; on a loaded machine torch's "
