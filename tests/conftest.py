@@ -22,10 +22,6 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["DEFI_JAX_TEST_XLA
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 * 2**30))
-# Random init programs compile ~2x faster with XLA's RngBitGenerator than with threefry unrolled into every
-# parameter's initializer (the tiny policy's init: 219k optimized HLO lines, 41 s -> 23 s). Tests compare runs of
-# one implementation with each other or feed the same draws to both sides of a parity check; never its values.
-os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "unsafe_rbg")
 
 
 import pytest  # noqa: E402
