@@ -127,6 +127,7 @@ def _run(spec: str, workdir: str, overrides: Sequence[tuple[str, str]], configs:
     """A :class:`sweep.Run` of ``python -m launch.train`` (the config is built and checked here)."""
     config = config_validation.load_config(spec)
     config_validation.apply_overrides(config, list(overrides))
+    config_validation.resolve(config)
     config_validation.validate(config)
     path, colon, arg = spec.partition(":")
     full = os.path.join(sweep.ROOT, path) + colon + arg
@@ -190,7 +191,7 @@ def plan(workdir: str, variants: Sequence[str], seeds: Sequence[int], *, data_di
     for name in variants:
         v = VARIANTS[name]
         # A stage the variant does not pretrain keeps the config's path: policy.gidm_init=random /
-        # gfdm_init=initial empty it (defi_jax.policy.stage.resolve_init).
+        # gfdm_init=initial empty it (config_validation.resolve: defi_jax.policy.stage.resolve_init).
         sources = {stage: pretrain[v.pretraining][stage].workdir for stage in ("gidm", "gfdm") if getattr(v, stage)}
         for seed in seeds:
             overrides = [*base.items(), ("policy.pretrain_missing", "false"),

@@ -293,19 +293,54 @@ class _UnitRecorder:
         return nnx.remat(stand_in)(layer, *args) if remat else stand_in(layer, *args)
 
 
-def _compile_unit(unit: _Unit, device: jax.Device, jit_kwargs: dict):
-    """The unit's forward pass and its backward pass (recomputed forward first, under its remat) on one device."""
+def _compile_unit(unit: _Unit, device: jax.Device, jit_kwargs: dict, backward: bool = True):
+    """The unit's forward pass and its backward pass (recomputed forward first, under its remat) on one device;
+    the forward pass only with ``backward=False`` (a frozen UNet: the policy's features)."""
     from flax import nnx
 
+    def call(st, *a):
+        return nnx.merge(unit.graphdef, st)(*a, **unit.static)
+
     def fwd_bwd(state, args, cotangent):
-        def call(st, *a):
-            return nnx.merge(unit.graphdef, st)(*a, **unit.static)
+        if not backward:
+            return call(state, *args)
         out, vjp = jax.vjp(jax.checkpoint(call) if unit.remat else call, state, *args)
         return out, vjp(cotangent)  # the forward pass, then (recomputed) forward + backward, as in the step
 
     on = jax.sharding.SingleDeviceSharding(device)
     put = lambda t: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on), t)  # noqa: E731
     return jax.jit(fwd_bwd, **jit_kwargs).lower(put(unit.state), put(unit.args), put(unit.out)).compile()
+
+
+def _unit_backward(config) -> bool:
+    """Whether the train step differentiates through the UNet (not for the policy's frozen GFDM)."""
+    return config.stage != "policy" or config.policy.finetune == "all"
+
+
+def _check_per_block(config):
+    """Raises ValueError naming the config key when ``--per_block`` cannot compose ``config``'s step."""
+    key = {"gfdm": "remat", "policy": "gfdm.remat"}.get(config.stage)
+    model = config.model.get("gfdm", {}) if config.stage == "policy" else config.model
+    if key is None or not model.get("remat", False):
+        raise ValueError(f"--per_block composes the SVD UNet's remat units: needs config.stage='gfdm' with "
+                         f"config.model.remat=True (or 'policy' with config.model.gfdm.remat=True); got "
+                         f"stage={config.stage!r}" + (f", config.model.{key}=False" if key else "")
+                         + "; compile the whole step instead")
+    if config.train.grad_accum_steps != 1:
+        raise ValueError(f"--per_block: config.train.grad_accum_steps={config.train.grad_accum_steps}; "
+                         f"compose at grad_accum_steps=1 with the microbatch as config.train.batch_size")
+
+
+def _stood_in_step(config, mesh):
+    """``(compiled, memory, recorder)``: the train step with every UNet remat unit stood in (:class:`_UnitRecorder`)."""
+    from defi_jax import trainer
+    from defi_jax.models import svd_unet
+    recorder = _UnitRecorder(mesh.shape["data"] * mesh.shape["fsdp"])
+    with svd_unet.unit_hook(recorder):
+        compiled, memory = trainer.compile_train_step(config, mesh)
+    if not recorder.units:
+        raise ValueError("--per_block: the train step called no UNet remat unit")
+    return compiled, memory, recorder
 
 
 def per_block_report(config, devices: Sequence[jax.Device], *, chip: Chip | None = None,
@@ -316,7 +351,7 @@ def per_block_report(config, devices: Sequence[jax.Device], *, chip: Chip | None
     spatio-temporal transformer) replaced by a stand-in that keeps the unit's saved inputs, output and
     gradients (:class:`_UnitRecorder`): state, optimizer, gradients, activations kept across units, the VAE
     and text encoders, collectives; (2) each distinct unit's recomputed forward + backward on one device at
-    the per-device batch. Peak = (1)'s peak + the largest unit temporaries; FLOPs = (1)'s + each unit's x
+    the per-device batch (the forward only where the UNet is frozen: the policy unless policy.finetune=all). Peak = (1)'s peak + the largest unit temporaries; FLOPs = (1)'s + each unit's x
     its calls. Needs ``config.model.remat`` (the units are the remat boundaries) and
     ``config.train.grad_accum_steps == 1``. ``compare_whole`` also compiles the whole step (what the
     composition replaces: mid-size configs only) and reports the composition's relative error.
@@ -330,39 +365,25 @@ def per_block_report(config, devices: Sequence[jax.Device], *, chip: Chip | None
     """
     log = log or (lambda _: None)
     from defi_jax import stage as stage_lib, trainer
-    from defi_jax.models import svd_unet
 
-    key = {"gfdm": "remat", "policy": "gfdm.remat"}.get(config.stage)
-    remat = key is not None and bool(config.model.get("gfdm", {}).get("remat", False) if config.stage == "policy"
-                                     else config.model.get("remat", False))
-    if not remat:
-        raise ValueError(f"--per_block composes the SVD UNet's remat units: needs config.stage='gfdm' with "
-                         f"config.model.remat=True (or 'policy' with config.model.gfdm.remat=True); got "
-                         f"stage={config.stage!r}" + (f", config.model.{key}=False" if key else "")
-                         + "; compile the whole step instead")
-    if config.train.grad_accum_steps != 1:
-        raise ValueError(f"--per_block: config.train.grad_accum_steps={config.train.grad_accum_steps}; "
-                         f"compose at grad_accum_steps=1 with the microbatch as config.train.batch_size")
+    _check_per_block(config)
     mesh = sharding.make_mesh(config.mesh, devices=list(devices))
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    recorder = _UnitRecorder(shards)
     t0 = time.perf_counter()
-    with svd_unet.unit_hook(recorder):
-        outer, outer_memory = trainer.compile_train_step(config, mesh)
+    outer, outer_memory, recorder = _stood_in_step(config, mesh)
     outer_s = time.perf_counter() - t0
-    log(f"per-block: the step with {len(recorder.units)} distinct UNet units stood in compiled in {outer_s:.0f} s")
-    if not recorder.units:
-        raise ValueError("--per_block: the train step called no UNet remat unit")
     outer_flops = metrics.compiled_flops(outer)
+    log(f"per-block: the step with {len(recorder.units)} distinct UNet units stood in compiled in {outer_s:.0f} s: "
+        f"peak {_bytes(outer_memory.get('peak_estimate', 0))}, FLOPs {outer_flops or 0:.4g}")
     jit_kwargs = stage_lib.jit_kwargs(config)
     units = []
     for unit in recorder.units.values():
         t1 = time.perf_counter()
-        compiled = _compile_unit(unit, devices[0], jit_kwargs)
+        compiled = _compile_unit(unit, devices[0], jit_kwargs, _unit_backward(config))
         units.append({"name": unit.name, "count": unit.count, "memory": trainer.memory_stats(compiled),
                       "flops": metrics.compiled_flops(compiled), "compile_seconds": time.perf_counter() - t1})
         log(f"per-block: unit {len(units)}/{len(recorder.units)} {unit.name}: temp "
-            f"{_bytes(units[-1]['memory'].get('temp', 0))}, compiled in {units[-1]['compile_seconds']:.0f} s")
+            f"{_bytes(units[-1]['memory'].get('temp', 0))}, FLOPs {units[-1]['flops'] or 0:.4g} x {unit.count}, compiled "
+            f"in {units[-1]['compile_seconds']:.0f} s")
     largest = max(units, key=lambda u: u["memory"].get("temp", 0))
     memory = dict(outer_memory)
     if outer_memory:
@@ -373,7 +394,8 @@ def per_block_report(config, devices: Sequence[jax.Device], *, chip: Chip | None
         flops = outer_flops + sum(u["count"] * u["flops"] for u in units)
     report = _report(config, mesh, time.perf_counter() - t0, memory, flops, outer.as_text())
     report["per_block"] = {"outer_memory": outer_memory, "outer_flops": outer_flops,
-                           "outer_compile_seconds": outer_s, "largest_unit": largest["name"], "units": units}
+                           "outer_compile_seconds": outer_s, "largest_unit": largest["name"],
+                           "largest_unit_index": units.index(largest), "units": units}
     if compare_whole:
         whole = compile_report(config, devices)
         report["whole"] = {k: whole[k] for k in ("memory", "flops_per_step_per_device", "compile_seconds")}
@@ -384,11 +406,100 @@ def per_block_report(config, devices: Sequence[jax.Device], *, chip: Chip | None
     return _add_chip(report, chip, step_time)
 
 
+# ---- the largest batch that fits ------------------------------------------------------------------------
+def search_max_batch(peak_at, batch: int, peak: float, limit: float, *, step: int = 1, max_probes: int = 4,
+                     log=None) -> dict:
+    """The largest batch (a multiple of ``step``) whose compiled peak ``peak_at(batch)`` is at most ``limit``.
+
+    ``batch`` / ``peak`` is a point already compiled. Peak memory grows affinely with the batch (state and
+    gradients fixed, activations per sample): each probe compiles the batch an affine fit through the two
+    points nearest the limit predicts, until a fitting batch and one ``step`` above it that does not are both
+    compiled (``proven``) or ``max_probes`` compiles are spent. Returns the probed ``points`` (batch, peak),
+    ``max_batch`` (largest compiled batch that fits; 0 if none did) and ``first_over`` (smallest that did not).
+    ``peak_at`` returns ``math.inf`` for a batch the compiler refuses (out of HBM); its peak is then ``None``.
+    """
+    log = log or (lambda _: None)
+    points = {int(batch): float(peak)}
+
+    def bracket():
+        fits = [b for b, p in points.items() if p <= limit]
+        over = [b for b, p in points.items() if p > limit]
+        return max(fits, default=0), min(over, default=None)
+
+    for _ in range(max_probes):
+        lo, hi = bracket()
+        if hi is not None and hi - lo <= step:
+            break
+        near = sorted((b for b in points if math.isfinite(points[b])), key=lambda b: abs(points[b] - limit))[:2]
+        guess = None
+        if len(near) == 2 and (hi is None or math.isfinite(points[hi])):  # affine, unless the compiler refused hi
+            (b1, p1), (b2, p2) = sorted((b, points[b]) for b in near)
+            slope = (p2 - p1) / (b2 - b1)
+            guess = b2 + (limit - p2) / slope if slope > 0 else None
+        if guess is None:   # double, or bisect the bracket
+            guess = 2 * max(lo, step) if hi is None else (lo + hi) // 2
+        guess = int(guess // step) * step
+        guess = max(guess, lo + step)
+        if hi is not None:
+            guess = min(guess, hi - step)
+        if guess in points or guess < step:
+            break
+        points[guess] = float(peak_at(guess))
+        log(f"max batch: batch {guess}: peak {_peak(points[guess])} "
+            f"({'fits' if points[guess] <= limit else 'over'} {_bytes(limit)})")
+    lo, hi = bracket()
+    return {"limit_bytes": limit, "step": step, "max_batch": lo,
+            "points": [(b, p if math.isfinite(p) else None) for b, p in sorted(points.items())],
+            "first_over": hi, "proven": hi is not None and hi - lo <= step}
+
+
+def max_batch_report(config, devices: Sequence[jax.Device], report: dict, *, chip: Chip, headroom: float = 0.2,
+                     max_probes: int = 4, log=None) -> dict:
+    """:func:`search_max_batch` on ``chip``'s HBM less ``headroom``, starting from ``report`` (a
+    :func:`compile_report` or :func:`per_block_report` of ``config``): probes compile the whole step at
+    other batch sizes, or, for a per-block report, the stood-in step plus its largest unit (the one unit whose
+    temporaries enter the peak), so a probe of the full GFDM costs two compiles, not nineteen.
+    """
+    from defi_jax import stage as stage_lib, trainer
+    mesh = sharding.make_mesh(config.mesh, devices=list(devices))
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    per_block = report.get("per_block")
+
+    def peak_at(batch: int) -> float:
+        try:
+            return _peak_at(batch)
+        except jax.errors.JaxRuntimeError as e:  # the TPU compiler checks the program against the chip's HBM
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            return math.inf
+
+    def _peak_at(batch: int) -> float:
+        c = config.copy_and_resolve_references()
+        c.train.batch_size = batch
+        if per_block is None:
+            _, memory = trainer.compile_train_step(c, mesh)
+            return memory["peak_estimate"]
+        _, memory, recorder = _stood_in_step(c, mesh)
+        unit = list(recorder.units.values())[per_block["largest_unit_index"]]
+        compiled = _compile_unit(unit, devices[0], stage_lib.jit_kwargs(c), _unit_backward(c))
+        temp = trainer.memory_stats(compiled)["temp"]
+        return memory["peak_estimate"] + temp
+
+    result = search_max_batch(peak_at, report["batch_size"], report["memory"]["peak_estimate"],
+                              (1 - headroom) * chip.hbm_bytes, step=shards, max_probes=max_probes, log=log)
+    return result | {"headroom": headroom, "batch_shards": shards,
+                     "max_batch_per_device": result["max_batch"] // shards}
+
+
 def _bytes(n: float) -> str:
     for unit, size in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n:.0f} B"
+
+
+def _peak(n: float | None) -> str:
+    return _bytes(n) if n is not None and math.isfinite(n) else "out of HBM (the compiler refused it)"
 
 
 def _seconds(t: float) -> str:
@@ -444,3 +555,12 @@ def format_report(report: dict) -> str:
                          f"FLOPs {w['flops_per_step_per_device'] or 0:.4g} per device; composed vs whole: "
                          + ", ".join(f"{k} {'?' if v is None else f'{100 * v:+.1f}%'}" for k, v in err.items()))
     return "\n".join(lines)
+
+
+def format_max_batch(mb: dict) -> str:
+    """The line ``launch.aot --max_batch`` prints for a :func:`max_batch_report`."""
+    points = ", ".join(f"{b}: {_peak(p)}" for b, p in mb["points"])
+    verdict = (f"{mb['first_over']} does not" if mb["proven"] else
+               f"not bracketed after the probes ({mb['first_over'] or 'no batch'} over)")
+    return (f"max batch with >= {100 * mb['headroom']:.4g}% HBM headroom (peak <= {_bytes(mb['limit_bytes'])}): "
+            f"{mb['max_batch']} ({mb['max_batch_per_device']} per device) fits, {verdict}; peak by batch: {points}")

@@ -45,6 +45,17 @@ def data_parallel_size(config, num_devices: int) -> int:
     return ici[0] * ici[1] * dcn[0] * dcn[1]
 
 
+def resolve(config) -> None:
+    """Sets the keys of ``config`` that follow from others: the stage's ``resolve`` hook. Where configs are built
+    (the trainer, launch.ablate), before :func:`validate` and before the config is recorded."""
+    try:
+        stage = stage_lib.get(config.stage)
+    except (ValueError, ImportError):
+        return   # validate names the bad stage
+    if stage.resolve is not None:
+        stage.resolve(config)
+
+
 def validate(config, num_devices: int | None = None, process_count: int | None = None) -> None:
     """Raises :class:`ConfigError` naming the first bad key; calls the stage's own ``validate`` hook."""
     num_devices = jax.device_count() if num_devices is None else num_devices

@@ -116,8 +116,12 @@ class Stage:
         ``split`` is "train" or "eval"; the iterator yields numeric host-local batches.
     evaluate(model, config, workdir, step, eval_iter) -> dict of scalar metrics   (optional)
         Runs at ``config.train.eval_every``; may write samples (videos, images) under ``workdir``.
+    resolve(config) -> None   (optional)
+        Sets the keys that follow from the stage's own switches (the policy's ``policy.gidm_init=random`` empties
+        ``init.sources.gidm.path``), before validation and before a run records its config
+        (:func:`defi_jax.config_validation.resolve`); ``validate`` then only reads.
     validate(config) -> None   (optional)
-        Extra config checks; raise ValueError naming the key.
+        Extra config checks; raise ValueError naming the key. Reads the config, never writes it.
     batch_spec(config) -> dict of jax.ShapeDtypeStruct   (optional)
         Global batch shapes, so the train step can be compiled ahead of time without reading data.
     frozen(config) -> tuple of regexes   (optional)
@@ -139,6 +143,7 @@ class Stage:
     make_data: Callable[[Any, int, int, str], DataIterator]
     evaluate: Callable[..., dict] | None = None
     validate: Callable[[Any], None] | None = None
+    resolve: Callable[[Any], None] | None = None
     batch_spec: Callable[[Any], Mapping[str, jax.ShapeDtypeStruct]] | None = None
     frozen: Callable[[Any], tuple[str, ...]] | None = None
     assets: Callable[[Any], Mapping[str, str]] | None = None

@@ -18,6 +18,8 @@ What lands in ``WORKDIR``:
   checkpoints/<step>/   Orbax: the train state as items ``params``, ``frozen``, ``extra``, ``opt_state``,
                         ``ema``, ``counters`` (so parameters are read without the optimizer state),
                         ``data`` (each process's data-iterator state) and ``config`` (JSON); keep-N, async.
+                        An imported workdir's step 0 is params-only (``params``, ``frozen``, ``extra``): the
+                        run starts from it as from a fresh init with those weights.
   metrics.jsonl         one JSON object per logged step: step, loss, grad_norm, lr, skipped updates,
                         the stage's metrics, steps/s, examples/s, MFU (where the peak is known).
   tensorboard/          the same scalars as TensorBoard events.
@@ -195,15 +197,28 @@ class StateLayout:
         return nnx.merge(self.graphdef, params, state.frozen, state.extra)
 
     def restore(self, ckpt: Checkpointer, step: int, *, data: bool = False) -> tuple[TrainState, Any]:
-        """The whole train state of checkpoint ``step`` in this layout (any saved mesh), and the data state."""
+        """The whole train state of checkpoint ``step`` in this layout (any saved mesh), and the data state.
+
+        A params-only step (``Checkpointer.params_only``: an imported workdir) gives the state a fresh init with
+        its parameters would: fresh optimizer state, EMA = params, step 0 and the seed's rng."""
+        target = self.abstract_state().as_dict()
+        params_only = ckpt.params_only(step)
+        if params_only:
+            target = {k: target[k] for k in ("params", "frozen", "extra")}
         try:
-            state, data_state = ckpt.restore(step, self.abstract_state().as_dict(), data=data)
+            state, data_state = ckpt.restore(step, target, data=data)
         except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
             raise RuntimeError(
                 f"{ckpt.directory / str(step)}: the checkpoint does not fit this config's train state "
                 f"(model, frozen set, optimizer or EMA changed?). Compare the config.json next to it with the "
                 f"current config, or start in a fresh workdir. Orbax said: {e}") from e
-        return TrainState.from_dict(state), data_state
+        if not params_only:
+            return TrainState.from_dict(state), data_state
+        _log.info("%s holds the parameters only (an imported workdir): the optimizer state starts fresh%s",
+                  ckpt.directory / str(step), ", the EMA at the parameters" if self.config.train.ema_decay > 0 else "")
+        fresh = jax.jit(self.assemble, out_shardings=self.shardings, donate_argnums=(0, 1, 2),
+                        **stage_lib.jit_kwargs(self.config))
+        return fresh(state["params"], state["frozen"], state["extra"]), data_state
 
     def restore_model(self, workdir: str, *, step: int | None = None, ema: bool = False) -> nnx.Module:
         """The model holding a checkpoint's parameters (EMA or not); reads no optimizer state."""
@@ -285,6 +300,7 @@ class Trainer:
     """
 
     def __init__(self, config, *, mesh=None, validate: bool = True):
+        config_validation.resolve(config)   # the stage's derived keys, as config.json then records them
         if validate:
             config_validation.validate(config, num_devices=None if mesh is None else mesh.devices.size)
         self.config = config
@@ -305,16 +321,19 @@ class Trainer:
         self._sigterm = False
 
     # ------------------------------------------------------------------ state
-    def _init(self, loaded: Mapping[str, jax.Array]) -> TrainState:
-        """Random init of the model with the ``config.init`` weights (``loaded``, arguments) in place."""
+    def _init_parts(self, loaded: Mapping[str, jax.Array]) -> dict:
+        """Random init of the model with the ``config.init`` weights (``loaded``, arguments) in place: the
+        ``params``, ``frozen`` and ``extra`` of the state."""
         _, params, frozen, extra = nnx.split(self.layout.build_model(), *self.layout.filters)
 
         def fill(tree):
             return jax.tree_util.tree_map_with_path(lambda p, x: loaded.get(_path_str(p), x), tree)
 
-        return self.layout.assemble(fill(_cast(nnx.to_pure_dict(params), self.param_dtype)),
-                                    fill(_cast(nnx.to_pure_dict(frozen), self.param_dtype)),
-                                    nnx.to_pure_dict(extra))
+        return dict(params=fill(_cast(nnx.to_pure_dict(params), self.param_dtype)),
+                    frozen=fill(_cast(nnx.to_pure_dict(frozen), self.param_dtype)), extra=nnx.to_pure_dict(extra))
+
+    def _init(self, loaded: Mapping[str, jax.Array]) -> TrainState:
+        return self.layout.assemble(**self._init_parts(loaded))
 
     def _jitted_init(self):
         if self._init_fn is None:
@@ -342,6 +361,17 @@ class Trainer:
         loaded = self.load_init_params()
         with sharding.use_rules(self.mesh, self.rules):
             return self._jitted_init()(loaded)
+
+    def init_params(self) -> dict:
+        """What :meth:`init_state` starts from without the optimizer state and the EMA: ``{"params", "frozen",
+        "extra"}`` in their shardings (the ``config.init`` weights donated into place, the rest drawn), which is
+        what a params-only checkpoint holds (an import: host memory holds the weights once, not the moments)."""
+        loaded = self.load_init_params()
+        s = self.state_shardings
+        fn = jax.jit(self._init_parts, out_shardings=dict(params=s.params, frozen=s.frozen, extra=s.extra),
+                     donate_argnums=0, **self._jit_kwargs)
+        with sharding.use_rules(self.mesh, self.rules):
+            return fn(loaded)
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the restore target and the AOT-compile input."""

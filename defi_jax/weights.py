@@ -36,6 +36,11 @@ An entry with an empty ``path`` is inactive. Kinds (what ``path`` points at):
                                    EMA with ``ema=True``; ``prefix`` is the sub-tree of that model read
                                    (the part of our path matched by ``target`` is replaced by ``prefix``)
 
+Every ``path`` may be local or an object-store URI (``gs://bucket/...``): folders are listed and safetensors
+read through :mod:`defi_jax.paths` (a ranged read per tensor); a torch file (``.pth`` / ``.pt`` / ``.ckpt``, still
+``torch.load(weights_only=True)``) or a reference checkpoint read with a prefix is first copied, streamed, to a
+temporary local file (:func:`local_file`).
+
 For the file kinds, ``prefix`` names the sub-tree of the file read: only its tensors, with ``prefix`` dropped
 from their names (a frozen tower stored inside another model's checkpoint). A single file read with a prefix is
 read as a reference checkpoint (``defi_torch.read_state_dict``: a Lightning ``state_dict`` unwrapped, ``lam.``
@@ -56,16 +61,21 @@ the GFDM's VAE / CLIP text) without a source, unless this is set (tests, debuggi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping
 
 import jax
 import ml_collections
 import numpy as np
+
+from defi_jax import paths
 
 _log = logging.getLogger(__name__)
 
@@ -111,7 +121,7 @@ def active_sources(config) -> list[Active]:
             for folder_key, fills in FOLDER_KEYS.items():
                 for filled, sub in fills:
                     if filled == name and init.get(folder_key, ""):
-                        path, key = os.path.join(init[folder_key], sub) if sub else init[folder_key], \
+                        path, key = paths.join(init[folder_key], sub) if sub else init[folder_key], \
                             f"config.init.{folder_key}"
         if not path:
             continue
@@ -154,19 +164,31 @@ def require_sources(config, towers: Mapping[str, str]) -> None:
 
 # ------------------------------------------------------------------------------------------ reading
 
-def _safetensors_files(path: str, weights_name: str) -> list[str]:
-    if os.path.isfile(path):
-        return [path]
-    single = os.path.join(path, weights_name + ".safetensors")
-    index = os.path.join(path, weights_name + ".safetensors.index.json")
-    if os.path.isfile(single):
-        return [single]
-    if os.path.isfile(index):
-        with open(index) as f:
-            return [os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
-    found = sorted(os.listdir(path)) if os.path.isdir(path) else "it does not exist"
-    raise FileNotFoundError(f"{path}: no {weights_name}.safetensors or {weights_name}.safetensors.index.json "
-                            f"(found: {found}); only safetensors are read, never pickle")
+def _is_file(path: str) -> bool:
+    return paths.exists(path) and not paths.isdir(path)
+
+
+@contextlib.contextmanager
+def local_file(path: str):
+    """``path`` as a local file, for the readers that need one (``torch.load``, a memory map): a local path is
+    itself; an object-store URI (``gs://``) is copied through :mod:`defi_jax.paths` (streamed, 64 MiB at a time)
+    into a temporary folder, removed when the block ends (arrays mapped from it stay valid: the mapping outlives
+    the unlinked file). Errors raised inside name ``path``, not the copy."""
+    if not paths.is_remote(path):
+        yield path
+        return
+    if not _is_file(path):
+        raise FileNotFoundError(f"{path} does not exist (or is a folder)")
+    with tempfile.TemporaryDirectory(prefix="defi_jax_weights-") as tmp:
+        local = os.path.join(tmp, path.rstrip("/").rsplit("/", 1)[-1])
+        with paths.open(path, "rb") as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst, 64 << 20)
+        try:
+            yield local
+        except (OSError, ValueError) as e:
+            if local in str(e) and len(e.args) == 1:
+                raise type(e)(str(e).replace(local, path)) from e
+            raise
 
 
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
@@ -219,17 +241,20 @@ def _sub_tree(tensors: dict[str, np.ndarray], prefix: str, path: str) -> dict[st
 
 
 def _read(path: str, weights_name: str, prefix: str = "") -> dict[str, np.ndarray]:
-    if os.path.isfile(path) and prefix:   # a tower inside a reference checkpoint (Lightning, ``lam.`` dropped)
-        from defi_jax.interop import defi_torch
-        return _sub_tree(defi_torch.read_state_dict(path), prefix, path)
-    if os.path.isfile(path) and path.endswith((".pth", ".pt", ".bin", ".ckpt")):
-        return _read_torch(path)
-    from defi_jax.interop._convert import lazy_safetensors
+    """A folder's ``<weights_name>.safetensors`` (or shards) or one file, local or ``gs://`` alike: safetensors
+    streamed (headers now, each tensor when placed: ``_convert``'s readers, ranged reads on an object store);
+    torch files and towers inside a reference checkpoint through :func:`local_file`."""
+    from defi_jax.interop import _convert, defi_torch
 
-    out = {}
-    for file in _safetensors_files(path, weights_name):
-        out.update(lazy_safetensors(file))   # headers only: each tensor is read when placed
-    return _sub_tree(out, prefix, path)
+    is_file = _is_file(path)   # (two round trips on an object store: asked once)
+    if is_file and prefix:   # a tower inside a reference checkpoint (Lightning, ``lam.`` dropped)
+        with local_file(path) as local:
+            return _sub_tree(defi_torch.read_state_dict(local), prefix, path)
+    if is_file and path.endswith((".pth", ".pt", ".bin", ".ckpt")):
+        with local_file(path) as local:
+            return _read_torch(local)
+    tensors = _convert.lazy_safetensors(path) if is_file else _convert.read_safetensors(path, weights_name)
+    return _sub_tree(tensors, prefix, path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,13 +335,15 @@ def _whole_file(read: Callable[[str], dict[str, np.ndarray]], kind: str) -> Call
 
 def _read_reference_policy(path: str) -> dict[str, np.ndarray]:
     from defi_jax.interop import defi_policy
-    params, _ = defi_policy.reference_policy_params(defi_policy.read_reference_checkpoint(path))
+    with local_file(path) as local:
+        params, _ = defi_policy.reference_policy_params(defi_policy.read_reference_checkpoint(local))
     return {k.replace("/", "."): v for k, v in params.items()}
 
 
 def _read_reference_gidm(path: str, prefix: str = "") -> dict[str, np.ndarray]:
     from defi_jax.interop import defi_torch
-    return _sub_tree(defi_torch.read_state_dict(path), prefix, path)
+    with local_file(path) as local:
+        return _sub_tree(defi_torch.read_state_dict(local), prefix, path)
 
 
 def _read_torch_export(path: str) -> dict[str, np.ndarray]:

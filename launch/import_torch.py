@@ -10,7 +10,9 @@
     python -m launch.import_torch export --src=/tmp/defi_torch --workdir=/ckpt/policy_again
 
 Every kind writes a workdir at step 0 (``config.json``, ``checkpoints/0``, ``assets/``) that ``launch.train`` with
-the printed command continues (fresh optimizer state); the workdir must hold no checkpoint.
+the printed command continues; the workdir must hold no checkpoint. ``checkpoints/0`` holds the weights only (no
+optimizer moments: host memory holds the weights once); training starts from them with a fresh optimizer state
+(and the EMA at the weights).
 
 policy   the reference's stage-3 checkpoint (``saved_models/{step}.pt`` or ``last.pt``: ``{"model": state_dict,
          "args": ...}``, read with ``torch.load(weights_only=True)``; or a ``.safetensors`` of the state dict).
@@ -103,7 +105,7 @@ def main(argv):
     from defi_jax.interop import defi_policy, import_stages
 
     kind = argv[1]
-    src, workdir = os.path.abspath(_SRC.value), paths.abspath(_WORKDIR.value)
+    src, workdir = paths.abspath(_SRC.value), paths.abspath(_WORKDIR.value)
     print(f"launch.import_torch: {kind} {src} -> {workdir}", flush=True)
     note = ""
     try:

@@ -155,15 +155,17 @@ def count_compiles():
 # The slowest tests of `make test` (seconds, idle 2-core machine, before this ordering): a whole file where the
 # entry names one (its module fixtures are built once per worker that runs it).
 SLOW = (
-    ("tests/test_policy_stage.py", 420),                                # module fine-tune fixture + its users
-    ("tests/test_gfdm_stage.py::test_tiny_training_run_learns_compiles_evaluation_once_and_writes_gif", 108),
-    ("tests/test_packaging.py", 85),                                    # wheel + venv + stage steps
-    ("tests/test_gidm_stage.py::test_tiny_pretraining_on_demo_data", 68),
-    ("tests/test_policy_import.py::test_import_writes_a_policy_workdir_that_serves_resumes_and_matches", 41),
+    ("tests/test_policy_stage.py", 220),                                # module fine-tune fixture + its users
+    ("tests/test_gfdm_stage.py::test_tiny_training_run_learns_compiles_evaluation_once_and_writes_gif", 91),
+    ("tests/test_packaging.py", 80),                                    # wheel + venv + stage steps
+    ("tests/test_import_stages.py::test_policy_export_round_trip_is_bitwise", 55),
+    ("tests/test_gidm_stage.py::test_tiny_pretraining_on_demo_data", 48),
     ("tests/test_export_torch.py", 40),                                 # module export fixture
+    ("tests/test_ablate.py::test_dry_run_one_step_of_every_variant", 40),
     ("tests/test_data_demo.py", 25),
+    ("tests/test_policy_import.py::test_import_writes_a_policy_workdir_that_serves_resumes_and_matches", 22),
     ("tests/test_gidm_model.py::test_encoder_is_causal_in_time", 19),
-    ("tests/test_sweep.py::test_two_value_sweep_writes_csv_and_png_and_resumes", 19),
+    ("tests/test_sweep.py::test_two_value_sweep_writes_csv_and_png_and_resumes", 18),
     ("tests/test_gidm_stage.py::test_train_step_compiles_for_8_devices", 18),
 )
 

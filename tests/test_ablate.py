@@ -146,7 +146,8 @@ def test_resume_skips_finished_training_and_evaluation(plan, tmp_path):
 
 def test_init_switches_empty_the_pretrained_source(demo_data_dir):
     """policy.gidm_init=random / gfdm_init=initial on a config that names pretrained workdirs (tiny names the
-    demo's) leave those workdirs unread: validation empties their paths (defi_jax.policy.stage.resolve_init)."""
+    demo's) leave those workdirs unread: resolving the config empties their paths (defi_jax.policy.stage.resolve_init),
+    validation only reads (an unresolved config is refused, naming the key)."""
     from defi_jax import config_validation
 
     for key, value, emptied, kept in (("gidm_init", "random", "gidm", "gfdm"), ("gfdm_init", "initial", "gfdm", "gidm")):
@@ -154,6 +155,10 @@ def test_init_switches_empty_the_pretrained_source(demo_data_dir):
         config.data.data_dir = demo_data_dir
         assert config.init.sources[emptied].path and config.init.sources[kept].path
         config.policy[key] = value
+        with pytest.raises(config_validation.ConfigError, match=f"config.init.sources.{emptied}.path"):
+            config_validation.validate(config, num_devices=1)
+        assert config.init.sources[emptied].path, key              # validation wrote nothing
+        config_validation.resolve(config)
         config_validation.validate(config, num_devices=1)
         assert config.init.sources[emptied].path == "" and config.init.sources[kept].path, key
 

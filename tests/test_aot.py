@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -64,7 +65,9 @@ def test_ideal_step_times():
 def test_topology_compile_with_the_tpu_compiler(tmp_path):
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip("libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler to run")
-    proc, report = _aot(tmp_path, "--topology=v4-16", "--step_time=0.001")
+    # --max_batch against a limit of 5.47 MiB of the 32 GiB, just below the toy's peak at its batch of 16 (5.51 MiB;
+    # 5.44 at 8 with libtpu 0.0.42): one probe (batch 8) brackets it.
+    proc, report = _aot(tmp_path, "--topology=v4-16", "--step_time=0.001", "--max_batch", "--headroom=0.999833")
     if proc.returncode and "libtpu could not describe" in proc.stderr:
         pytest.skip(f"libtpu cannot load here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -83,6 +86,14 @@ def test_topology_compile_with_the_tpu_compiler(tmp_path):
     assert report["collectives"]["all-gather"] > 0 and report["collectives"]["all-reduce"] > 0
     assert "per-device memory (TPU HBM)" in proc.stdout and "peak vs HBM" in proc.stdout
     assert "MFU at a step time of 1 ms" in proc.stdout
+    # The search brackets the limit with compiled points: the largest fitting batch and one step (8 devices) above.
+    mb = report["max_batch"]
+    peaks = dict(mb["points"])
+    assert mb["limit_bytes"] == pytest.approx((1 - 0.999833) * 32 * 2**30) and mb["batch_shards"] == 8
+    assert peaks[report["batch_size"]] == mem["peak_estimate"] and len(peaks) <= 3
+    assert mb["proven"] and mb["first_over"] == mb["max_batch"] + 8 and peaks[mb["first_over"]] > mb["limit_bytes"]
+    assert mb["max_batch"] == 0 or peaks[mb["max_batch"]] <= mb["limit_bytes"]
+    assert mb["max_batch_per_device"] == mb["max_batch"] // 8 and "max batch with >= 99.98% HBM headroom" in proc.stdout
 
 
 def test_fake_devices_compile(tmp_path):
@@ -143,3 +154,36 @@ def test_per_block_needs_the_unet_remat():
         aot.per_block_report(gfdm.get_config("tiny"), jax.devices())   # tiny trains without remat
     with pytest.raises(ValueError, match="config.stage=.gfdm. with"):
         aot.per_block_report(toy.get_config("tiny"), jax.devices())
+
+
+@pytest.mark.parametrize("base, true_max, step", [(6, 34, 1), (64, 200, 8), (40, 12, 4)])
+def test_search_max_batch_brackets_the_limit(base, true_max, step):
+    # An affine peak (fixed state + per-sample activations) with a small convex term, as a compiler's grows.
+    def peak(b):
+        return 20.0 + 1.5 * b + 0.002 * b * b
+    limit = (peak(true_max) + peak(true_max + 1)) / 2
+    probed = []
+    result = aot.search_max_batch(lambda b: probed.append(b) or peak(b), base, peak(base), limit, step=step)
+    want = true_max // step * step
+    assert result["max_batch"] == want and result["first_over"] == want + step and result["proven"], result
+    assert len(probed) <= 4 and base not in probed and all(b % step == 0 for b in probed)
+    assert dict(result["points"]) == {b: peak(b) for b in [base, *probed]}
+
+
+def test_search_max_batch_stops_after_its_probes():
+    result = aot.search_max_batch(lambda b: 1.0 + b, 1, 2.0, 1e6, max_probes=2)   # never over
+    assert not result["proven"] and result["first_over"] is None and len(result["points"]) == 3
+    nothing = aot.search_max_batch(lambda b: 10.0 * b, 4, 40.0, 5.0)   # even batch 1 is over the limit
+    assert nothing["max_batch"] == 0 and nothing["first_over"] == 1 and nothing["proven"]
+
+
+def test_search_max_batch_bisects_past_compiler_refusals():
+    # The TPU compiler refuses a program over the chip's HBM (one v6e chip refused the GIDM at 64): peak_at gives
+    # inf, the search bisects towards it instead of extrapolating, and the refused batches' peaks read None.
+    def peak(b):
+        return 10.0 + b if b <= 30 else math.inf
+    result = aot.search_max_batch(peak, 8, 18.0, 45.0, max_probes=8)
+    assert (result["max_batch"], result["first_over"], result["proven"]) == (30, 31, True), result
+    points = dict(result["points"])
+    assert points[30] == 40.0 and all(p is None for b, p in points.items() if b > 30) and len(points) <= 8
+    assert "out of HBM" in aot.format_max_batch(result | {"headroom": 0.2, "max_batch_per_device": 30})

@@ -84,6 +84,44 @@ def test_params_only_restore_reads_no_optimizer_state(tmp_path, tiny_config, mak
         restore_params(str(tmp_path), ema=True)
 
 
+def test_imported_params_only_workdir_trains_on(tmp_path, tiny_config, make_mesh):
+    """An import writes the weights once (a params-only step 0: no optimizer moments, no EMA, no counters); the
+    trainer resumes from it as from a fresh init with those weights (fresh AdamW state, EMA = params, step 0, the
+    seed's rng), so training on from it equals training from scratch; the params stand in for the EMA."""
+    from defi_jax.checkpoint import restore_params
+    from defi_jax.interop import import_stages
+
+    config = tiny_config(num_steps=2, ema_decay=0.5, frozen=("^decoder/",))
+    workdir = tmp_path / "imported"
+    import_stages.write_workdir(config, str(workdir))
+    items = {p.name for p in (workdir / "checkpoints" / "0").iterdir()}
+    assert {"params", "frozen", "config"} <= items and not items & {"opt_state", "ema", "counters"}
+    assert Checkpointer(str(workdir), read_only=True).params_only(0)
+
+    tr = trainer_lib.Trainer(config, mesh=make_mesh((2, 2, 2)))
+    fresh = tr.init_state()
+    ckpt = Checkpointer(str(workdir))
+    resumed = tr.restore_or_init(ckpt)
+    ckpt.close()
+    _assert_trees_equal(resumed, fresh)
+    _assert_trees_equal(resumed.ema, resumed.params)
+    assert jax.tree.leaves(resumed.opt_state) and int(resumed.step) == 0
+    assert resumed.params["mlp"]["up"]["kernel"].sharding.mesh.shape == dict(zip(sharding.MESH_AXES, (2, 2, 2)))
+    want = {"/".join(str(k.key) for k in path): np.asarray(v)
+            for path, v in jax.tree_util.tree_flatten_with_path(jax.device_get(fresh.params | fresh.frozen))[0]}
+    for ema in (False, True):
+        got = restore_params(str(workdir), ema=ema)
+        assert got.keys() == want.keys()
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+    result = tr.fit(str(workdir))                 # what launch.train runs
+    scratch = tr.fit(str(tmp_path / "scratch"))
+    assert result.status == "done" and result.step == 2 and np.isfinite(result.metrics["loss"])
+    _assert_trees_equal(result.state, scratch.state)
+    assert {"opt_state", "ema", "counters"} <= {p.name for p in (workdir / "checkpoints" / "2").iterdir()}
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_config, make_mesh):
     """One trainer (compiled once) and its uninterrupted 12-step run, shared by the resume tests."""

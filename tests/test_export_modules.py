@@ -105,4 +105,5 @@ def test_benchmark_case_smoke():
     for r in rows:
         assert r["case"] == "export" and r["median_s"] > 0 and r["peak_host_bytes"] >= 0
         assert r["weights_bytes"] == rows[0]["weights_bytes"] > 1e6
-    assert rows[2]["state_bytes"] > rows[2]["weights_bytes"]      # + the UNet's AdamW moments
+    assert rows[2]["params_bytes"] == rows[2]["weights_bytes"]    # the weights once: no AdamW moments
+    assert rows[2]["written_bytes"] < 1.5 * rows[2]["weights_bytes"]

@@ -9,33 +9,18 @@ import jax
 import numpy as np
 import pytest
 import torch
-from _helpers import save_params
+from _helpers import save_params, save_random_workdir
 from flax import nnx
 
 from configs import gfdm as gfdm_configs
 from configs import gidm as gidm_configs
 from configs import policy as policy_configs
 from defi_jax import checkpoint, export_torch
-from defi_jax import stage as stage_lib
 from defi_jax.inference import DeFIPolicy, unnormalize
 from defi_jax_torch import DeFIPolicyTorch
 
 STATS = {"normalized": True, "stats": {"q01": [-0.5, -0.4, -0.3, -0.2, -0.1, -0.05, 0.0],
                                        "q99": [0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.0]}}
-
-
-def _flat(state) -> dict:
-    return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
-
-
-def _write_policy_workdir(config, workdir: str, seed: int) -> None:
-    """An initialised policy with every float parameter plus 0.05 N(0, 1) (no zero-initialised layer leaves a
-    path unexercised): a stand-in fine-tuned run, built eagerly (no train-state compile)."""
-    model = stage_lib.get("policy").build_model(config, nnx.Rngs(seed))
-    rs = np.random.default_rng(seed)
-    params = {k: (v + 0.05 * rs.standard_normal(v.shape)).astype(v.dtype) if v.dtype.kind == "f" else v
-              for k, v in _flat(nnx.state(model, nnx.Param)).items()}
-    save_params(config, workdir, params, _flat(nnx.state(model, nnx.Not(nnx.Param))))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +30,7 @@ def exported(tmp_path_factory):
     c.init.sources.gfdm.path = c.init.sources.gidm.path = ""
     c.policy.gfdm_init, c.policy.gidm_init = "initial", "random"
     workdir = str(tmp / "policy")
-    _write_policy_workdir(c, workdir, seed=0)
+    save_random_workdir("policy", c, workdir, seed=0)   # a stand-in fine-tuned run: random weights, no compile
     os.makedirs(os.path.join(workdir, "assets"))
     with open(os.path.join(workdir, "assets", "action_stats.json"), "w") as f:
         json.dump(STATS, f)
@@ -186,9 +171,7 @@ def test_a_gidm_workdir_exports_the_reference_stage2_names(tmp_path):
     from defi_jax.interop import defi_torch
 
     c = gidm_configs.get_config("tiny")
-    model = stage_lib.get("gidm").build_model(c, nnx.Rngs(4))
-    save_params(c, str(tmp_path / "gidm"), _flat(nnx.state(model, nnx.Param)),
-                 _flat(nnx.state(model, nnx.Not(nnx.Param))))
+    model = save_random_workdir("gidm", c, str(tmp_path / "gidm"), seed=4)
     meta = export_torch.export(str(tmp_path / "gidm"), str(tmp_path / "out"))
     assert meta["stage"] == "gidm" and meta["parts"] == ["gidm"]
     written = load_file(str(tmp_path / "out" / "gidm" / "model.safetensors"))

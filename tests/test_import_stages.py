@@ -131,6 +131,53 @@ def test_streamed_reader_reads_each_tensor_when_made_and_names_a_bad_file(tmp_pa
     with pytest.raises(ValueError, match="junk.safetensors: not a safetensors file"):
         _convert.lazy_safetensors(str(tmp_path / "junk.safetensors"))
 
+    # transformers folders (CLIP text, DINOv2, T5) stream the same way, widened to float32 when placed.
+    from defi_jax.interop import _hf_folders
+    for path in (tmp_path, file):
+        lazy = _hf_folders.read_tensors(str(path))
+        assert all(isinstance(v, _convert.Lazy) and v.dtype == np.float32 for v in lazy.values())
+        _assert_bitwise({k: np.asarray(v) for k, v in lazy.items()}, {k: v.astype(np.float32) for k, v in want.items()})
+
+
+def test_streamed_reader_reads_object_store_uris(tmp_path, monkeypatch):
+    """A ``gs://`` file goes through ``defi_jax.paths`` (epath: tf.io.gfile or fsspec): the header and each tensor
+    one ranged read. Here a local file is routed that way, through a file object with only seek / read (as
+    tf.io.gfile's)."""
+    import io
+
+    from safetensors.numpy import save_file
+
+    from defi_jax import paths
+    from defi_jax.interop import _convert
+
+    want = {"w": np.arange(24, dtype=np.float32).reshape(4, 6), "b": np.arange(3, dtype=np.float16)}
+    save_file(want, str(tmp_path / "model.safetensors"))
+    opened = []
+
+    class Ranged:   # seek + read, no readinto
+        def __init__(self, path):
+            self._f = io.open(path, "rb")
+            opened.append(path)
+
+        def seek(self, offset):
+            self._f.seek(offset)
+
+        def read(self, n):
+            return self._f.read(n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+    monkeypatch.setattr(paths, "is_remote", lambda path: True)
+    monkeypatch.setattr(paths, "open", lambda path, mode="r": Ranged(path))
+    lazy = _convert.read_safetensors(str(tmp_path), "model")
+    assert len(opened) == 1                                                 # the header only, so far
+    _assert_bitwise({k: np.asarray(v) for k, v in lazy.items()}, want)
+    assert len(opened) == 3                                                 # then one read per tensor
+
 
 def _reference_stage2(c, path, drop: str = "", reshape: str = "") -> dict:
     """A reference-layout stage-2 Lightning checkpoint of a random GIDM (``lam.``-prefixed, with torch-hub DINOv2

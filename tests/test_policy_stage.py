@@ -1,9 +1,10 @@
 """The DeFI policy stage: starts from GFDM / GIDM workdirs, fine-tuning modes, ablation variants, inference and export.
 
 One short fine-tune on the demo data (module fixture) backs most tests: its GFDM and GIDM come from workdirs the
-fixture writes (freshly initialised tiny stages saved by the trainer's own checkpointer).
+fixture writes (tiny stages with random weights, saved as params-only checkpoints).
 """
 
+import itertools
 import json
 import os
 import subprocess
@@ -13,22 +14,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from _helpers import save_random_workdir
 from flax import nnx
 
-from defi_jax import checkpoint, trainer
+from defi_jax import checkpoint, sharding, trainer
 from defi_jax.policy import stage as policy_stage
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _write_initial_workdir(config, workdir: str, mesh) -> dict:
-    """A stage's freshly initialised train state saved as step 0 of ``workdir``; returns its flat params."""
-    tr = trainer.Trainer(config, mesh=mesh)
-    state = tr.init_state()
-    ckpt = checkpoint.Checkpointer(workdir, async_save=False)
-    ckpt.save(0, state.as_dict(), None, config.to_json_best_effort())
-    ckpt.close()
-    return checkpoint.restore_params(workdir)
 
 
 def _policy_config(tiny_config, demo_data_dir, tmp, **policy):
@@ -44,10 +36,9 @@ def _policy_config(tiny_config, demo_data_dir, tmp, **policy):
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory, demo_data_dir, tiny_config, one_device_mesh):
     tmp = tmp_path_factory.mktemp("policy")
-    gf, gi = tiny_config("gfdm"), tiny_config("gidm")
-    gf.init.allow_random = gi.init.allow_random = True
-    gfdm_params = _write_initial_workdir(gf, str(tmp / "gfdm"), one_device_mesh)
-    gidm_params = _write_initial_workdir(gi, str(tmp / "gidm"), one_device_mesh)
+    for seed, stage in enumerate(("gfdm", "gidm")):   # random stand-ins for the pretrained stages
+        save_random_workdir(stage, tiny_config(stage), str(tmp / stage), seed=seed)
+    gfdm_params, gidm_params = (checkpoint.restore_params(str(tmp / s)) for s in ("gfdm", "gidm"))
     c = _policy_config(tiny_config, demo_data_dir, tmp)
     c.train.num_steps = 30
     c.train.log_every = 10
@@ -72,20 +63,17 @@ def test_policy_starts_from_the_stage_workdirs_and_keeps_the_gfdm_frozen(finetun
     assert any(not np.array_equal(np.asarray(lam[k]), np.asarray(finetuned["gidm"][k])) for k in shared)
 
 
-def _fixed_draw_action_losses(models, batch, config) -> list[float]:
-    """Action loss of each model averaged over 8 fixed (sigma, noise) draws: comparable between the models
-    (one compiled function for all: the models share their structure)."""
-    f = nnx.jit(lambda m, b, k: policy_stage._loss(m, b, k, config, train=False)[1]["action_loss"])
-    return [float(np.mean([float(f(m, batch, jax.random.key(i))) for i in range(8)])) for m in models]
-
-
 def test_short_finetune_lowers_the_action_loss(finetuned, one_device_mesh):
-    c = finetuned["config"]
-    it = policy_stage.make_data(c, 0, 1, "train")
-    batch = {k: jax.numpy.asarray(v) for k, v in next(it).items()}
+    """The action loss on one training batch at 8 fixed (sigma, noise) draws, before and after the fine-tune,
+    through the stage's own evaluation (compiled by the fine-tune: another eval.batches only traces it again)."""
+    c = finetuned["config"].copy_and_resolve_references()
+    c.eval.batches = 8
     initial = finetuned["trainer"]      # the fine-tune's own trainer: its initial state, already compiled
-    finetuned_model = trainer.restore_model(c, finetuned["workdir"], mesh=one_device_mesh)
-    before, after = _fixed_draw_action_losses([initial.model(initial.init_state()), finetuned_model], batch, c)
+    batch = initial.global_batch(next(policy_stage.make_data(c, 0, 1, "train")))   # laid out as in its evaluation
+    models = (initial.model(initial.init_state()), trainer.restore_model(c, finetuned["workdir"], mesh=one_device_mesh))
+    with sharding.use_rules(initial.mesh, initial.rules):   # as the trainer evaluates: the same program
+        before, after = (policy_stage.evaluate(m, c, None, 0, itertools.repeat(batch))["eval_action_loss"]
+                         for m in models)
     assert after < 0.85 * before, (before, after)
     assert "eval_action_mse" in finetuned["result"].metrics
     stats = json.load(open(os.path.join(finetuned["workdir"], "assets", "action_stats.json")))
@@ -97,10 +85,11 @@ def test_evaluation_compiles_once_per_run(finetuned, one_device_mesh, count_comp
     evaluated with them already); a rebuilt or mis-keyed cache would compile at every call."""
     c = finetuned["config"]
     model = trainer.restore_model(c, finetuned["workdir"], mesh=one_device_mesh)
-    batch = next(policy_stage.make_data(c, 0, 1, "eval"))
+    tr = finetuned["trainer"]
+    batch = tr.global_batch(next(policy_stage.make_data(c, 0, 1, "eval")))
     runs = []
     for _ in range(2):
-        with count_compiles() as n:
+        with count_compiles() as n, sharding.use_rules(tr.mesh, tr.rules):   # as the trainer evaluates
             metrics = policy_stage.evaluate(model, c, None, 30, iter([batch]))
         runs.append((metrics, n[0]))
     (first, _), (again, recompiles) = runs
@@ -131,31 +120,68 @@ def test_finetune_modes_train_exactly_their_parameters(finetuned, demo_data_dir,
     assert any(m.endswith("head/inner_model/action_pred/kernel") for m in moment_paths)
 
 
-def test_all_mode_updates_the_unet(finetuned, demo_data_dir, tiny_config, one_device_mesh):
-    """One optimizer step of the trainer (no checkpoint or evaluation: ``fit`` around it is covered above)."""
-    c = _policy_config(tiny_config, demo_data_dir, finetuned["tmp"], finetune="all")
-    tr = trainer.Trainer(c, mesh=one_device_mesh)
-    state, _ = tr.step(tr.init_state(), tr.global_batch(next(policy_stage.make_data(c, 0, 1, "train"))))
-    after = {k: np.asarray(v) for k, v in (trainer._flat(state.params) | trainer._flat(state.frozen)).items()}
-    changed = [k for k, v in finetuned["gfdm"].items()
-               if k.startswith("unet/") and not np.array_equal(np.asarray(after["gfdm/" + k]), np.asarray(v))]
-    assert changed, "finetune=all left the GFDM UNet unchanged"
-    assert all(np.array_equal(np.asarray(after["gfdm/" + k]), np.asarray(v))
-               for k, v in finetuned["gfdm"].items() if k.startswith("vae/"))
+def test_all_mode_lets_the_gradient_reach_the_unet(finetuned, demo_data_dir, tiny_config, one_device_mesh):
+    """``finetune=all`` backpropagates through the GFDM features into the UNet; the other modes stop the gradient
+    there. (The gradient is what is checked: AdamW's weight decay alone would move a UNet that gets none.)"""
+    batch = next(policy_stage.make_data(finetuned["config"], 0, 1, "train"))
+    for mode, reaches in (("all", True), ("gidm_adapter", False)):
+        c = _policy_config(tiny_config, demo_data_dir, finetuned["tmp"], finetune=mode)
+        model = trainer.restore_model(c, finetuned["workdir"], mesh=one_device_mesh)
+        text = policy_stage.encode_instruction(model, batch)
+        grads = nnx.jit(nnx.grad(
+            lambda m: jax.numpy.sum(m.features(batch["frames"], text["gfdm"], jax.random.key(0)) ** 2)))(model)
+        unet = [np.abs(np.asarray(g)).max() for k, g in trainer._flat(nnx.to_pure_dict(grads)).items()
+                if k.startswith("gfdm/unet/")]
+        assert unet and (max(unet) > 0) == reaches, (mode, max(unet))
 
 
-@pytest.mark.parametrize("variant", [dict(latent_action="continuous"), dict(latent_action="binning"),
-                                     dict(latent_action="gmm"), dict(gfdm_steps=2),
-                                     dict(head=dict(cross_attention="full"))])
-def test_ablation_variants_build_and_give_a_finite_loss(finetuned, demo_data_dir, tiny_config, variant):
+# The ablate dry run (tests/test_ablate.py) lowers the train steps of the continuous-latent and multi-step variants.
+ABLATION_VARIANTS = (dict(latent_action="binning"), dict(latent_action="gmm"), dict(head=dict(cross_attention="full")))
+
+
+def test_ablation_variants_build_and_trace_their_loss(finetuned, demo_data_dir, tiny_config):
+    """The other variants' models build and their training loss traces to a float32 scalar on a batch of their data
+    (no compile here: the bottlenecks run below)."""
     c = _policy_config(tiny_config, demo_data_dir, finetuned["tmp"], gidm_init="random")
-    for k, v in variant.items():
-        c.model[k] = dict(c.model[k], **v) if isinstance(v, dict) else v
-    model = policy_stage.build_model(c, nnx.Rngs(0))
-    it = policy_stage.make_data(c, 0, 1, "train")
-    batch = {k: jax.numpy.asarray(v) for k, v in next(it).items()}
-    loss, metrics = nnx.jit(lambda m, b: policy_stage.loss_fn(m, b, jax.random.key(0), c))(model, batch)
-    assert np.isfinite(float(loss)) and float(metrics["action_loss"]) > 0
+    batch = {k: jax.numpy.asarray(v) for k, v in next(policy_stage.make_data(c, 0, 1, "train")).items()}
+    for variant in ABLATION_VARIANTS:
+        c = _policy_config(tiny_config, demo_data_dir, finetuned["tmp"], gidm_init="random")
+        for k, v in variant.items():
+            c.model[k] = dict(c.model[k], **v) if isinstance(v, dict) else v
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: policy_stage.build_model(c, nnx.Rngs(0))))
+        loss, metrics = jax.eval_shape(
+            lambda s, b: policy_stage.loss_fn(nnx.merge(graphdef, s), b, jax.random.key(0), c), state, batch)
+        assert (loss.shape, loss.dtype) == ((), np.float32) and metrics["action_loss"].shape == (), variant
+
+
+def test_latent_action_bottlenecks_and_multi_step_features_run_finite(finetuned, one_device_mesh):
+    """The fine-tuned model's adapter through each latent-action bottleneck, and its GFDM features after two
+    denoising steps: finite, shaped as the VQ path's, binning on its grid, two steps unlike one."""
+    c = finetuned["config"]
+    model = trainer.restore_model(c, finetuned["workdir"], mesh=one_device_mesh)
+    batch = {k: jax.numpy.asarray(v) for k, v in next(policy_stage.make_data(c, 0, 1, "train")).items()}
+    text = policy_stage.encode_instruction(model, batch)
+
+    features = nnx.jit(lambda m, frames: m.features(frames, text["gfdm"], jax.random.key(1)))
+    one = features(model, batch["frames"])
+    model.gfdm_steps = 2                  # a static attribute: retraced
+    two = features(model, batch["frames"])
+    assert one.shape == two.shape and np.isfinite(np.asarray(two)).all()
+    assert not np.allclose(np.asarray(one), np.asarray(two))
+
+    tokens = nnx.jit(lambda m: m._latent_tokens(one[:, 0], text["gidm"], text["gidm_mask"], train=False, rng=None))
+
+    def bottleneck(kind):
+        model.latent_action = kind
+        return tokens(model)
+
+    vq = bottleneck("vq")
+    for kind in ("continuous", "binning", "gmm"):
+        out = bottleneck(kind)
+        assert out["tokens"].shape == vq["tokens"].shape and np.isfinite(np.asarray(out["tokens"])).all(), kind
+    z = np.asarray(bottleneck("binning")["z_q"])
+    levels = (model.latent_bins - 1) / 2.0
+    np.testing.assert_allclose(z, np.round((z + 1.0) * levels) / levels - 1.0, atol=1e-5)
 
 
 def test_validation_names_missing_pretrained_stages(demo_data_dir, tiny_config, tmp_path):

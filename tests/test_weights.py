@@ -194,6 +194,62 @@ def test_mismatched_sources_fail_naming_every_tensor_with_both_shapes(tmp_path, 
            "dino_encoder/layers/1/mlp/fc2/kernel (64, 32))" in msg
 
 
+def test_sources_on_an_object_store_read_as_the_local_ones(tmp_path, make_mesh, fast_compile, monkeypatch):
+    """``gs://`` folders and files go through ``defi_jax.paths`` (config.json, listings, a ranged read per
+    safetensors tensor; a torch-hub ``.pth`` through a temporary local copy): the same weights as the local paths,
+    bitwise. ``gs://bucket/`` is served from ``tmp_path`` under epath (as tf.io.gfile / gcsfs would serve it), so an
+    ``os.path`` / ``open`` left on a URI finds nothing."""
+    import os
+
+    from etils import epath
+    from flax import nnx
+
+    from defi_jax.interop import hf_dinov2, import_stages
+
+    c = _small_defi_config(fast_compile)
+    abstract = trainer_lib.StateLayout(c, mesh=make_mesh((1, 8, 1))).abstract_params()
+    dino_dir, t5_dir = _write_dino_and_t5(tmp_path)
+    dino = hf_dinov2.load(dino_dir)
+    hub = hf_dinov2.to_torch_hub_state_dict(dino)
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in hub.items()}, tmp_path / "dinov2_hub.pth")
+    c.init.sources.dinov2.path, c.init.sources.t5.path = dino_dir, t5_dir
+    local = {k: np.asarray(v) for k, v in weights.load_init_params(c, abstract).items()}
+    assert {k.split("/")[0] for k in local} == {"dino_encoder", "text_encoder"}
+
+    served = []
+    real = epath.Path
+
+    def bucket(path, *parts):
+        path = os.fspath(path)
+        if path.startswith("gs://bucket/"):
+            served.append(path)
+            path = str(tmp_path / path[len("gs://bucket/"):])
+        return real(path, *parts)
+
+    monkeypatch.setattr(epath, "Path", bucket)
+    c.init.sources.dinov2.path, c.init.sources.t5.path = "gs://bucket/dino", "gs://bucket/t5"
+    remote = weights.load_init_params(c, abstract)
+    assert remote.keys() == local.keys()
+    for k, v in remote.items():
+        np.testing.assert_array_equal(np.asarray(v), local[k], err_msg=k)
+    assert "gs://bucket/t5/model.safetensors" in served
+
+    c.init.sources.dinov2.kind, c.init.sources.dinov2.path = "torch_hub_dinov2", "gs://bucket/dinov2_hub.pth"
+    from_hub = weights.load_init_params(c, abstract)
+    for k, v in from_hub.items():
+        np.testing.assert_array_equal(np.asarray(v), local[k], err_msg=k)
+
+    # The interop loaders' transformers folders (config.json + model.safetensors), and launch.import_torch's reads.
+    _assert_bitwise(nnx.to_pure_dict(nnx.state(hf_dinov2.load("gs://bucket/dino"), nnx.Param)), dino)
+    with pytest.raises(FileNotFoundError, match=r"gs://bucket/no_export/config.json not found: expected an export"):
+        import_stages.export_stage("gs://bucket/no_export")
+
+    c.init.sources.t5.path = "gs://bucket/no_t5"
+    with pytest.raises(FileNotFoundError, match=r"config.init.sources.t5.path='gs://bucket/no_t5' \(hf_t5_encoder\): "
+                       r"no model.safetensors .* in gs://bucket/no_t5 \(found: folder does not exist\)"):
+        weights.load_init_params(c, abstract)
+
+
 # ------------------------------------------------------------------------------------------ any stage
 
 def test_describe_and_compile_read_no_weight_file(tiny_config):

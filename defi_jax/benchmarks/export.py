@@ -15,14 +15,13 @@ Policy rows (same backend, same process for the latencies; medians of ``--steps`
                     loaded back into PyTorch strictly
   gfdm_import       the folders read back into our JAX modules (``diffusers_svd.load_unet`` / ``load_vae``,
                     ``hf_clip.load_text_encoder``)
-  gfdm_import_workdir  ``launch.import_torch export``: the folder into a GFDM workdir at step 0 (the train state:
-                    the weights, in their shardings, plus the UNet's fresh AdamW moments; ``checkpoints/0`` written),
-                    the model rebuilt from the folder's recorded ``config.model`` on the variant's config
+  gfdm_import_workdir  ``launch.import_torch export``: the folder into a GFDM workdir at step 0 (the weights, in
+                    their shardings, written as a params-only ``checkpoints/0``: no optimizer moments), the model
+                    rebuilt from the folder's recorded ``config.model`` on the variant's config
 Peak host memory: the process's peak resident set (``ru_maxrss``) minus its resident set before the model was
 made; ``peak_over_weights`` divides it by the float32 weights' bytes (a streamed export or import stays near 1:
-the model itself, plus one tensor at a time; a whole second copy would read ~2-3). ``peak_over_state`` divides
-the workdir import's by the train state's bytes (on a CPU the "device" state is host memory too; it holds the
-optimizer moments beside the weights, so near 1 is the streamed figure there).
+the model itself, plus one tensor at a time; a whole second copy would read ~2-3; on a CPU the "device" arrays
+are host memory too, so the workdir import's figure counts the placed weights).
 """
 
 from __future__ import annotations
@@ -176,9 +175,10 @@ def _gfdm_import_workdir(variant: str, out: str, workdir: str) -> dict:
     base, start = _rss_bytes(), time.perf_counter()
     config, _ = import_stages.import_export(out, workdir, gfdm_configs.get_config(variant))
     seconds, peak = time.perf_counter() - start, _peak_bytes() - base
-    state = jax.tree.leaves(trainer.StateLayout(config).abstract_state())   # all devices: this host's memory
+    params = jax.tree.leaves(trainer.StateLayout(config).abstract_params())
     return {"seconds": seconds, "peak_bytes": peak,
-            "state_bytes": sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in state)}
+            "written_bytes": sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(workdir) for f in fs),
+            "params_bytes": sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in params)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -263,8 +263,8 @@ def _workdir_row(a, tmp: str, base: dict) -> dict:
     wd = _child("gfdm_import_workdir", a.in_process, variant=a.gfdm_config, out=os.path.join(tmp, "gfdm"),
                 workdir=os.path.join(tmp, "gfdm_workdir"))
     return dict(base, what="gfdm_import_workdir", median_s=wd["seconds"], peak_host_bytes=wd["peak_bytes"],
-                peak_over_weights=wd["peak_bytes"] / w, state_bytes=wd["state_bytes"],
-                peak_over_state=wd["peak_bytes"] / wd["state_bytes"])
+                peak_over_weights=wd["peak_bytes"] / w, params_bytes=wd["params_bytes"],
+                written_bytes=wd["written_bytes"])
 
 
 def run(args: list[str]) -> list[dict]:
@@ -276,8 +276,7 @@ def run(args: list[str]) -> list[dict]:
     p.add_argument("--gfdm_config", default="svd", choices=("svd", "tiny"))
     p.add_argument("--channels_div", type=int, default=1, help="--gfdm_full: divide UNet / VAE channels by this")
     p.add_argument("--no_workdir_import", action="store_true",
-                   help="--gfdm_full: skip the import into a workdir (it holds the whole train state, weights + "
-                        "AdamW moments, in host memory: ~18 GB for the full GFDM)")
+                   help="--gfdm_full: skip the import into a workdir (launch.import_torch export)")
     p.add_argument("--in_process", action="store_true", help="no child processes (a smoke test; peaks mixed)")
     p.add_argument("--torch_threads", type=int, default=0,
                    help="torch.set_num_threads for torch_act (0: torch's default; on a loaded machine torch's "

@@ -30,6 +30,8 @@ Shared by every interop module (diffusers SVD, transformers CLIP / DINOv2 / T5).
 ``lazy_safetensors(file) -> dict[str, Lazy]``
     One ``.safetensors`` file's tensors, each read with a plain positioned read when made: a loader holds the
     model plus one tensor (a memory-mapped file would keep every page it touched resident until unmapped).
+    Local files or object-store URIs (``gs://``, through ``defi_jax.paths``: one ranged read per tensor), as
+    ``read_safetensors`` folders.
 ``write_safetensors(tensors, folder, weights_name, max_shard_bytes=10 GB, variant=None)``
     One file, or shards plus the index JSON that ``from_pretrained`` reads; written tensor by tensor
     (``write_safetensors_file``), never serialized whole in memory.
@@ -189,22 +191,23 @@ def _names(weights_name: str, variant: str | None) -> tuple[str, str, str]:
 def read_safetensors(folder: str, weights_name: str, variant: str | None = None) -> dict[str, Lazy]:
     """Tensors of ``folder/<weights_name>.safetensors``, or of every shard listed in its index JSON, each a
     ``Lazy`` read from its file when made (``lazy_safetensors``)."""
+    from defi_jax import paths
+
     single_name, index_name, _ = _names(weights_name, variant)
-    single = os.path.join(folder, single_name)
-    index = os.path.join(folder, index_name)
-    if os.path.exists(single):
+    single = paths.join(folder, single_name)
+    index = paths.join(folder, index_name)
+    if paths.exists(single):
         return lazy_safetensors(single)
-    if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+    if paths.exists(index):
+        weight_map = json.loads(paths.read_text(index))["weight_map"]
         out: dict[str, Lazy] = {}
         for shard in sorted(set(weight_map.values())):
-            out.update(lazy_safetensors(os.path.join(folder, shard)))
+            out.update(lazy_safetensors(paths.join(folder, shard)))
         missing = sorted(set(weight_map) - set(out))
         if missing:
             raise ValueError(f"{index}: tensors listed but absent from the shards: {missing[:10]}")
         return out
-    present = sorted(os.listdir(folder)) if os.path.isdir(folder) else "folder does not exist"
+    present = paths.listdir(folder) if paths.isdir(folder) else "folder does not exist"
     raise FileNotFoundError(f"no {single_name} or {index_name} in {folder} (found: {present}); only "
                             f"safetensors are read, never pickle (pass variant= for e.g. *.fp16.safetensors)")
 
@@ -217,10 +220,11 @@ def lazy_safetensors(file: str) -> dict[str, Lazy]:
     """Every tensor of one ``.safetensors`` file as a ``Lazy``: the header is read (and checked against the file's
     size) now, each tensor's bytes when it is made, with a plain positioned read into a fresh array. Unlike a
     memory map, nothing stays resident once the caller drops the array, so a loader taking one tensor at a time
-    holds one tensor beside what it built. A truncated or malformed file raises naming the file (and tensor)."""
+    holds one tensor beside what it built. A truncated or malformed file raises naming the file (and tensor).
+    ``file`` may be an object-store URI (``gs://``): the header and each tensor are ranged reads."""
     codes = {v: np.dtype(jnp.dtype(k)) for k, v in _ST_DTYPES.items()}
-    size = os.path.getsize(file)
-    with open(file, "rb") as f:
+    size = _size(file)
+    with _open(file) as f:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
         try:
@@ -244,11 +248,30 @@ def lazy_safetensors(file: str) -> dict[str, Lazy]:
     return out
 
 
+def _open(file: str):
+    from defi_jax import paths
+    return paths.open(file, "rb") if paths.is_remote(file) else open(file, "rb")
+
+
+def _size(file: str) -> int:
+    from defi_jax import paths
+    if not paths.is_remote(file):
+        return os.path.getsize(file)
+    from etils import epath
+    return int(epath.Path(file).stat().length)
+
+
 def _read_at(file: str, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     out = np.empty(shape, dtype)
-    with open(file, "rb") as f:
+    buffer = memoryview(out.reshape(-1).view(np.uint8))
+    with _open(file) as f:
         f.seek(offset)
-        got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+        if hasattr(f, "readinto"):
+            got = f.readinto(buffer)
+        else:   # an object-store file without readinto (tf.io.gfile): one ranged read, copied into place
+            data = f.read(out.nbytes)
+            got = len(data)
+            buffer[:got] = data
     if got != out.nbytes:
         raise ValueError(f"{file}: {got} of {out.nbytes} bytes at offset {offset}: the file changed while read")
     return out

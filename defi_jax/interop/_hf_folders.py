@@ -13,43 +13,25 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from defi_jax import paths
 from defi_jax.interop import _convert
 
 
 def read_config(path: str) -> dict:
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_file):
+    cfg_file = paths.join(path, "config.json")
+    if not paths.exists(cfg_file):
         raise FileNotFoundError(f"{cfg_file} not found: expected a transformers model folder")
-    with open(cfg_file) as f:
-        return json.load(f)
+    return json.loads(paths.read_text(cfg_file))
 
 
-def read_tensors(path: str) -> dict[str, np.ndarray]:
-    """Float32 numpy tensors of a folder's ``model.safetensors`` (or shards) or of one ``.safetensors`` file.
-
-    Read through safetensors' flax reader so bfloat16 / float16 checkpoints load too; never pickle.
-    """
-    from safetensors import safe_open
-
-    if os.path.isfile(path):
-        files = [path]
-    else:
-        single = os.path.join(path, "model.safetensors")
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(single):
-            files = [single]
-        elif os.path.isfile(index):
-            with open(index) as f:
-                files = [os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
-        else:
-            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                                    "(pickled .bin checkpoints are not read; convert them to safetensors)")
-    out = {}
-    for file in files:
-        with safe_open(file, framework="flax") as f:
-            for key in f.keys():
-                out[key] = np.asarray(f.get_tensor(key), np.float32)
-    return out
+def read_tensors(path: str) -> dict[str, _convert.Lazy]:
+    """The tensors of a folder's ``model.safetensors`` (or shards) or of one ``.safetensors`` file, as float32
+    ``Lazy`` tensors: only the headers are read here, each tensor when it is placed (``_convert.lazy_safetensors``:
+    a loader holds what it built plus one tensor); bfloat16 / float16 files widen exactly. Never pickle. Local or
+    ``gs://`` alike (``defi_jax.paths``)."""
+    one_file = paths.exists(path) and not paths.isdir(path)
+    tensors = _convert.lazy_safetensors(path) if one_file else _convert.read_safetensors(path, "model")
+    return {k: v if v.dtype == np.float32 else v.astype(np.float32) for k, v in tensors.items()}
 
 
 def write_folder(path: str, tensors: Mapping[str, np.ndarray], config: dict) -> None:

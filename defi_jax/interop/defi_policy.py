@@ -682,8 +682,9 @@ def import_policy_workdir(src: str, workdir: str, config=None, *, gfdm_workdir: 
                           mesh=None):
     """Writes a policy workdir from a reference stage-3 checkpoint; returns its config.
 
-    The workdir is what ``launch.train`` writes: ``config.json``, ``checkpoints/0`` (the trainer's whole
-    state, made by ``Trainer.init_state`` through a ``reference_policy`` source in ``config.init``) and
+    The workdir is what ``launch.train`` reads: ``config.json``, a params-only ``checkpoints/0``
+    (``import_stages.write_workdir``: the weights, made by ``Trainer.init_params`` through a ``reference_policy``
+    source in ``config.init``; no optimizer moments) and
     ``assets/action_stats.json`` (raw actions: ``{"normalized": false}``), so ``DeFIPolicy.from_checkpoint``
     serves it and ``launch.train`` fine-tunes it (step 0: fresh optimizer state).
 
@@ -694,9 +695,10 @@ def import_policy_workdir(src: str, workdir: str, config=None, *, gfdm_workdir: 
     from defi_jax import paths, weights
     from defi_jax.interop import import_stages
 
-    src, workdir = os.path.abspath(src), paths.abspath(workdir)
+    src, workdir = paths.abspath(src), paths.abspath(workdir)
     import_stages.require_fresh(workdir)
-    tensors = read_reference_checkpoint(src)
+    with weights.local_file(src) as local:   # gs://: a temporary local copy (torch.load needs a file)
+        tensors = read_reference_checkpoint(local)
     config = infer_policy_config(tensors, config)
     params, skipped = reference_policy_params(tensors, config)   # every problem of the file, named, up front
     del tensors

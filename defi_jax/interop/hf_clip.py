@@ -40,7 +40,7 @@ def config_from_hf(d: dict, source: str = "config.json") -> CLIPTextConfig:
 
 def from_state_dict(model: CLIPTextEncoder, tensors, *, what: str = "CLIP text encoder") -> CLIPTextEncoder:
     """``model`` (concrete or ``nnx.eval_shape``) filled from transformers-named tensors, either key style."""
-    tensors = {k.removeprefix("text_model."): np.asarray(v) for k, v in tensors.items()}
+    tensors = {k.removeprefix("text_model."): v for k, v in tensors.items()}   # ``Lazy``: read when placed
     ignore = _IGNORE if model.with_projection else (*_IGNORE, r"^text_projection\.")
     return _convert.from_torch(model, tensors, RULES, what=what, ignore=ignore)
 

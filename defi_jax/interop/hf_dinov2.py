@@ -81,7 +81,7 @@ def from_state_dict(model: Dinov2, tensors: Mapping[str, np.ndarray], *, what: s
         k = k.removeprefix("dinov2_with_registers.")
         for pat, rep in _V5_TO_V4:
             k = pat.sub(rep, k)
-        renamed[k] = np.asarray(v)
+        renamed[k] = v   # arrays or ``Lazy`` (each read when placed)
     return _convert.from_torch(model, renamed, RULES, what=what)
 
 
@@ -147,22 +147,29 @@ def _rename(name: str, to_hub: bool) -> str | None:
     return None
 
 
+def _third(value, i: int):
+    """Rows ``i`` / 3 of a fused qkv tensor: an array, or a ``Lazy`` read (whole, then sliced) when made."""
+    if not isinstance(value, _convert.Lazy):
+        return np.split(np.asarray(value), 3, axis=0)[i]
+    n = value.shape[0] // 3
+    return _convert.Lazy((n, *value.shape[1:]), value.dtype, lambda: np.asarray(value)[i * n:(i + 1) * n])
+
+
 def hub_to_hf_names(hub: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """torch-hub state dict -> transformers 4 names (qkv split into query / key / value)."""
     out = {}
     for name, value in hub.items():
-        value = np.asarray(value)
         m = _CHUNKED_BLOCK.match(name)
         name = f"blocks.{m.group(1)}" if m else name
         m = _QKV.match(name)
         if m:
-            for part, chunk in zip(("query", "key", "value"), np.split(value, 3, axis=0)):
-                out[f"encoder.layer.{m.group(1)}.attention.attention.{part}.{m.group(2)}"] = chunk
+            for i, part in enumerate(("query", "key", "value")):
+                out[f"encoder.layer.{m.group(1)}.attention.attention.{part}.{m.group(2)}"] = _third(value, i)
             continue
         hf = _rename(name, to_hub=False)
         if hf is None:
             raise KeyError(f"torch-hub tensor {name!r} has no DINOv2 conversion rule")
-        out[hf] = value
+        out[hf] = value if isinstance(value, _convert.Lazy) else np.asarray(value)
     return out
 
 

@@ -40,7 +40,7 @@ def config_from_hf(d: dict, source: str = "config.json") -> T5Config:
 
 def from_state_dict(model: T5Encoder, tensors: Mapping[str, np.ndarray], *, what: str = "T5 encoder") -> T5Encoder:
     """``model`` (concrete or ``nnx.eval_shape``) filled from ``T5EncoderModel``-named tensors."""
-    tensors = {k: np.asarray(v) for k, v in tensors.items()}
+    tensors = dict(tensors)   # arrays or ``Lazy`` (each read when placed)
     if "shared.weight" not in tensors and "encoder.embed_tokens.weight" in tensors:
         tensors["shared.weight"] = tensors.pop("encoder.embed_tokens.weight")  # untied / re-keyed exports
     return _convert.from_torch(model, tensors, RULES, what=what, ignore=_IGNORE)

@@ -8,11 +8,12 @@ Every importer only builds a config whose ``config.init`` names the sources (``d
 read once on the host, streamed, each safetensors tensor read when its parameter is placed into its sharding;
 every missing or mis-shaped tensor named with both shapes) and hands it to :func:`write_workdir`, which the
 reference stage-3 import (``defi_policy.import_policy_workdir``) shares: it refuses a workdir that holds
-checkpoints, runs ``Trainer.init_state`` (the sources fill the parameters, donated into the state: no second
-copy; the optimizer state is fresh) and writes ``checkpoints/0``, ``config.json`` and the stage's ``assets/``,
-which is what ``launch.train`` writes, so ``launch.train`` with the same config continues from step 0. Host memory
-peaks at the train state (weights + optimizer moments) plus Orbax's write buffers (``launch.benchmark export
---gfdm_full``, row ``gfdm_import_workdir``).
+checkpoints, runs ``Trainer.init_params`` (the sources fill the parameters, donated into place: no second copy)
+and writes a params-only ``checkpoints/0`` (``params``, ``frozen``, ``extra``: the weights once, no optimizer
+moments, which published weights do not have and a fresh optimizer starts at zero anyway), ``config.json`` and
+the stage's ``assets/``; ``launch.train`` with the same config continues from step 0 (``StateLayout.restore``:
+fresh optimizer state, EMA = params). Host memory peaks near the weights (1.14x on the full 1.7B-parameter
+GFDM: ``launch.benchmark export --gfdm_full``, row ``gfdm_import_workdir``).
 
 Sizes: what the weights fix is read off the files (``config.json`` of the diffusers / transformers folders,
 ``defi_torch.infer_gidm_config`` on the stage-2 tensors, the export's ``config.json``); the rest (heads,
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 from defi_jax.interop._convert import Rule, torch_key
 
@@ -60,8 +60,8 @@ def require_fresh(workdir: str) -> None:
 
 
 def write_workdir(config, workdir: str, *, assets: dict[str, str] | None = None, mesh=None) -> None:
-    """Writes the stage workdir of ``config`` at step 0: ``checkpoints/0`` (``Trainer.init_state``: the
-    ``config.init`` sources fill the parameters), ``config.json`` and ``assets/`` (``assets``, default the
+    """Writes the stage workdir of ``config`` at step 0: a params-only ``checkpoints/0`` (``Trainer.init_params``:
+    the ``config.init`` sources fill the parameters), ``config.json`` and ``assets/`` (``assets``, default the
     stage's own ``assets(config)``). Refuses a workdir that holds checkpoints."""
     from defi_jax import paths, trainer
     from defi_jax import stage as stage_lib
@@ -69,14 +69,15 @@ def write_workdir(config, workdir: str, *, assets: dict[str, str] | None = None,
 
     workdir = paths.abspath(workdir)
     require_fresh(workdir)
-    state = trainer.Trainer(config, mesh=mesh).init_state()
+    parts = trainer.Trainer(config, mesh=mesh).init_params()
     config_json = config.to_json_best_effort(sort_keys=True)
-    ckpt = Checkpointer(workdir, async_save=False)
+    ckpt = Checkpointer(workdir, async_save=False, ocdbt=False)   # (no OCDBT: nothing buffered until the commit)
     try:
-        ckpt.save(0, state.as_dict(), None, config_json)
+        ckpt.save(0, parts, None, config_json)
         ckpt.wait()
     finally:
         ckpt.close()
+    del parts
     paths.write_text(paths.join(workdir, "config.json"), config_json)
     if assets is None:
         stage = stage_lib.get(config.stage)
@@ -94,13 +95,14 @@ def _base(config, spec: str):
 
 
 def _json(path: str, what: str) -> dict:
-    if not os.path.isfile(path):
+    from defi_jax import paths
+
+    if not paths.exists(path) or paths.isdir(path):
         raise FileNotFoundError(f"{path} not found: expected {what}")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not JSON ({e})") from None
+    try:
+        return json.loads(paths.read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
 
 
 def _sizes(cls, full, base) -> dict:
@@ -116,6 +118,7 @@ def _sizes(cls, full, base) -> dict:
 def gfdm_sizes(model, unet: str, vae: str, text: str = "") -> None:
     """Sets ``model.unet`` / ``model.vae`` (/ ``model.text_encoder``) of a GFDM ``config.model`` from the
     ``config.json`` of the diffusers UNet / VAE folders (and of the transformers CLIP text folder)."""
+    from defi_jax import paths
     from defi_jax.interop import hf_clip
     from defi_jax.models.clip_text import CLIPTextConfig
     from defi_jax.models.svd_unet import UNetConfig
@@ -123,7 +126,7 @@ def gfdm_sizes(model, unet: str, vae: str, text: str = "") -> None:
 
     for key, folder, cls, name in (("unet", unet, UNetConfig, "UNetSpatioTemporalConditionModel"),
                                    ("vae", vae, VAEConfig, "AutoencoderKLTemporalDecoder")):
-        file = os.path.join(folder, "config.json")
+        file = paths.join(folder, "config.json")
         cfg = _json(file, f"a diffusers {name} folder")
         if cfg.get("_class_name") not in (None, name):
             raise ValueError(f"{file}: _class_name is {cfg['_class_name']!r}, expected {name!r}")
@@ -132,7 +135,7 @@ def gfdm_sizes(model, unet: str, vae: str, text: str = "") -> None:
         except (TypeError, ValueError) as e:
             raise ValueError(f"{file}: {e}") from None
     if text:
-        file = os.path.join(text, "config.json")
+        file = paths.join(text, "config.json")
         cfg = hf_clip.config_from_hf(_json(file, "a transformers CLIP text folder"), file)
         model.text_encoder = _sizes(CLIPTextConfig, cfg, model.text_encoder)
 
@@ -143,18 +146,18 @@ def import_gfdm(src: str, workdir: str, config=None, *, mesh=None):
     ``config`` default ``configs/gfdm.py:svd``. Returns the config written."""
     from defi_jax import paths, weights
 
-    src, workdir = os.path.abspath(src), paths.abspath(workdir)
+    src, workdir = paths.abspath(src), paths.abspath(workdir)
     require_fresh(workdir)
     config = _base(config, "gfdm:svd")
     if config.get("stage") != "gfdm":
         raise ValueError(f"config.stage={config.get('stage')!r}: a diffusers SVD folder imports into a GFDM config")
-    unet, vae, text = (os.path.join(src, sub) for sub in ("unet", "vae", "text_encoder"))
+    unet, vae, text = (paths.join(src, sub) for sub in ("unet", "vae", "text_encoder"))
     s = config.init.sources
-    if os.path.isdir(text):
+    if paths.isdir(text):
         s.text_encoder.path = text
     else:
         text = next((a.path for a in weights.active_sources(config) if a.name == "text_encoder"), "")
-        text = text if os.path.isdir(text) else ""
+        text = text if text and paths.isdir(text) else ""
     gfdm_sizes(config.model, unet, vae, text)
     s.unet.path, s.vae.path = unet, vae
     write_workdir(config, workdir, mesh=mesh)
@@ -180,12 +183,13 @@ def import_gidm(src: str, workdir: str, config=None, *, mesh=None, reference: bo
     from defi_jax import paths, weights
     from defi_jax.interop import defi_torch
 
-    src, workdir = os.path.abspath(src), paths.abspath(workdir)
+    src, workdir = paths.abspath(src), paths.abspath(workdir)
     require_fresh(workdir)
     config = _base(config, "gidm:defi")
     if config.get("stage") != "gidm":
         raise ValueError(f"config.stage={config.get('stage')!r}: a stage-2 checkpoint imports into a GIDM config")
-    tensors = defi_torch.read_state_dict(src)
+    with weights.local_file(src) as local:   # a gs:// file: a temporary local copy (torch.load, memory map)
+        tensors = defi_torch.read_state_dict(local)
     config.model = defi_torch.infer_gidm_config(tensors, config.model)
     if reference:
         config.model.reference_mask_order = True
@@ -234,12 +238,13 @@ def policy_export_key(path: str, ndim: int) -> tuple[str, tuple[int, ...] | None
 def read_policy_export(path: str) -> dict:
     """Every tensor of a policy export's ``policy/`` and ``gidm/`` ``model.safetensors`` (``Lazy``: each read when
     placed)."""
+    from defi_jax import paths
     from defi_jax.interop._convert import lazy_safetensors
 
     out = {}
     for part in ("policy", "gidm"):
-        file = os.path.join(path, part, "model.safetensors")
-        if not os.path.isfile(file):
+        file = paths.join(path, part, "model.safetensors")
+        if not paths.exists(file):
             raise FileNotFoundError(f"{file} not found: a policy export of launch.export_torch holds policy/ and "
                                     f"gidm/ model.safetensors")
         out.update(lazy_safetensors(file))
@@ -248,19 +253,19 @@ def read_policy_export(path: str) -> dict:
 
 def _export_policy_config(src: str, meta: dict, config):
     """The policy config of an export folder: its ``config.json`` and the sub-folders' sizes on ``config``."""
-    from defi_jax import weights
+    from defi_jax import paths, weights
     from defi_jax.models.t5 import T5Config
 
     c = _base(config, "policy:defi")
     m, g = c.model, meta["gfdm"]
-    gfdm_sizes(m.gfdm, *(os.path.join(src, "gfdm", sub) for sub in ("unet", "vae", "text_encoder")))
+    gfdm_sizes(m.gfdm, *(paths.join(src, "gfdm", sub) for sub in ("unet", "vae", "text_encoder")))
     for key, value in (("num_frames", g["num_frames"]), ("text_tokens", g["text_tokens"]),
                        ("text_position_encoding", g["text_position_encoding"]), ("feature_fps", g["fps"]),
                        ("motion_bucket_id", g["motion_bucket_id"]), ("feature_steps", g["feature_steps"]),
                        ("feature_up_blocks", g["feature_up_blocks"])):
         m.gfdm[key] = value
     from defi_jax.interop import hf_clip
-    goal = os.path.join(src, "text_encoder", "config.json")
+    goal = paths.join(src, "text_encoder", "config.json")
     m.goal_text = dataclasses.asdict(hf_clip.config_from_hf(_json(goal, "the goal CLIP text folder"), goal))
     m.video_former, m.head = meta["video_former"], meta["head"]
     m.action_dim, m.horizon, m.num_views = meta["action_dim"], meta["horizon"], meta["num_views"]
@@ -277,18 +282,18 @@ def _export_policy_config(src: str, meta: dict, config):
         m.gidm.t5 = {k: v for k, v in t5.items() if k in known}
     clip, _, gidm_tok = meta["tokenizers"]
     if clip.get("path"):
-        c.init.tokenizer_path = os.path.join(src, clip["path"])
+        c.init.tokenizer_path = paths.join(src, clip["path"])
     if gidm_tok.get("path"):
-        m.gidm.tokenizer_path = os.path.join(src, gidm_tok["path"])
+        m.gidm.tokenizer_path = paths.join(src, gidm_tok["path"])
     c.data.views, c.data.resolution = tuple(meta["views"]), meta["resolution"]
     c.data.action_horizon = meta["horizon"]
     c.data.normalize_actions = bool(meta["action_stats"].get("normalized", False))
     c.policy.pretrain_missing = False
     s = c.init.sources
     s.gfdm.path = s.gidm.path = ""
-    s.svd_unet.path, s.svd_vae.path, s.svd_clip.path = (os.path.join(src, "gfdm", sub)
+    s.svd_unet.path, s.svd_vae.path, s.svd_clip.path = (paths.join(src, "gfdm", sub)
                                                         for sub in ("unet", "vae", "text_encoder"))
-    s.goal_text.path = os.path.join(src, "text_encoder")
+    s.goal_text.path = paths.join(src, "text_encoder")
     with s.unlocked():
         s.export = weights.source(EXPORT_PARTS, "torch_export", src)
     return c
@@ -296,7 +301,9 @@ def _export_policy_config(src: str, meta: dict, config):
 
 def export_stage(src: str) -> str:
     """The stage an export folder holds (its ``config.json``'s ``stage``); errors name the file."""
-    file = os.path.join(os.path.abspath(src), "config.json")
+    from defi_jax import paths
+
+    file = paths.join(paths.abspath(src), "config.json")
     stage = _json(file, "an export folder of launch.export_torch (its config.json)").get("stage")
     if stage not in ("policy", "gfdm", "gidm"):
         raise ValueError(f"{file}: stage {stage!r} is not policy, gfdm or gidm: not an export of launch.export_torch")
@@ -317,9 +324,9 @@ def import_export(src: str, workdir: str, config=None, *, mesh=None) -> tuple:
 
     from defi_jax import paths
 
-    src, workdir = os.path.abspath(src), paths.abspath(workdir)
+    src, workdir = paths.abspath(src), paths.abspath(workdir)
     stage = export_stage(src)
-    meta = _json(os.path.join(src, "config.json"), "")
+    meta = _json(paths.join(src, "config.json"), "")
     dtype = meta.get("dtype", "float32")
     note = "" if dtype == "float32" else (
         f"{src} holds {dtype} weights: the workdir holds them widened to float32 exactly, which is not bitwise "
@@ -331,18 +338,17 @@ def import_export(src: str, workdir: str, config=None, *, mesh=None) -> tuple:
             config.model = ml_collections.ConfigDict(meta["model"])
             if config.data.get("source", "frames") == "frames":
                 config.data.num_frames = int(config.model.num_frames) - 1   # the future frames it predicts
-        return import_gfdm(os.path.join(src, "gfdm"), workdir, config, mesh=mesh), note
+        return import_gfdm(paths.join(src, "gfdm"), workdir, config, mesh=mesh), note
     if stage == "gidm":
         config = _base(config, "gidm:defi")
         config.model = ml_collections.ConfigDict(
-            _json(os.path.join(src, "gidm", "config.json"), "the GIDM's config.model of the export"))
+            _json(paths.join(src, "gidm", "config.json"), "the GIDM's config.model of the export"))
         config.data.resolution = int(config.model.image_size)   # the frames the exported encoder reads
-        return import_gidm(os.path.join(src, "gidm", "model.safetensors"), workdir, config, mesh=mesh,
+        return import_gidm(paths.join(src, "gidm", "model.safetensors"), workdir, config, mesh=mesh,
                            reference=False), note
     config = _export_policy_config(src, meta, config)
-    stats = os.path.join(src, "action_stats.json")
+    stats = paths.join(src, "action_stats.json")
     _json(stats, "the policy's action statistics")
-    with open(stats) as f:
-        assets = {"action_stats.json": f.read()}
+    assets = {"action_stats.json": paths.read_text(stats)}
     write_workdir(config, workdir, assets=assets, mesh=mesh)
     return config, note

@@ -202,8 +202,9 @@ def resolve_init(config) -> None:
     """Empties ``config.init.sources.gidm.path`` under ``policy.gidm_init=random`` and ``.gfdm.path`` under
     ``policy.gfdm_init=initial``: a config that names a pretrained workdir (``tiny`` names the demo's) then
     starts from random / initial weights, as the switch says, instead of silently loading that workdir.
-    ``gfdm_init=initial`` keeps the ``svd_*`` sources (the un-fine-tuned weights). Called by :func:`validate`,
-    so every run (and the ``config.json`` it records) sees the resolved sources."""
+    ``gfdm_init=initial`` keeps the ``svd_*`` sources (the un-fine-tuned weights). The stage's ``resolve`` hook
+    (``config_validation.resolve``: the trainer and launch.ablate call it before validating), so every run and
+    the ``config.json`` it records see the resolved sources."""
     for key, (value, name) in _NOT_PRETRAINED.items():
         source = config.init.sources.get(name)
         if config.policy[key] == value and source is not None and source.path:
@@ -233,7 +234,11 @@ def validate(config) -> None:
         raise ValueError(f"config.policy.gfdm_init={p.gfdm_init!r} must be 'pretrained' or 'initial'")
     if p.gidm_init not in ("pretrained", "random"):
         raise ValueError(f"config.policy.gidm_init={p.gidm_init!r} must be 'pretrained' or 'random'")
-    resolve_init(config)
+    for key, (value, name) in _NOT_PRETRAINED.items():
+        source = config.init.sources.get(name)
+        if p[key] == value and source is not None and source.path:
+            raise ValueError(f"config.init.sources.{name}.path={source.path!r} but config.policy.{key}={value!r} "
+                             f"does not read it: resolve the config first (config_validation.resolve empties it)")
     weights.require_sources(config, {"goal_text": "goal_text/"})
     # The two pretrained stages are required whether frozen or not: without them the run would silently be
     # the "no GFDM / GIDM pretraining" ablation, which is config.policy.{gfdm,gidm}_init.
@@ -287,4 +292,5 @@ def prepare(config) -> None:
 
 
 STAGE = Stage(build_model=build_model, loss_fn=loss_fn, make_data=make_data, evaluate=evaluate, validate=validate,
+              resolve=resolve_init,
               batch_spec=batch_spec, frozen=frozen_patterns, assets=assets, check_data=check_data, prepare=prepare)
