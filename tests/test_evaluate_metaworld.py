@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 import pytest
+from _helpers import random_model
 from PIL import Image
 
 from data_pipelines import demo
@@ -245,21 +246,6 @@ def test_gif_layout_real_beside_predicted():
     assert [int(f[3, 7, 0]) for f in held] == [100, 101, 102, 51, 51, 51, 51]   # past frame 2: held, half bright
 
 
-def _random_tiny_policy_model(config, rs):
-    """The tiny policy with 0.05 N(0, 1) floats (ints 0): shapes from ``nnx.eval_shape``, no eager init (~4x
-    faster on a CPU); what is tested holds for any weights."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from defi_jax import stage as stage_lib
-
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: stage_lib.get("policy").build_model(config, nnx.Rngs(0))))
-    state = jax.tree.map(lambda x: jnp.asarray(0.05 * rs.standard_normal(x.shape), x.dtype)
-                         if jnp.issubdtype(x.dtype, jnp.floating) else jnp.zeros(x.shape, x.dtype), state)
-    return nnx.merge(graphdef, state)
-
-
 def test_defi_policy_act_and_predict_acts_like_act_batch_and_decodes_the_features_step(fast_compile):
     import jax
     import jax.numpy as jnp
@@ -273,7 +259,7 @@ def test_defi_policy_act_and_predict_acts_like_act_batch_and_decodes_the_feature
     c.init.sources.gfdm.path = c.init.sources.gidm.path = ""
     c.policy.gfdm_init, c.policy.gidm_init = "initial", "random"
     rs = np.random.default_rng(0)
-    model = _random_tiny_policy_model(c, rs)
+    model = random_model("policy", c)
     obs = {v: rs.integers(0, 256, (RES, RES, 3), dtype=np.uint8) for v in ("primary", "wrist")}
     text = demo.instruction("reach-v3")
 
