@@ -73,11 +73,9 @@ def _context(model: DeFIPolicyModel, batch, rng, *, train: bool, dropout: bool):
     return model.context(feats, text, train=train, rng=k_vq, dropout_rng=k_drop if dropout else None)
 
 
-def _loss(model: DeFIPolicyModel, batch, rng, config, *, train: bool):
-    k_ctx, k_head, k_drop = jax.random.split(rng, 3)
-    context, la = _context(model, batch, k_ctx, train=train, dropout=train)
-    action_loss = model.head.loss(context, batch["actions"].astype(jnp.float32), k_head,
-                                  dropout_rng=k_drop if train else None)
+def _objective(model: DeFIPolicyModel, context, la, batch, rng, config, *, dropout_rng=None):
+    """The head's denoising loss on ``context`` + the latent-action VQ terms ``la``, and its metrics."""
+    action_loss = model.head.loss(context, batch["actions"].astype(jnp.float32), rng, dropout_rng=dropout_rng)
     beta = config.model.gidm.vq_beta
     loss = action_loss + la["codebook_loss"] + beta * la["commitment_loss"]
     metrics = {"action_loss": action_loss, "codebook_loss": la["codebook_loss"],
@@ -88,7 +86,9 @@ def _loss(model: DeFIPolicyModel, batch, rng, config, *, train: bool):
 
 
 def loss_fn(model: DeFIPolicyModel, batch, rng, config):
-    return _loss(model, batch, rng, config, train=True)
+    k_ctx, k_head, k_drop = jax.random.split(rng, 3)
+    context, la = _context(model, batch, k_ctx, train=True, dropout=True)
+    return _objective(model, context, la, batch, k_head, config, dropout_rng=k_drop)
 
 
 # ---- data -------------------------------------------------------------------------------------------
@@ -166,9 +166,11 @@ def _eval_fns(graphdef, config):
     @functools.partial(jax.jit, **stage_lib.jit_kwargs(config))
     def one(state, batch, rng):
         model = nnx.merge(graphdef, state)
-        loss, metrics = _loss(model, batch, rng, config, train=False)
-        context, _ = _context(model, batch, jax.random.fold_in(rng, 1), train=False, dropout=False)
-        noise = model.head.initial_noise(jax.random.fold_in(rng, 2), batch["actions"].shape[0])
+        k_ctx, k_head, k_noise = jax.random.split(rng, 3)
+        # one GFDM forward per batch: the held-out loss and the sampled chunks share the features
+        context, la = _context(model, batch, k_ctx, train=False, dropout=False)
+        loss, metrics = _objective(model, context, la, batch, k_head, config)
+        noise = model.head.initial_noise(k_noise, batch["actions"].shape[0])
         pred = model.head.sample(context, noise, num_steps=steps, sigma_min=sigma_min)
         mse = jnp.mean((pred - batch["actions"].astype(jnp.float32)) ** 2)
         return loss, metrics, mse
