@@ -3,6 +3,8 @@
     python -m launch.ablate --suite=metaworld --tasks=demo --seeds=2 --episodes=10 \\
         --workdir=workdirs/ablate
     python -m launch.ablate --variants=defi,no_gidm_pretrain --steps=100 --workdir=/tmp/ablate
+    python -m launch.ablate --variants=defi,no_gidm_pretrain,no_gfdm_pretrain --data_fraction=0.25 \\
+        --pretrained=workdirs/demo --episodes=20 --workdir=workdirs/ablate_lowdata   # a quarter of the labels
     python -m launch.ablate --workdir=/tmp/ablate --dry_run       # every config built + one train step each
 
 Variants (``configs/policy.py:tiny`` + overrides): defi, no_gidm_pretrain (policy.gidm_init=random),
@@ -33,6 +35,8 @@ _EPISODES = flags.DEFINE_integer("episodes", 10, "Evaluation episodes per task, 
 _STEPS = flags.DEFINE_integer("steps", None, "Fine-tuning steps (default: configs/policy.py:tiny's).", lower_bound=1)
 _PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", None, "GIDM / GFDM pretraining steps (default: --steps "
                                        "when given, else each tiny config's own).", lower_bound=1)
+_DATA_FRACTION = flags.DEFINE_float("data_fraction", None, "Fraction of the labelled robot episodes each fine-tuning "
+                                    "keeps (data.data_fraction; pretraining keeps all): the low-data regime.")
 _VARIANTS = flags.DEFINE_string("variants", None, "Comma-separated variants (default: all).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Ablation folder (local).")
 _PRETRAINED = flags.DEFINE_string("pretrained", None, "Folder with finished gidm / gfdm workdirs (make demo's "
@@ -64,7 +68,8 @@ def main(argv):
         data_dir = os.path.abspath(_DATA_DIR.value) if _DATA_DIR.value else demo.default_root()
         plan = ablate.plan(workdir, variants, range(_SEEDS.value), data_dir=data_dir, steps=_STEPS.value,
                            pretrain_steps=_PRETRAIN_STEPS.value or _STEPS.value,
-                           pretrained=os.path.abspath(_PRETRAINED.value) if _PRETRAINED.value else None)
+                           pretrained=os.path.abspath(_PRETRAINED.value) if _PRETRAINED.value else None,
+                           data_fraction=_DATA_FRACTION.value)
     except (ValueError, config_validation.ConfigError) as e:
         print(f"launch.ablate: {e}", file=sys.stderr)
         return 2

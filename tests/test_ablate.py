@@ -192,3 +192,15 @@ def test_pretrained_folder_replaces_the_standard_pretraining(tmp_path, demo_data
     os.remove(os.path.join(gidm, "finished.json"))
     with pytest.raises(ValueError, match="gidm holds no finished GIDM run"):
         ablate.plan(str(tmp_path / "ablate"), ["defi"], [0], data_dir=demo_data_dir, pretrained=str(tmp_path / "demo"))
+
+
+def test_data_fraction_thins_only_the_fine_tuning(tmp_path, demo_data_dir):
+    p = ablate.plan(str(tmp_path), ["defi", "no_gidm_pretrain"], [0], data_dir=demo_data_dir, steps=3,
+                    data_fraction=0.25)
+    for run in p.runs.values():
+        assert _flat(p.configs[run.workdir])["data.data_fraction"] == 0.25
+        assert "--config.data.data_fraction=0.25" in run.argv
+    for run in p.pretrain["standard"].values():                      # the action-free pretraining keeps all
+        assert _flat(p.configs[run.workdir])["data.data_fraction"] == 1.0
+    with pytest.raises(ValueError, match=r"--data_fraction=1\.5 must be in \(0, 1\]"):
+        ablate.plan(str(tmp_path), ["defi"], [0], data_dir=demo_data_dir, data_fraction=1.5)
