@@ -169,7 +169,8 @@ def plan(workdir: str, variants: Sequence[str], seeds: Sequence[int], *, data_di
     ``pretrained``: a folder with finished ``gidm`` and ``gfdm`` workdirs (``make demo``'s ``workdirs/demo``)
     used as the standard pretraining instead of training one under ``workdir/pretrain`` (the policies on it
     then take the latent scale that GFDM was trained with). ``data_fraction``: the fraction of the labelled robot
-    episodes every fine-tuning keeps (``data.data_fraction``; the action-free pretraining keeps all of its data):
+    episodes every fine-tuning keeps (``data.data_fraction``: the first ones in the dataset's order, in the demo
+    data task by task; the action-free pretraining keeps all of its data):
     the low-data regime in which pretraining on action-free video is meant to pay off."""
     if data_fraction is not None and not 0 < data_fraction <= 1:
         raise ValueError(f"--data_fraction={data_fraction!r} must be in (0, 1]")
@@ -203,7 +204,7 @@ def plan(workdir: str, variants: Sequence[str], seeds: Sequence[int], *, data_di
                          *((f"init.sources.{s}.path", p) for s, p in sources.items()), *v.overrides,
                          *(scale if v.pretraining == "standard" else ()), ("seed", str(seed)),
                          *_steps_overrides(steps, defaults),
-                         *((("data.data_fraction", repr(float(data_fraction))),) if data_fraction else ())]
+                         *((("data.data_fraction", repr(float(data_fraction))),) if data_fraction is not None else ())]
             runs[name, seed] = _run(POLICY_CONFIG, os.path.join(workdir, name, f"seed={seed}"), overrides, configs)
     return Plan(workdir, pretrain, runs, configs)
 
