@@ -14,8 +14,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     # --config.data.paths.<dataset>=... works from the command line (CALVIN: the task folder, e.g. task_ABC_D).
     c.paths = ml_collections.ConfigDict({name: "" for name in oxe_table.known_datasets()})
     c.human_video_fraction = ml_collections.config_dict.placeholder(float)  # None = the table's own share
-    c.data_fraction = 1.0              # keep the first X of each dataset's train episodes / videos
-    c.eval_fraction = 0.05             # held-out tail of episodes where a dataset has no eval split
+    c.data_fraction = 1.0              # keep X of each dataset's train episodes / videos, evenly spaced
+    c.eval_fraction = 0.05             # held-out episodes (evenly spaced) where a dataset has no eval split
     c.resolution = 256                 # frames are resized (short side) + centre-cropped to this
     c.num_frames = 16                  # gfdm_clip: K future frames after the current one
     c.frame_stride = 1                 # gfdm_clip: steps between frames (at the control rate / video fps)

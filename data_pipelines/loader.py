@@ -1,7 +1,7 @@
 """Sources -> samplers -> grain mixture: what ``make_loader`` builds.
 
 Pipeline per process (all deterministic for a seed, state checkpointable):
-  per source: item indices of this split, first ``data_fraction`` of the episodes, this process's
+  per source: item indices of this split, ``data_fraction`` of the episodes (evenly spaced), this process's
               disjoint shard [process_index::process_count] -> repeat, with a new global permutation per
               epoch -> sample (random_map: per-element RNG from the seed and the element's index)
   mix the sources with their weights (grain MapDataset.mix) -> optional per-sample ``transform``
@@ -102,13 +102,18 @@ def dataset_dir(name: str, data_cfg) -> str:
 
 
 def _holdout(n: int, split: str, eval_fraction: float, data_fraction: float) -> np.ndarray:
-    """Episode indices of a split made from one list: the tail is eval, a fixed first X% of the rest is train."""
+    """Episode indices of a split made from one list, both parts spread evenly over it: datasets are often
+    stored task by task, where a contiguous tail would hold out the last task only and a contiguous fraction
+    would keep the first tasks only. Eval is the last episode of each of ``n_eval`` equal blocks (with one,
+    the last episode); train keeps ``data_fraction`` of the rest, evenly spaced, the first one included."""
     n_eval = max(1, int(round(n * eval_fraction))) if n > 1 and eval_fraction > 0 else 0
+    is_eval = np.zeros(n, bool)
+    is_eval[(np.arange(1, n_eval + 1) * n) // max(n_eval, 1) - 1] = True
     if split == "eval":
-        return np.arange(n - n_eval, n)
-    n_train = n - n_eval
-    keep = max(1, int(np.ceil(n_train * data_fraction))) if n_train else 0
-    return np.arange(0, keep)
+        return np.flatnonzero(is_eval)
+    rest = np.flatnonzero(~is_eval)
+    keep = max(1, int(np.ceil(len(rest) * data_fraction))) if len(rest) else 0
+    return rest[(np.arange(keep) * len(rest)) // max(keep, 1)]
 
 
 def _steps(reader, episodes: np.ndarray, tail: int, process_index: int, process_count: int):
@@ -129,7 +134,7 @@ def open_source(name: str, data_cfg, split: str, process_index: int = 0, process
     if not 0 < frac <= 1:
         raise ValueError(f"data.data_fraction={frac!r} must be in (0, 1]")
     eval_fraction = float(data_cfg.get("eval_fraction", 0.05))
-    if name in oxe_table.LEROBOT_DATASETS:       # no eval split of its own: the tail of the episodes is held out
+    if name in oxe_table.LEROBOT_DATASETS:       # no eval split of its own: evenly spaced episodes are held out
         reader = lerobot.EpisodeReader(path, oxe_table.LEROBOT_DATASETS[name])
         n = len(reader.index["episodes"])
         episodes = _holdout(n, split, eval_fraction, frac if split == "train" else 1.0)
@@ -159,7 +164,7 @@ def open_source(name: str, data_cfg, split: str, process_index: int = 0, process
         if split == "eval" and has_eval:
             reader = open_split("eval")
             episodes = np.arange(len(reader.index["episodes"]))
-        else:  # a dataset without its own eval split holds out the tail of train (eval_fraction)
+        else:  # a dataset without its own eval split holds out some of train (eval_fraction)
             reader = open_split("train")
             episodes = _holdout(len(reader.index["episodes"]), split, 0.0 if has_eval else eval_fraction,
                                 frac if split == "train" else 1.0)
@@ -172,12 +177,13 @@ def open_source(name: str, data_cfg, split: str, process_index: int = 0, process
             if os.path.exists(os.path.join(path, "labels", "validation.json")):   # the released split
                 items = video.ssv2_items(path, split)
                 if split == "train":
-                    items = items[:max(1, int(np.ceil(len(items) * frac)))]
+                    items = [items[i] for i in _holdout(len(items), "train", 0.0, frac)]
             else:
                 items = video.ssv2_items(path, "train")
                 items = [items[i] for i in _holdout(len(items), split, eval_fraction, frac)]
         else:
-            items = video.ego4d_items(path, split, eval_fraction, data_fraction=frac if split == "train" else 1.0)
+            items = video.ego4d_items(path, select=lambda n: _holdout(n, split, eval_fraction,
+                                                                      frac if split == "train" else 1.0))
         items = items[process_index::process_count]
         return VideoSource(name, path, row.layout, items, row.fps, row.window_seconds)
     raise ValueError(f"data.mixture: unknown dataset {name!r}; known: {oxe_table.known_datasets()}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 
 import numpy as np
 
@@ -131,23 +132,18 @@ def clean_narration(text: str) -> str:
     return " ".join(text.split())
 
 
-def ego4d_items(root: str, split: str, eval_fraction: float = 0.05, data_fraction: float = 1.0) -> list[dict]:
-    """One item per narration: {"path", "instruction", "center_s", "id"}.
-
-    Videos are split by uid order: the last ``eval_fraction`` are eval; train keeps the first
-    ``data_fraction`` of the rest (whole videos, like robot episodes)."""
+def ego4d_items(root: str, select: Callable[[int], np.ndarray] | None = None) -> list[dict]:
+    """One item per narration: {"path", "instruction", "center_s", "id"}, of every video or of those whose
+    positions in uid order ``select(number of videos)`` returns (the loader's split: whole videos, like robot
+    episodes)."""
     path = os.path.join(root, EGO4D_NARRATIONS)
     if not os.path.exists(path):
         raise FileNotFoundError(f"Ego4D narrations not found: {path}")
     with open(path) as f:
         narr = json.load(f)
-    uids = sorted(narr)
-    n_eval = max(1, int(round(len(uids) * eval_fraction))) if len(uids) > 1 and eval_fraction > 0 else 0
-    if split == "eval":
-        keep = uids[len(uids) - n_eval:]
-    else:
-        keep = uids[:len(uids) - n_eval]
-        keep = keep[:max(1, int(np.ceil(len(keep) * data_fraction)))]
+    keep = sorted(narr)
+    if select is not None:
+        keep = [keep[i] for i in select(len(keep))]
     items = []
     for uid in keep:
         video = os.path.join(root, EGO4D_VIDEOS, f"{uid}.mp4")

@@ -169,8 +169,8 @@ def plan(workdir: str, variants: Sequence[str], seeds: Sequence[int], *, data_di
     ``pretrained``: a folder with finished ``gidm`` and ``gfdm`` workdirs (``make demo``'s ``workdirs/demo``)
     used as the standard pretraining instead of training one under ``workdir/pretrain`` (the policies on it
     then take the latent scale that GFDM was trained with). ``data_fraction``: the fraction of the labelled robot
-    episodes every fine-tuning keeps (``data.data_fraction``: the first ones in the dataset's order, in the demo
-    data task by task; the action-free pretraining keeps all of its data):
+    episodes every fine-tuning keeps (``data.data_fraction``: evenly spaced, so every demo task keeps its share; the
+    action-free pretraining keeps all of its data):
     the low-data regime in which pretraining on action-free video is meant to pay off."""
     if data_fraction is not None and not 0 < data_fraction <= 1:
         raise ValueError(f"--data_fraction={data_fraction!r} must be in (0, 1]")

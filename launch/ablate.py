@@ -4,7 +4,7 @@
         --workdir=workdirs/ablate
     python -m launch.ablate --variants=defi,no_gidm_pretrain --steps=100 --workdir=/tmp/ablate
     python -m launch.ablate --variants=defi,no_gidm_pretrain,no_gfdm_pretrain --data_fraction=0.25 \\
-        --pretrained=workdirs/demo --episodes=20 --workdir=workdirs/ablate_lowdata   # the first quarter of the labels
+        --pretrained=workdirs/demo --episodes=20 --workdir=workdirs/ablate_lowdata   # a quarter of each task's labels
     python -m launch.ablate --workdir=/tmp/ablate --dry_run       # every config built + one train step each
 
 Variants (``configs/policy.py:tiny`` + overrides): defi, no_gidm_pretrain (policy.gidm_init=random),
@@ -36,8 +36,8 @@ _STEPS = flags.DEFINE_integer("steps", None, "Fine-tuning steps (default: config
 _PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", None, "GIDM / GFDM pretraining steps (default: --steps "
                                        "when given, else each tiny config's own).", lower_bound=1)
 _DATA_FRACTION = flags.DEFINE_float("data_fraction", None, "Fraction of the labelled robot episodes each fine-tuning "
-                                    "keeps (data.data_fraction: the FIRST ones in the dataset's order, which in the "
-                                    "demo data is task by task; pretraining keeps all): the low-data regime.")
+                                    "keeps (data.data_fraction: evenly spaced, every task keeps its share; "
+                                    "pretraining keeps all): the low-data regime.")
 _VARIANTS = flags.DEFINE_string("variants", None, "Comma-separated variants (default: all).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Ablation folder (local).")
 _PRETRAINED = flags.DEFINE_string("pretrained", None, "Folder with finished gidm / gfdm workdirs (make demo's "

@@ -86,7 +86,7 @@ def _video_samples(name, path, num, size):
     from data_pipelines import oxe_table, video
 
     row = oxe_table.VIDEO_DATASETS[name]
-    items = video.ssv2_items(path, "train") if row.layout == "ssv2" else video.ego4d_items(path, "train")
+    items = video.ssv2_items(path, "train") if row.layout == "ssv2" else video.ego4d_items(path)
     for item in items[:num]:
         try:
             if row.layout == "ego4d":

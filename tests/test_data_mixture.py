@@ -101,13 +101,23 @@ def test_process_shards_are_disjoint_and_cover(demo_data_dir, process_count):
     assert set().union(*seen) == set(range(sum(_train_lengths(demo_data_dir))))
 
 
-def test_data_fraction_keeps_the_first_episodes(demo_data_dir):
+def test_data_fraction_and_hold_out_spread_over_the_tasks(demo_data_dir):
+    # the demo data are stored task by task (3 tasks x 3 episodes): a contiguous fraction would keep the first
+    # task only, a contiguous hold-out the last task only
     lengths = _train_lengths(demo_data_dir)
     it = dp.make_loader("gidm_pair", _cfg(demo_data_dir, mixture="demo_robot", data_fraction=0.5),
                         global_batch_size=16)
-    assert len(it.sources["demo"]) == sum(lengths[:4])             # ceil(8 x 0.5) episodes
-    ids = np.concatenate([next(it)["item_id"] for _ in range(5)])
-    assert ids.max() < sum(lengths[:4])
+    src = it.sources["demo"]
+    assert src.episodes.tolist() == [0, 2, 4, 6]                      # ceil(8 x 0.5), evenly spaced
+    assert len(src) == sum(lengths[e] for e in (0, 2, 4, 6))
+    tasks = {src.reader.index["episodes"][e]["instruction"] for e in src.episodes}
+    assert len(tasks) == 3
+    assert loader._holdout(80, "eval", 0.05, 1.0).tolist() == [19, 39, 59, 79]   # one per block of 20
+    train = loader._holdout(80, "train", 0.05, 0.25)
+    assert len(train) == 19 and all(np.sum((train >= 20 * k) & (train < 20 * k + 20)) >= 4 for k in range(4))
+    assert not set(train) & {19, 39, 59, 79}
+    assert loader._holdout(80, "train", 0.05, 1.0).tolist() == sorted(set(range(80)) - {19, 39, 59, 79})
+    assert loader._holdout(3, "eval", 0.05, 1.0).tolist() == [2] and loader._holdout(1, "eval", 0.05, 1.0).size == 0
 
 
 @pytest.mark.parametrize("workers", [0, 2])
