@@ -112,6 +112,8 @@ def test_data_fraction_and_hold_out_spread_over_the_tasks(demo_data_dir):
     assert len(src) == sum(lengths[e] for e in (0, 2, 4, 6))
     tasks = {src.reader.index["episodes"][e]["instruction"] for e in src.episodes}
     assert len(tasks) == 3
+    ids = np.concatenate([next(it)["item_id"] for _ in range(5)])   # what the loader yields: kept episodes only
+    assert ids.max() < len(src) and set(src.item_ep[ids].tolist()) <= {0, 2, 4, 6}
     assert loader._holdout(80, "eval", 0.05, 1.0).tolist() == [19, 39, 59, 79]   # one per block of 20
     train = loader._holdout(80, "train", 0.05, 0.25)
     assert len(train) == 19 and all(np.sum((train >= 20 * k) & (train < 20 * k + 20)) >= 4 for k in range(4))
