@@ -24,6 +24,7 @@ PyTorch folder compute actions only).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -236,8 +237,9 @@ class DeFIPolicy:
     # ---- serialization --------------------------------------------------------------------------
     def export(self, path: str, *, platforms: Sequence[str] | None = None) -> dict:
         """Writes a ``jax.export`` artifact: ``act.jax`` (symbolic batch), ``encode.jax`` (one instruction's
-        text towers), ``weights.npz``, the tokenizer files, the statistics and ``manifest.json``. The folder is
-        written under a temporary name and renamed when complete. Returns the manifest."""
+        text towers), ``weights.npz``, the tokenizer files, the statistics and ``manifest.json``. A local folder
+        is written under a temporary name and renamed when complete; a ``gs://`` one is staged locally and
+        uploaded with ``manifest.json`` last. Returns the manifest."""
         import datetime
         import jax
         from jax import export as jax_export
@@ -377,12 +379,13 @@ class ExportedPolicy:
         import jax
         from jax import export as jax_export
 
+        from defi_jax import paths
+
         self.path = path
-        manifest_file = os.path.join(path, "manifest.json")
-        if not os.path.isfile(manifest_file):
+        manifest_file = paths.join(path, "manifest.json")
+        if not paths.exists(manifest_file):
             raise FileNotFoundError(f"{manifest_file}: not a defi-jax exported policy (no manifest.json)")
-        with open(manifest_file) as f:
-            self.manifest = json.load(f)
+        self.manifest = json.loads(paths.read_text(manifest_file))
         if self.manifest.get("format") != EXPORT_FORMAT:
             raise ValueError(f"{manifest_file}: export format {self.manifest.get('format')!r}; this defi-jax reads "
                              f"format {EXPORT_FORMAT} (re-export the checkpoint with this version)")
@@ -390,15 +393,13 @@ class ExportedPolicy:
         if platform not in self.manifest["platforms"]:
             raise ValueError(f"{path}: exported for {self.manifest['platforms']}, this jax runs on {platform!r}")
         try:
-            with open(os.path.join(path, "act.jax"), "rb") as f:
-                self._act = jax_export.deserialize(bytearray(f.read()))
-            with open(os.path.join(path, "encode.jax"), "rb") as f:
-                self._encode = jax_export.deserialize(bytearray(f.read()))
+            self._act = jax_export.deserialize(bytearray(paths.read_bytes(paths.join(path, "act.jax"))))
+            self._encode = jax_export.deserialize(bytearray(paths.read_bytes(paths.join(path, "encode.jax"))))
         except Exception as e:   # a truncated or foreign file
             raise ValueError(f"{path}: cannot read the exported computation ({type(e).__name__}: {e}); the "
                              f"artifact is damaged or was written by an incompatible jax "
                              f"({self.manifest.get('jax_version')}, this is {jax.__version__})") from e
-        with np.load(os.path.join(path, "weights.npz"), allow_pickle=False) as w:
+        with np.load(io.BytesIO(paths.read_bytes(paths.join(path, "weights.npz"))), allow_pickle=False) as w:
             self._weights = [jax.device_put(w[f"p{i:05d}"]) for i in range(self.manifest["num_weights"])]
         self._tokenizers = [_make_tokenizer(s) for s in self.manifest["tokenizers"]]
         self.views = tuple(self.manifest["views"])
@@ -435,8 +436,10 @@ class ExportedPolicy:
 
 
 def load_exported(path: str) -> ExportedPolicy:
-    """Reads a folder written by :meth:`DeFIPolicy.export`; refuses one it cannot read, saying why."""
-    return ExportedPolicy(os.path.abspath(path))
+    """Reads a folder written by :meth:`DeFIPolicy.export` (local or ``gs://``); refuses one it cannot read,
+    saying why."""
+    from defi_jax import paths
+    return ExportedPolicy(paths.abspath(path))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -470,5 +473,9 @@ class TorchPolicy:
 
 
 def load_torch(path: str, *, seed: int = 0, device=None) -> TorchPolicy:
-    """Reads a PyTorch folder written by ``python -m launch.export_torch`` (see :class:`TorchPolicy`)."""
+    """Reads a local PyTorch folder written by ``python -m launch.export_torch`` (see :class:`TorchPolicy`)."""
+    from defi_jax import paths
+    if paths.is_remote(path):   # diffusers / transformers / torch read local folders
+        raise ValueError(f"{path}: a PyTorch folder is read from local disk; copy it first "
+                         f"(gcloud storage cp -r {path} .)")
     return TorchPolicy(os.path.abspath(path), seed=seed, device=device)

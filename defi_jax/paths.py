@@ -110,14 +110,51 @@ def copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     write_bytes(dst, read_bytes(src))
 
 
+def rmtree(path: str | os.PathLike, missing_ok: bool = False) -> None:
+    """Removes folder ``path`` and everything under it (every object under the prefix on an object store)."""
+    p = _p(path)
+    if not p.exists():
+        if missing_ok:
+            return
+        raise FileNotFoundError(f"{os.fspath(path)}: no such folder")
+    p.rmtree()
+
+
+def upload_tree(local_dir: str | os.PathLike, dest: str | os.PathLike, *, last: tuple[str, ...] = ()) -> list[str]:
+    """Copies every file under the local folder ``local_dir`` to ``dest`` (a URI or a local folder), each file
+    atomically; the top-level files named in ``last`` go after all the others, so a reader that finds one of
+    them (a manifest, a summary) finds the whole folder. Files already under ``dest`` and not in ``local_dir``
+    are left alone. Returns the relative paths copied, in order."""
+    local_dir = os.fspath(local_dir)
+    rels = sorted(os.path.relpath(os.path.join(d, f), local_dir)
+                  for d, _, files in os.walk(local_dir) for f in files)
+    rels = [r for r in rels if r not in last] + [r for r in last if r in rels]
+    for rel in rels:
+        copy(os.path.join(local_dir, rel), join(dest, *rel.split(os.sep)))
+    return rels
+
+
 
 @contextlib.contextmanager
-def staged_dir(final: str | os.PathLike):
-    """Yields a temporary local folder beside ``final``; when the block ends normally it replaces ``final``
-    (renamed into place: never half-written), when it raises it is removed and ``final`` is left as it was."""
+def staged_dir(final: str | os.PathLike, *, last: tuple[str, ...] = ("manifest.json", "config.json")):
+    """Yields a temporary local folder to fill; when the block ends normally it replaces ``final``, when it
+    raises it is removed and ``final`` is left as it was.
+
+    A local ``final`` gets the folder renamed into place (never half-written). An object-store ``final``
+    (``gs://...``) gets the old objects under it removed and the folder uploaded file by file, the top-level
+    files named in ``last`` after the others: a reader that finds the manifest finds a complete folder."""
     import shutil
     import tempfile
 
+    if is_remote(final):
+        tmp = tempfile.mkdtemp(prefix="defi_jax_staged_")
+        try:
+            yield tmp
+            rmtree(final, missing_ok=True)
+            upload_tree(tmp, final, last=last)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     final = os.path.abspath(os.fspath(final))
     os.makedirs(os.path.dirname(final), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=os.path.dirname(final))

@@ -10,7 +10,8 @@ episode runs ``--horizon`` env steps at most, replanning every ``--steps_per_chu
 run on the same seeds. Writes ``summary.json``, ``summary.csv`` (per-task success with a 95% Wilson interval,
 the protocol on every row), ``attribution.csv`` (failed episodes split into forward / inverse dynamics failures)
 and ``videos/<task>/*.gif`` (the real frames beside the GFDM's predicted future) under ``--out`` (default:
-``<checkpoint, exported or torch folder>/eval_metaworld``). The predicted future and the attribution need the
+``<checkpoint, exported or torch folder>/eval_metaworld``; a ``gs://`` folder is written locally and uploaded at
+the end). The predicted future and the attribution need the
 JAX policy (``--backend=jax``); with the exported or PyTorch backends the summary records them as unavailable.
 """
 
@@ -39,8 +40,8 @@ _TORCH_DEVICE = flags.DEFINE_string("torch_device", None, "--backend=torch: torc
                                     "available, else cpu).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _EMA = flags.DEFINE_bool("ema", False, "Evaluate the checkpoint's EMA parameters.")
-_OUT = flags.DEFINE_string("out", None, "Output folder (default: <checkpoint, exported or torch folder>/"
-                           "eval_metaworld).")
+_OUT = flags.DEFINE_string("out", None, "Output folder, local or gs:// (default: <checkpoint, exported or "
+                           "torch folder>/eval_metaworld).")
 _HORIZON = flags.DEFINE_integer("horizon", 200, "Env steps per episode at most.", lower_bound=1)
 _STEPS_PER_CHUNK = flags.DEFINE_integer("steps_per_chunk", 10, "Actions of each predicted chunk executed before "
                                         "replanning.", lower_bound=1)
@@ -84,22 +85,20 @@ def main(argv):
         print("launch.evaluate: --checkpoint=DIR is required with --backend=jax", file=sys.stderr)
         return 2
     if backend == "exported":
-        source = os.path.abspath(_EXPORTED.value)
+        source = paths.abspath(_EXPORTED.value)
         info = {"source": source, "backend": "exported"}
     elif backend == "torch":
+        if paths.is_remote(_TORCH.value):
+            print(f"launch.evaluate: --torch_folder={_TORCH.value}: a PyTorch folder is read from local disk; copy "
+                  f"it first (gcloud storage cp -r {_TORCH.value} .)", file=sys.stderr)
+            return 2
         source = os.path.abspath(_TORCH.value)
         info = {"source": source, "backend": "torch",
                 "noise": f"one torch.Generator seeded with --seed={_SEED.value}, rows in batch order"}
     else:
         source = paths.abspath(_CHECKPOINT.value)
         info = {"source": source, "backend": "jax", "step": _STEP.value, "ema": _EMA.value}
-    if _OUT.value:
-        out = os.path.abspath(_OUT.value)
-    elif paths.is_remote(source):
-        print(f"launch.evaluate: {source} is remote: give a local --out", file=sys.stderr)
-        return 2
-    else:
-        out = os.path.join(source, "eval_metaworld")
+    out = paths.abspath(_OUT.value) if _OUT.value else paths.join(source, "eval_metaworld")
     try:
         protocol = metaworld.Protocol(
             tasks=metaworld.task_list(_TASKS.value), episodes=_EPISODES.value, horizon=_HORIZON.value,

@@ -6,7 +6,8 @@
     python -m launch.export_torch --workdir=/tmp/policy --out=/tmp/defi_torch --lerobot   # + OUT/lerobot/ for LeRobot
 
 A policy folder loads with ``defi_jax_torch.DeFIPolicyTorch.from_pretrained(OUT)``; its README says what is
-inside. The folder is written under a temporary name, loaded back strictly, then renamed into place.
+inside. The folder is written under a temporary name, loaded back strictly, then renamed into place (a ``gs://``
+``--out`` is staged locally, loaded back, then uploaded with ``config.json`` last).
 ``--lerobot`` adds ``OUT/lerobot/``, a LeRobot saved-policy folder (``defi_jax_torch.lerobot`` is its plugin).
 """
 
@@ -17,7 +18,8 @@ from absl import app, flags
 from defi_jax import config_validation
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A policy, GFDM or GIDM workdir (local or gs://).")
-_OUT = flags.DEFINE_string("out", None, "The folder to write (replaced when complete).")
+_OUT = flags.DEFINE_string("out", None, "The folder to write, local or gs:// (replaced when "
+                            "complete; a gs:// one is staged locally, verified, then uploaded).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _EMA = flags.DEFINE_boolean("ema", False, "Export the EMA parameters.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weight dtype of the written files.")

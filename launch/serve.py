@@ -86,7 +86,7 @@ def main(argv):
     from defi_jax import inference, serving
 
     if _EXPORTED.value:
-        source = os.path.abspath(_EXPORTED.value)
+        source = paths.abspath(_EXPORTED.value)
         what = f"DeFI exported policy {source}"
     else:
         source = paths.abspath(_CHECKPOINT.value)

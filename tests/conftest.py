@@ -27,6 +27,41 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 * 2**30))
 import pytest  # noqa: E402
 
 
+class _LocalBucket:
+    """Stands in for the object store: ``gs://B/P`` is ``ROOT/B/P``; counts the calls that reach it."""
+
+    def __init__(self, root):
+        self.root, self.calls = root, 0
+
+    def _local(self, arg):
+        if isinstance(arg, (str, os.PathLike)) and os.fspath(arg).startswith("gs://"):
+            return os.path.join(self.root, os.fspath(arg)[len("gs://"):])
+        return arg
+
+    def __getattr__(self, name):
+        from etils.epath import backend as epath_backend
+        fn = getattr(epath_backend.os_backend, name)
+
+        def call(*args, **kwargs):
+            self.calls += 1
+            return fn(*(self._local(a) for a in args), **kwargs)
+        return call
+
+
+@pytest.fixture
+def gcs(tmp_path, monkeypatch):
+    """gs:// backed by tmp_path/bucket; the working directory is an empty folder (nothing may land there)."""
+    from etils.epath import gpath
+    fake = _LocalBucket(str(tmp_path / "bucket"))
+    real = gpath._GPath._backend
+    monkeypatch.setattr(gpath._GPath, "_backend",
+                        property(lambda self: fake if self._uri_scheme == "gs" else real.fget(self)))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    yield fake
+    assert os.listdir(tmp_path / "cwd") == [], "a gs:// path was written as a local path"
+
+
 @pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory):
     """Small Meta-World demo data (3 robot tasks x 3 episodes + 1 human-video task x 3 videos, 64 px),

@@ -232,6 +232,26 @@ def test_predicted_future_is_scored_against_the_frames_that_followed(tmp_path):
         assert json.load(f)["attribution"] == table
 
 
+def test_outputs_to_gs_are_staged_and_uploaded_summary_last(gcs, tmp_path):
+    from defi_jax import paths
+    out = "gs://bucket/runs/policy/eval_metaworld"
+    paths.write_text(paths.join(out, "videos", "reach-v3", "ep005_success.gif"), "an older run's outcome")
+    paths.write_text(paths.join(out, "notes.txt"), "kept")
+    uploads = []
+    real_copy = paths.copy
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(paths, "copy", lambda src, dst: (uploads.append(dst), real_copy(src, dst)))
+        summary = _run(out, StaticWorldStandIn(frames=2), tasks=("reach-v3",), episodes=1, horizon=12, workers=1,
+                       expert=False, videos_per_task=1)
+    assert uploads[-1] == out + "/summary.json"                   # found complete by whoever reads the summary
+    assert json.loads(paths.read_text(paths.join(out, "summary.json")))["episodes"] == summary["episodes"]
+    names = paths.listdir(out)
+    assert {"summary.json", "summary.csv", "attribution.csv", "videos", "notes.txt"} <= set(names), names
+    video = summary["episodes"][0]["video"]                        # relative to the output folder
+    assert paths.listdir(paths.join(out, "videos", "reach-v3")) == [os.path.basename(video)]   # the old GIF gone
+    assert paths.read_bytes(paths.join(out, video))[:6] == b"GIF89a"
+
+
 def test_gif_layout_real_beside_predicted():
     real = [np.full((4, 4, 3), 10 * t, np.uint8) for t in range(7)]
     futures = [(0, np.stack([np.full((2, 2, 3), 100 + k, np.uint8) for k in range(3)])),

@@ -5,42 +5,8 @@ import os
 
 import numpy as np
 import pytest
-from etils.epath import backend as epath_backend, gpath
 
 from defi_jax import paths
-
-
-class _LocalBucket:
-    """Stands in for the object store: ``gs://B/P`` is ``ROOT/B/P``; counts the calls that reach it."""
-
-    def __init__(self, root):
-        self.root, self.calls = root, 0
-
-    def _local(self, arg):
-        if isinstance(arg, (str, os.PathLike)) and os.fspath(arg).startswith("gs://"):
-            return os.path.join(self.root, os.fspath(arg)[len("gs://"):])
-        return arg
-
-    def __getattr__(self, name):
-        fn = getattr(epath_backend.os_backend, name)
-
-        def call(*args, **kwargs):
-            self.calls += 1
-            return fn(*(self._local(a) for a in args), **kwargs)
-        return call
-
-
-@pytest.fixture
-def gcs(tmp_path, monkeypatch):
-    """gs:// backed by tmp_path/bucket; the working directory is an empty folder (nothing may land there)."""
-    fake = _LocalBucket(str(tmp_path / "bucket"))
-    real = gpath._GPath._backend
-    monkeypatch.setattr(gpath._GPath, "_backend",
-                        property(lambda self: fake if self._uri_scheme == "gs" else real.fget(self)))
-    (tmp_path / "cwd").mkdir()
-    monkeypatch.chdir(tmp_path / "cwd")
-    yield fake
-    assert os.listdir(tmp_path / "cwd") == [], "a gs:// path was written as a local path"
 
 
 def test_abspath_and_join(tmp_path, monkeypatch):
@@ -87,6 +53,36 @@ def test_gs_roundtrip(gcs, tmp_path):
     assert paths.listdir(root) == ["config.json", "samples"]
     assert (tmp_path / "bucket" / "bucket" / "run" / "config.json").read_text() == '{"x": 1}'
     assert gcs.calls > 0
+
+
+def test_staged_dir_on_gs_uploads_complete_folders_manifest_last(gcs, tmp_path, monkeypatch):
+    final = "gs://bucket/exported"
+    paths.write_text(paths.join(final, "stale.txt"), "from the last export")
+    uploaded = []
+    real_copy = paths.copy
+    monkeypatch.setattr(paths, "copy", lambda src, dst: (uploaded.append(dst), real_copy(src, dst)))
+    with paths.staged_dir(final) as tmp:
+        assert not paths.is_remote(tmp) and os.path.isdir(tmp)
+        os.makedirs(os.path.join(tmp, "nested"))
+        for rel in ("manifest.json", "weights.npz", "nested/a.bin"):
+            with open(os.path.join(tmp, rel), "w") as f:
+                f.write(rel)
+    assert not os.path.exists(tmp)                                          # the staging folder is removed
+    assert paths.listdir(final) == ["manifest.json", "nested", "weights.npz"]   # the old folder replaced
+    assert paths.read_text(paths.join(final, "nested", "a.bin")) == "nested/a.bin"
+    assert uploaded[-1] == final + "/manifest.json" and len(uploaded) == 3  # a reader seeing it sees the rest
+
+    with pytest.raises(RuntimeError, match="killed"):                       # a failed export changes nothing
+        with paths.staged_dir(final) as tmp:
+            open(os.path.join(tmp, "manifest.json"), "w").close()
+            raise RuntimeError("killed")
+    assert paths.read_text(paths.join(final, "manifest.json")) == "manifest.json" and not os.path.exists(tmp)
+
+    paths.rmtree(final)
+    assert not paths.exists(final)
+    paths.rmtree(final, missing_ok=True)
+    with pytest.raises(FileNotFoundError, match="exported: no such folder"):
+        paths.rmtree(final)
 
 
 def _rows(text):

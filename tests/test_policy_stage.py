@@ -237,11 +237,28 @@ assert not bad, bad
     # Deterministic for a seed: a fresh process, from the exported artifact, draws the same actions for seed 3.
     np.testing.assert_allclose(np.load(tmp_path / "exported_act.npy"), a, rtol=1e-5, atol=1e-5)
 
+    from defi_jax.inference import load_exported
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "manifest.json").write_text(json.dumps(dict(manifest, format=99)))
-    from defi_jax.inference import load_exported
     with pytest.raises(ValueError, match="format"):
         load_exported(str(tmp_path / "broken"))
+
+
+def test_export_to_gs_and_serve_from_it(finetuned, gcs):
+    """A pod run exports next to its checkpoints: ``DeFIPolicy.export("gs://...")`` stages locally, uploads the
+    folder (manifest last), and ``load_exported`` reads it back from the bucket; nothing lands in a local ``gs:``."""
+    from defi_jax import paths
+    from defi_jax.inference import DeFIPolicy, load_exported
+
+    obs = {"primary": np.full((48, 48, 3), 90, np.uint8), "wrist": np.full((32, 32, 3), 30, np.uint8)}
+    policy = DeFIPolicy.from_checkpoint(finetuned["workdir"], seed=1)
+    policy.export("gs://bucket/runs/policy/exported", platforms=["cpu"])
+    assert paths.listdir("gs://bucket/runs/policy/exported")[:2] == ["act.jax", "encode.jax"]
+    served = load_exported("gs://bucket/runs/policy/exported")
+    np.testing.assert_allclose(served.act_batch([obs], ["press the button"], seed=1)[0],   # the same draw
+                               policy.act(obs, "press the button"), rtol=1e-5, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="gs://bucket/nothing/manifest.json: not a defi-jax exported"):
+        load_exported("gs://bucket/nothing")
 
 
 def test_tiny_policy_trains_its_missing_stage_workdirs_first(tmp_path, monkeypatch, finetuned, tiny_config):

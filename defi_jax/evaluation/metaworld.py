@@ -492,10 +492,19 @@ def evaluate(policy, protocol: Protocol, out: str, *, policy_info: Mapping | Non
     -> [B, chunk, 7]``), writes ``out``/summary.json, summary.csv and the GIFs; returns the summary.
 
     ``policy_info`` (e.g. the checkpoint path and step) is recorded in the summary. ``progress`` gets one line
-    per finished episode (None: quiet)."""
+    per finished episode (None: quiet). A ``gs://`` ``out`` is written in a local staging folder and uploaded at
+    the end (the evaluated tasks' old videos there replaced, ``summary.json`` last)."""
     from data_pipelines import demo
 
     protocol.check(policy)
+    if paths.is_remote(out):
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix="defi_jax_eval_") as staging:
+            summary = evaluate(policy, protocol, staging, policy_info=policy_info, progress=progress)
+            for task in protocol.tasks:
+                paths.rmtree(paths.join(out, "videos", task), missing_ok=True)
+            paths.upload_tree(staging, out, last=("summary.json",))
+        return summary
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     say = progress or (lambda _: None)
