@@ -24,7 +24,6 @@ PyTorch folder compute actions only).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -399,7 +398,7 @@ class ExportedPolicy:
             raise ValueError(f"{path}: cannot read the exported computation ({type(e).__name__}: {e}); the "
                              f"artifact is damaged or was written by an incompatible jax "
                              f"({self.manifest.get('jax_version')}, this is {jax.__version__})") from e
-        with np.load(io.BytesIO(paths.read_bytes(paths.join(path, "weights.npz"))), allow_pickle=False) as w:
+        with paths.open(paths.join(path, "weights.npz"), "rb") as f, np.load(f, allow_pickle=False) as w:
             self._weights = [jax.device_put(w[f"p{i:05d}"]) for i in range(self.manifest["num_weights"])]
         self._tokenizers = [_make_tokenizer(s) for s in self.manifest["tokenizers"]]
         self.views = tuple(self.manifest["views"])

@@ -79,20 +79,22 @@ def read_text(path: str | os.PathLike) -> str:
     return _p(path).read_text()
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes ``data`` to ``path`` atomically (see the module docstring); creates the parent folder."""
+@contextlib.contextmanager
+def _atomic_writer(path: str | os.PathLike):
+    """A binary file object that lands at ``path`` only when the block ends normally (see the module
+    docstring); creates the parent folder."""
     path = os.fspath(path)
     parent = os.path.dirname(path) if not is_remote(path) else path.rsplit("/", 1)[0]
     if parent:
         makedirs(parent)
     if is_remote(path):
         with open(path, "wb") as f:
-            f.write(data)
+            yield f
         return
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -100,14 +102,24 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path`` atomically (see the module docstring); creates the parent folder."""
+    with _atomic_writer(path) as f:
+        f.write(data)
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Writes ``text`` (UTF-8) to ``path`` atomically."""
     write_bytes(path, text.encode("utf-8"))
 
 
-def copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Copies one file, across backends too (e.g. a local staging file to ``gs://``); atomic like writes."""
-    write_bytes(dst, read_bytes(src))
+def copy(src: str | os.PathLike, dst: str | os.PathLike, chunk_bytes: int = 64 * 2**20) -> None:
+    """Copies one file, across backends too (e.g. a local staging file to ``gs://``), streamed in chunks (a
+    weight shard is never held whole in memory); atomic like writes."""
+    import shutil
+
+    with open(src, "rb") as f, _atomic_writer(dst) as g:
+        shutil.copyfileobj(f, g, chunk_bytes)
 
 
 def rmtree(path: str | os.PathLike, missing_ok: bool = False) -> None:
@@ -132,7 +144,6 @@ def upload_tree(local_dir: str | os.PathLike, dest: str | os.PathLike, *, last: 
     for rel in rels:
         copy(os.path.join(local_dir, rel), join(dest, *rel.split(os.sep)))
     return rels
-
 
 
 @contextlib.contextmanager

@@ -44,7 +44,7 @@ def test_gs_roundtrip(gcs, tmp_path):
         f.write(b"\x00\x01")
     local = tmp_path / "local.txt"
     local.write_text("copied")
-    paths.copy(str(local), paths.join(root, "copied.txt"))
+    paths.copy(str(local), paths.join(root, "copied.txt"), chunk_bytes=4)   # streamed: two chunks
     assert paths.isdir(root) and paths.exists(paths.join(root, "config.json"))
     assert paths.listdir(root) == ["config.json", "copied.txt", "samples"]
     assert paths.read_text(paths.join(root, "copied.txt")) == "copied"
