@@ -151,7 +151,9 @@ def staged_dir(final: str | os.PathLike, *, last: tuple[str, ...] = ("manifest.j
     """Yields a temporary local folder to fill; when the block ends normally it replaces ``final``, when it
     raises it is removed and ``final`` is left as it was.
 
-    A local ``final`` gets the folder renamed into place (never half-written). An object-store ``final``
+    A local ``final`` gets the folder renamed into place (never half-written); an old folder there is first
+    renamed aside and removed only once the new one is in place, so a crash at any point leaves a complete
+    folder (the old one aside, or the new one at ``final``). An object-store ``final``
     (``gs://...``) gets the old objects under it removed and the folder uploaded file by file, the top-level
     files named in ``last`` after the others: a reader that finds the manifest finds a complete folder."""
     import shutil
@@ -171,9 +173,13 @@ def staged_dir(final: str | os.PathLike, *, last: tuple[str, ...] = ("manifest.j
     tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=os.path.dirname(final))
     try:
         yield tmp
+        old = None
         if os.path.exists(final):
-            shutil.rmtree(final)
+            old = f"{tmp}.old"
+            os.replace(final, old)
         os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

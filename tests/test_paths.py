@@ -55,6 +55,40 @@ def test_gs_roundtrip(gcs, tmp_path):
     assert gcs.calls > 0
 
 
+def test_staged_dir_local_replaces_whole_folders_and_keeps_the_old_one_on_failure(tmp_path, monkeypatch):
+    final = tmp_path / "exported"
+    final.mkdir()
+    (final / "stale.txt").write_text("from the last export")
+    with paths.staged_dir(final) as tmp:
+        assert os.path.dirname(tmp) == str(tmp_path)                    # same file system: a rename, not a copy
+        (tmp_path / "unrelated").mkdir()
+        open(os.path.join(tmp, "manifest.json"), "w").write("new")
+    assert sorted(os.listdir(final)) == ["manifest.json"]
+    assert sorted(os.listdir(tmp_path)) == ["exported", "unrelated"]    # no staging or set-aside folder left
+
+    with pytest.raises(RuntimeError, match="killed"):                   # a failed block changes nothing
+        with paths.staged_dir(final) as tmp:
+            open(os.path.join(tmp, "manifest.json"), "w").write("half")
+            raise RuntimeError("killed")
+    assert (final / "manifest.json").read_text() == "new" and not os.path.exists(tmp)
+
+    real_replace, calls = os.replace, []
+
+    def crash_on_second_rename(src, dst):                               # killed between the two renames
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        with paths.staged_dir(final) as tmp:
+            open(os.path.join(tmp, "manifest.json"), "w").write("newer")
+    monkeypatch.undo()
+    aside = calls[0][1]                                                 # the old folder survives, whole, aside
+    assert calls[0][0] == str(final) and open(os.path.join(aside, "manifest.json")).read() == "new"
+
+
 def test_staged_dir_on_gs_uploads_complete_folders_manifest_last(gcs, tmp_path, monkeypatch):
     final = "gs://bucket/exported"
     paths.write_text(paths.join(final, "stale.txt"), "from the last export")
