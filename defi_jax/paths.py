@@ -152,8 +152,9 @@ def staged_dir(final: str | os.PathLike, *, last: tuple[str, ...] = ("manifest.j
     raises it is removed and ``final`` is left as it was.
 
     A local ``final`` gets the folder renamed into place (never half-written); an old folder there is first
-    renamed aside and removed only once the new one is in place, so a crash at any point leaves a complete
-    folder (the old one aside, or the new one at ``final``). An object-store ``final``
+    renamed aside and removed only once the new one is in place (put back if the block fails between the two
+    renames), so even a process killed at any point leaves a complete folder: the new one at ``final``, or the
+    old one there or aside as ``<staging folder>.old``. An object-store ``final``
     (``gs://...``) gets the old objects under it removed and the folder uploaded file by file, the top-level
     files named in ``last`` after the others: a reader that finds the manifest finds a complete folder."""
     import shutil
@@ -171,15 +172,15 @@ def staged_dir(final: str | os.PathLike, *, last: tuple[str, ...] = ("manifest.j
     final = os.path.abspath(os.fspath(final))
     os.makedirs(os.path.dirname(final), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=os.path.dirname(final))
+    old = f"{tmp}.old"
     try:
         yield tmp
-        old = None
         if os.path.exists(final):
-            old = f"{tmp}.old"
             os.replace(final, old)
         os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if os.path.exists(old) and not os.path.exists(final):   # failed between the two renames: put it back
+            os.replace(old, final)
         shutil.rmtree(tmp, ignore_errors=True)
         raise

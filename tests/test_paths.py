@@ -74,19 +74,20 @@ def test_staged_dir_local_replaces_whole_folders_and_keeps_the_old_one_on_failur
 
     real_replace, calls = os.replace, []
 
-    def crash_on_second_rename(src, dst):                               # killed between the two renames
+    def fail_on_second_rename(src, dst):                                # interrupted between the two renames
         calls.append((src, dst))
         if len(calls) == 2:
             raise KeyboardInterrupt
         real_replace(src, dst)
 
-    monkeypatch.setattr(os, "replace", crash_on_second_rename)
+    monkeypatch.setattr(os, "replace", fail_on_second_rename)
     with pytest.raises(KeyboardInterrupt):
         with paths.staged_dir(final) as tmp:
             open(os.path.join(tmp, "manifest.json"), "w").write("newer")
     monkeypatch.undo()
-    aside = calls[0][1]                                                 # the old folder survives, whole, aside
-    assert calls[0][0] == str(final) and open(os.path.join(aside, "manifest.json")).read() == "new"
+    assert calls[0][0] == str(final) and calls[2] == (calls[0][1], str(final))  # set aside, then put back
+    assert (final / "manifest.json").read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["exported", "unrelated"]
 
 
 def test_staged_dir_on_gs_uploads_complete_folders_manifest_last(gcs, tmp_path, monkeypatch):
