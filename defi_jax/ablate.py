@@ -13,7 +13,8 @@ pretraining it fine-tunes from (:data:`VARIANTS`). Layout under the ablation's w
     ablation.md, ablation.csv               Tables 4, 8 and 9 (paper shapes), per task, with the paper's numbers
 
 Training goes through :mod:`defi_jax.sweep` (each run ``python -m launch.train`` in its own process, finished runs
-skipped through their ``sweep_result.json``, a stopped run resumes from its checkpoints). An evaluation is
+skipped through their ``sweep_result.json`` when they ran the same command (another command in the same folder
+is refused), a stopped run resumes from its checkpoints). An evaluation is
 skipped when its ``summary.json`` holds the same protocol for the same checkpoint step. Entry point:
 ``python -m launch.ablate``.
 """
@@ -171,7 +172,8 @@ def plan(workdir: str, variants: Sequence[str], seeds: Sequence[int], *, data_di
     then take the latent scale that GFDM was trained with). ``data_fraction``: the fraction of the labelled robot
     episodes every fine-tuning keeps (``data.data_fraction``: evenly spaced, so every demo task keeps its share; the
     action-free pretraining keeps all of its data):
-    the low-data regime in which pretraining on action-free video is meant to pay off."""
+    the low-data regime in which pretraining on action-free video is meant to pay off. A run that finished before in
+    ``workdir`` with another command (other flags) is refused (:func:`sweep.check_finished`)."""
     if data_fraction is not None and not 0 < data_fraction <= 1:
         raise ValueError(f"--data_fraction={data_fraction!r} must be in (0, 1]")
     workdir = os.path.abspath(workdir)
@@ -206,6 +208,7 @@ def plan(workdir: str, variants: Sequence[str], seeds: Sequence[int], *, data_di
                          *_steps_overrides(steps, defaults),
                          *((("data.data_fraction", repr(float(data_fraction))),) if data_fraction is not None else ())]
             runs[name, seed] = _run(POLICY_CONFIG, os.path.join(workdir, name, f"seed={seed}"), overrides, configs)
+    sweep.check_finished([*(r for stages in pretrain.values() for r in stages.values()), *runs.values()])
     return Plan(workdir, pretrain, runs, configs)
 
 

@@ -2,8 +2,9 @@
 
 Each run is ``python -m launch.train`` in a fresh process (a crash loses only that run), in
 ``<workdir>/<param>=<value>/seed=<seed>``, one after another. A run that finished leaves
-``sweep_result.json`` and is skipped when the sweep is rerun; a run that stopped part-way resumes from its
-own checkpoints (the trainer does that by itself). Entry point: ``python -m launch.sweep``.
+``sweep_result.json`` (its step, metrics and command) and is skipped when the sweep is rerun with the same
+command (a different one is refused); a run that stopped part-way resumes from its own checkpoints (the trainer
+does that by itself). Entry point: ``python -m launch.sweep``.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def choose_metric(stage: str, runs: Sequence[Run], metric: str | None) -> str:
 
 def plan(config_spec: str, param: str, values: Sequence[str], seeds: Sequence[int] | None,
          overrides: Sequence[tuple[str, str]], workdir: str) -> tuple[str, list[Run]]:
-    """(stage, runs). Every (value, seed) config is built and checked here, before anything trains."""
+    """(stage, runs). Every (value, seed) config is built and checked here, before anything trains, and so is
+    every run finished before in ``workdir`` (:func:`check_finished`)."""
     path, colon, arg = config_spec.partition(":")
     spec = os.path.abspath(path) + colon + arg
     taken = {k for k, _ in overrides}
@@ -108,6 +110,7 @@ def plan(config_spec: str, param: str, values: Sequence[str], seeds: Sequence[in
                     *(f"--config.{k}={v}" for k, v in overrides), f"--config.{param}={value}",
                     f"--config.seed={seed}"]
             runs.append(Run(value, seed, run_dir, argv, int(config.train.num_steps)))
+    check_finished(runs)
     return str(base.stage), runs
 
 
@@ -123,8 +126,45 @@ class _Stop:
             self.child.send_signal(signal.SIGTERM)
 
 
+def _command(argv: Sequence[str]) -> dict:
+    """What makes two trainings the same: the config file (relative to the repository, so that a clone elsewhere
+    matches) and every ``--config.*`` override. The interpreter and the workdir are left out."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+    path, colon, arg = spec.partition(":")
+    if os.path.isabs(path):
+        path = os.path.relpath(path, ROOT)
+    return {"config": path + colon + arg, "overrides": sorted(a for a in argv if a.startswith("--config."))}
+
+
+def check_finished(runs: Sequence[Run]) -> None:
+    """Refuses to reuse a finished run whose recorded command differs from the one planned for its workdir (a
+    rerun with other flags would otherwise tabulate the old results under the new command line)."""
+    bad: dict[str, list[str]] = {}   # what changed -> the run folders
+    for run in runs:
+        result = os.path.join(run.workdir, RESULT)
+        if not run.argv or not os.path.exists(result):
+            continue
+        with open(result) as f:
+            saved = json.load(f).get("command")
+        want = _command(run.argv)
+        if saved is None or saved == want:   # None: written before commands were recorded, cannot tell
+            continue
+        old, new = (dict(a.removeprefix("--config.").split("=", 1) for a in c["overrides"]) for c in (saved, want))
+        changed = [f"{k} {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in sorted(old.keys() | new.keys())
+                   if old.get(k) != new.get(k)]
+        if saved["config"] != want["config"]:
+            changed.insert(0, f"config {saved['config']} -> {want['config']}")
+        bad.setdefault(", ".join(changed), []).append(run.workdir)
+    if bad:
+        raise config_validation.ConfigError("; ".join(
+            f"{', '.join(folders)}: finished with another command ({changed})" for changed, folders in bad.items())
+            + ". Use another --workdir, or remove these run folders to train them again")
+
+
 def execute(runs: Sequence[Run], *, dry_run: bool = False, log=print) -> None:
-    """Trains every run not finished before, one at a time, each in a fresh process."""
+    """Trains every run not finished before, one at a time, each in a fresh process. A run finished before is
+    skipped; one finished with a different command is refused before anything trains (:func:`check_finished`)."""
+    check_finished(runs)
     stop = _Stop()
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if not dry_run else {}
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
@@ -158,7 +198,8 @@ def execute(runs: Sequence[Run], *, dry_run: bool = False, log=print) -> None:
                 log(f"    stopped at step {run.step} of {run.num_steps}; rerun the sweep to resume it")
             else:
                 run.status = "done"
-                paths.write_text(result, json.dumps({"step": run.step, "metrics": run.metrics}, indent=1))
+                paths.write_text(result, json.dumps({"step": run.step, "metrics": run.metrics,
+                                                     "command": _command(run.argv)}, indent=1))
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)

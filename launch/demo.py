@@ -202,7 +202,7 @@ def _closed_loop(root: str) -> dict:
 def _sweep(root: str, data_dir: str | None) -> dict:
     """The tiny GIDM at each human-video fraction (``defi_jax.sweep``: finished runs are skipped), CSV + plots."""
     import configs
-    from defi_jax import sweep
+    from defi_jax import config_validation, sweep
 
     out = os.path.join(root, "sweep")
     steps = SWEEP_STEPS if _STEPS.value is None else _STEPS.value
@@ -210,7 +210,11 @@ def _sweep(root: str, data_dir: str | None) -> dict:
             ("train.log_every", str(min(25, steps))), ("train.progress_bar", "false")]
     sets += [("data.data_dir", data_dir)] if data_dir else []
     spec = os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), "gidm.py") + ":tiny"
-    stage, runs = sweep.plan(spec, SWEEP_PARAM, SWEEP_VALUES, None, sets, out)
+    try:
+        stage, runs = sweep.plan(spec, SWEEP_PARAM, SWEEP_VALUES, None, sets, out)
+    except config_validation.ConfigError as e:   # e.g. finished before with other --steps: nothing is retrained
+        print(f"   sweep not run: {e}", flush=True)
+        return {"artifact": out, "failed": str(e)}
     print(f"   the GIDM at {SWEEP_PARAM} = {', '.join(SWEEP_VALUES)}, {steps} steps each -> {out}", flush=True)
     sweep.execute(runs, log=lambda line: print(f"   {line}", flush=True))
     row: dict = {"artifact": out, "csv": os.path.join(out, "sweep.csv")}

@@ -144,6 +144,20 @@ def test_resume_skips_finished_training_and_evaluation(plan, tmp_path):
     assert np.isnan(ablate.Cell(0, 0).rate) and str(ablate.Cell(0, 0)) == "n/a"
 
 
+def test_rerun_with_other_flags_is_refused(tmp_path):
+    """A finished fine-tuning records its command; the same workdir planned with another --data_fraction is
+    refused (it would otherwise be tabulated under the new command line), the same flags are not."""
+    kw = dict(data_dir=str(tmp_path / "data"), steps=3)
+    done = ablate.plan(str(tmp_path), ["defi"], [0], **kw).runs["defi", 0]
+    os.makedirs(done.workdir)
+    with open(os.path.join(done.workdir, sweep.RESULT), "w") as f:
+        json.dump({"step": 3, "metrics": {}, "command": sweep._command(done.argv)}, f)
+    ablate.plan(str(tmp_path), ["defi"], [0], **kw)          # same command: reused
+    changed = r"seed=0: finished with another command \(data\.data_fraction \(unset\) -> 0\.25\)"
+    with pytest.raises(ValueError, match=changed):
+        ablate.plan(str(tmp_path), ["defi"], [0], data_fraction=0.25, **kw)
+
+
 def test_init_switches_empty_the_pretrained_source(demo_data_dir):
     """policy.gidm_init=random / gfdm_init=initial on a config that names pretrained workdirs (tiny names the
     demo's) leave those workdirs unread: resolving the config empties their paths (defi_jax.policy.stage.resolve_init),

@@ -83,3 +83,14 @@ def test_two_value_sweep_writes_csv_and_png_and_resumes(tmp_path):
     assert [r.status for r in runs] == ["skipped", "pending"]
     assert runs[0].metrics["eval_mse"] == pytest.approx(mse[0])
     assert "finished before, skipped" in log[0] and f"--workdir={rows[1]['workdir']}" in log[1]
+
+    # The finished run recorded its command; planning the same workdir with other flags is refused, naming the
+    # run and the flag, instead of tabulating the old result under the new command line.
+    with open(os.path.join(rows[0]["workdir"], sweep.RESULT)) as f:
+        recorded = json.load(f)["command"]
+    assert recorded["config"] == "configs/toy.py:tiny" and "--config.train.lr=1e-3" in recorded["overrides"]
+    other = [*sets[:-1], ("train.progress_bar", "true")]
+    with pytest.raises(config_validation.ConfigError) as err:
+        sweep.plan("configs/toy.py:tiny", "train.lr", ["1e-3", "1e-2"], None, other, str(workdir))
+    assert rows[0]["workdir"] in str(err.value) and "train.progress_bar false -> true" in str(err.value)
+    assert "another --workdir" in str(err.value)
