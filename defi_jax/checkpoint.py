@@ -30,6 +30,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from defi_jax import paths
+
 _log = logging.getLogger(__name__)
 
 COUNTERS = "counters"   # the item holding the state's top-level array leaves (step, rng, ...)
@@ -101,7 +103,8 @@ class Checkpointer:
 
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False,
                  ocdbt: bool = True):
-        self.directory = epath.Path(workdir) / "checkpoints"
+        # orbax needs an absolute path: a relative workdir (workdirs/demo/policy) resolves against the cwd here
+        self.directory = epath.Path(paths.abspath(workdir)) / "checkpoints"
         # read_only: another run may be writing this workdir; leave its temporary directories alone.
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=not read_only, enable_async_checkpointing=async_save,

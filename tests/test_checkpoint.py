@@ -49,7 +49,7 @@ def test_restore_onto_other_mesh_and_device_count(tmp_path, tiny_config, make_me
                                   np.asarray(jax.device_get(saved.ema["mlp"]["up"]["kernel"])))
 
 
-def test_params_only_restore_reads_no_optimizer_state(tmp_path, tiny_config, make_mesh):
+def test_params_only_restore_reads_no_optimizer_state(tmp_path, tiny_config, make_mesh, monkeypatch):
     """Parameters (or their EMA) come back without the optimizer moments: with those bytes deleted from the
     checkpoint, a full restore fails and the params-only restore still equals the trained model."""
     import shutil
@@ -66,13 +66,16 @@ def test_params_only_restore_reads_no_optimizer_state(tmp_path, tiny_config, mak
         tr.restore_or_init(Checkpointer(str(tmp_path)))
 
     flat = restore_params(str(tmp_path))   # host numpy, no config needed
+    monkeypatch.chdir(tmp_path.parent)     # a relative workdir, as a user types it
+    relative = restore_params(tmp_path.name)
+    assert relative.keys() == flat.keys()
     want = {"/".join(str(k.key) for k in path): np.asarray(v)
             for path, v in jax.tree_util.tree_flatten_with_path(jax.device_get(saved.params | saved.frozen))[0]}
     assert flat.keys() == want.keys() and any(k.startswith("decoder/") for k in flat)
     for k in want:
         np.testing.assert_array_equal(flat[k], want[k], err_msg=k)
     for ema in (False, True):
-        model = trainer_lib.restore_model(config, str(tmp_path), ema=ema, mesh=make_mesh((2, 1, 1)))
+        model = trainer_lib.restore_model(config, tmp_path.name, ema=ema, mesh=make_mesh((2, 1, 1)))
         trained = saved.ema if ema else saved.params
         np.testing.assert_array_equal(np.asarray(model.mlp.up.kernel[...]),
                                       np.asarray(jax.device_get(trained["mlp"]["up"]["kernel"])))
