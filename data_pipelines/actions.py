@@ -83,4 +83,5 @@ def _lerobot_train(name: str, path: str, data_cfg):
 
     reader = lerobot.EpisodeReader(path, oxe_table.LEROBOT_DATASETS[name])
     n = len(reader.index["episodes"])
-    return reader, loader._holdout(n, "train", float(data_cfg.get("eval_fraction", 0.05)), 1.0)
+    return reader, loader._holdout(n, "train", float(data_cfg.get("eval_fraction", 0.05)), 1.0,
+                                   loader.episode_groups(reader))

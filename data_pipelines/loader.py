@@ -101,19 +101,33 @@ def dataset_dir(name: str, data_cfg) -> str:
     return os.path.join(root, name)
 
 
-def _holdout(n: int, split: str, eval_fraction: float, data_fraction: float) -> np.ndarray:
-    """Episode indices of a split made from one list, both parts spread evenly over it: datasets are often
-    stored task by task, where a contiguous tail would hold out the last task only and a contiguous fraction
-    would keep the first tasks only. Eval is the last episode of each of ``n_eval`` equal blocks (with one,
-    the last episode); train keeps ``data_fraction`` of the rest, evenly spaced, the first one included."""
+def _holdout(n: int, split: str, eval_fraction: float, data_fraction: float,
+             groups: list[str] | None = None) -> np.ndarray:
+    """Episode indices of a split made from one list, both parts spread evenly over it: where datasets are
+    stored task by task, a contiguous tail would hold out the last task only and a contiguous fraction would
+    keep the first tasks only. Eval is the last episode of each of ``n_eval`` equal blocks (with one, the last
+    episode); train keeps ``data_fraction`` of the rest, evenly spaced, the first one included.
+
+    ``groups`` (one label per episode, e.g. its instruction) stratifies both: the spread runs over the episodes
+    ordered by label (stably), so every task gets its share of the hold-out and of a fraction whatever order the
+    episodes are stored in (the demo data's converted order is shuffled)."""
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"_holdout: {len(groups)} group labels for {n} episodes")
+    order = np.arange(n) if groups is None else np.array(sorted(range(n), key=groups.__getitem__), np.int64)
     n_eval = max(1, int(round(n * eval_fraction))) if n > 1 and eval_fraction > 0 else 0
     is_eval = np.zeros(n, bool)
     is_eval[(np.arange(1, n_eval + 1) * n) // max(n_eval, 1) - 1] = True
     if split == "eval":
-        return np.flatnonzero(is_eval)
+        return np.sort(order[is_eval])
     rest = np.flatnonzero(~is_eval)
     keep = max(1, int(np.ceil(len(rest) * data_fraction))) if len(rest) else 0
-    return rest[(np.arange(keep) * len(rest)) // max(keep, 1)]
+    return np.sort(order[rest[(np.arange(keep) * len(rest)) // max(keep, 1)]])
+
+
+def episode_groups(reader) -> list[str] | None:
+    """Each episode's instruction (the task), the label :func:`_holdout` stratifies by; None when any is missing."""
+    labels = [e.get("instruction") for e in reader.index["episodes"]]
+    return labels if all(isinstance(t, str) for t in labels) else None
 
 
 def _steps(reader, episodes: np.ndarray, tail: int, process_index: int, process_count: int):
@@ -137,9 +151,10 @@ def open_source(name: str, data_cfg, split: str, process_index: int = 0, process
     if name in oxe_table.LEROBOT_DATASETS:       # no eval split of its own: evenly spaced episodes are held out
         reader = lerobot.EpisodeReader(path, oxe_table.LEROBOT_DATASETS[name])
         n = len(reader.index["episodes"])
-        episodes = _holdout(n, split, eval_fraction, frac if split == "train" else 1.0)
+        groups = episode_groups(reader)
+        episodes = _holdout(n, split, eval_fraction, frac if split == "train" else 1.0, groups)
         item_ep, item_t = _steps(reader, episodes, 0, process_index, process_count)
-        stats = reader.stats(_holdout(n, "train", eval_fraction, 1.0)) if with_stats else None
+        stats = reader.stats(_holdout(n, "train", eval_fraction, 1.0, groups)) if with_stats else None
         return RobotSource(name, path, reader, episodes, item_ep, item_t, reader.fps, stats)
     if name in oxe_table.ROBOT_DATASETS or name in oxe_table.CALVIN_DATASETS:
         if name in oxe_table.ROBOT_DATASETS:
@@ -167,7 +182,7 @@ def open_source(name: str, data_cfg, split: str, process_index: int = 0, process
         else:  # a dataset without its own eval split holds out some of train (eval_fraction)
             reader = open_split("train")
             episodes = _holdout(len(reader.index["episodes"]), split, 0.0 if has_eval else eval_fraction,
-                                frac if split == "train" else 1.0)
+                                frac if split == "train" else 1.0, episode_groups(reader))
         item_ep, item_t = _steps(reader, episodes, tail, process_index, process_count)
         stats = action_norm.action_stats(name, data_cfg) if with_stats else None
         return RobotSource(name, path, reader, episodes, item_ep, item_t, control_hz, stats)

@@ -102,24 +102,40 @@ def test_process_shards_are_disjoint_and_cover(demo_data_dir, process_count):
 
 
 def test_data_fraction_and_hold_out_spread_over_the_tasks(demo_data_dir):
-    # the demo data are stored task by task (3 tasks x 3 episodes): a contiguous fraction would keep the first
-    # task only, a contiguous hold-out the last task only
+    # 3 tasks x 3 episodes: a contiguous fraction or hold-out would cover some tasks only
     lengths = _train_lengths(demo_data_dir)
     it = dp.make_loader("gidm_pair", _cfg(demo_data_dir, mixture="demo_robot", data_fraction=0.5),
                         global_batch_size=16)
     src = it.sources["demo"]
-    assert src.episodes.tolist() == [0, 2, 4, 6]                      # ceil(8 x 0.5), evenly spaced
-    assert len(src) == sum(lengths[e] for e in (0, 2, 4, 6))
+    kept = src.episodes.tolist()
+    assert len(kept) == 4                                              # ceil(8 x 0.5)
+    assert len(src) == sum(lengths[e] for e in kept)
     tasks = {src.reader.index["episodes"][e]["instruction"] for e in src.episodes}
     assert len(tasks) == 3
     ids = np.concatenate([next(it)["item_id"] for _ in range(5)])   # what the loader yields: kept episodes only
-    assert ids.max() < len(src) and set(src.item_ep[ids].tolist()) <= {0, 2, 4, 6}
+    assert ids.max() < len(src) and set(src.item_ep[ids].tolist()) <= set(kept)
     assert loader._holdout(80, "eval", 0.05, 1.0).tolist() == [19, 39, 59, 79]   # one per block of 20
     train = loader._holdout(80, "train", 0.05, 0.25)
     assert len(train) == 19 and all(np.sum((train >= 20 * k) & (train < 20 * k + 20)) >= 4 for k in range(4))
     assert not set(train) & {19, 39, 59, 79}
     assert loader._holdout(80, "train", 0.05, 1.0).tolist() == sorted(set(range(80)) - {19, 39, 59, 79})
     assert loader._holdout(3, "eval", 0.05, 1.0).tolist() == [2] and loader._holdout(1, "eval", 0.05, 1.0).size == 0
+
+
+def test_hold_out_and_fraction_stratified_by_task_in_any_stored_order():
+    # the demo's converted episodes come shuffled: spreading over the stored order held out 2 drawer-close and
+    # 2 door-close episodes and kept no handle-press label at a tenth; spread over the tasks, each gets its share
+    tasks = np.random.default_rng(0).permutation(np.repeat(["drawer", "door", "handle", "plate"], 20)).tolist()
+    held = loader._holdout(80, "eval", 0.05, 1.0, tasks)
+    assert sorted(tasks[e] for e in held) == ["door", "drawer", "handle", "plate"]
+    for fraction, per_task in ((1.0, 19), (0.25, 4), (0.1, 2)):
+        train = loader._holdout(80, "train", 0.05, fraction, tasks)
+        assert not set(train) & set(held) and list(train) == sorted(train)
+        counts = {t: sum(tasks[e] == t for e in train) for t in set(tasks)}
+        assert min(counts.values()) >= per_task and max(counts.values()) <= per_task + 1, (fraction, counts)
+    assert np.sort(loader._holdout(80, "train", 0.05, 1.0, tasks)).tolist() == sorted(set(range(80)) - set(held))
+    with pytest.raises(ValueError, match="3 group labels for 80 episodes"):
+        loader._holdout(80, "eval", 0.05, 1.0, tasks[:3])
 
 
 @pytest.mark.parametrize("workers", [0, 2])
