@@ -97,6 +97,23 @@ def test_evaluation_compiles_once_per_run(finetuned, one_device_mesh, count_comp
     assert again == first and np.isfinite(first["eval_action_mse"])   # the same fixed draws
 
 
+def test_observation_swap_measures_what_the_images_add(finetuned, one_device_mesh):
+    """eval_obs_info_gap swaps images only: with every frame of the batch equal it is exactly 0 (instructions,
+    noise draws and actions stay with their sample), with distinct frames it is not."""
+    c = finetuned["config"]
+    model = trainer.restore_model(c, finetuned["workdir"], mesh=one_device_mesh)
+    tr = finetuned["trainer"]
+    local = next(policy_stage.make_data(c, 0, 1, "eval"))
+    same = dict(local, frames=np.broadcast_to(local["frames"][:1], local["frames"].shape).copy())
+    with sharding.use_rules(tr.mesh, tr.rules):
+        distinct, equal = (policy_stage.evaluate(model, c, None, 0, iter([tr.global_batch(b)]))
+                           for b in (local, same))
+    for m in (distinct, equal):
+        assert m["eval_obs_info_gap"] == pytest.approx(m["eval_action_mse_obs_swapped"] - m["eval_action_mse"])
+    assert equal["eval_obs_info_gap"] == 0.0
+    assert distinct["eval_obs_info_gap"] != 0.0
+
+
 @pytest.mark.parametrize("mode", ["gidm_adapter", "adapter_only", "all"])
 def test_finetune_modes_train_exactly_their_parameters(finetuned, demo_data_dir, tiny_config, one_device_mesh, mode):
     c = _policy_config(tiny_config, demo_data_dir, finetuned["tmp"], finetune=mode)

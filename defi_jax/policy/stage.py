@@ -66,10 +66,17 @@ def encode_instruction(model: DeFIPolicyModel, batch) -> dict:
     return model.encode_instruction(*(batch[f"{n}_{k}"] for n in ("gfdm", "goal", "gidm") for k in ("ids", "mask")))
 
 
-def _context(model: DeFIPolicyModel, batch, rng, *, train: bool, dropout: bool):
+def _encoded(model: DeFIPolicyModel, batch, rng, *, frames=None):
+    """(instruction encodings, GFDM features, latent-action key, dropout key) of a batch; ``frames`` replaces
+    the batch's observation, under the same draws."""
     k_feat, k_vq, k_drop = jax.random.split(rng, 3)
     text = encode_instruction(model, batch)
-    feats = model.features(batch["frames"], text["gfdm"], k_feat)
+    frames = batch["frames"] if frames is None else frames
+    return text, model.features(frames, text["gfdm"], k_feat), k_vq, k_drop
+
+
+def _context(model: DeFIPolicyModel, batch, rng, *, train: bool, dropout: bool):
+    text, feats, k_vq, k_drop = _encoded(model, batch, rng)
     return model.context(feats, text, train=train, rng=k_vq, dropout_rng=k_drop if dropout else None)
 
 
@@ -167,19 +174,28 @@ def _eval_fns(graphdef, config):
     def one(state, batch, rng):
         model = nnx.merge(graphdef, state)
         k_ctx, k_head, k_noise = jax.random.split(rng, 3)
-        # one GFDM forward per batch: the held-out loss and the sampled chunks share the features
-        context, la = _context(model, batch, k_ctx, train=False, dropout=False)
+        # the held-out loss and the sampled chunks share one GFDM forward (the swap below runs a second)
+        text, feats, k_vq, _ = _encoded(model, batch, k_ctx)
+        context, la = model.context(feats, text, train=False, rng=k_vq)
         loss, metrics = _objective(model, context, la, batch, k_head, config)
-        noise = model.head.initial_noise(k_noise, batch["actions"].shape[0])
+        actions = batch["actions"].astype(jnp.float32)
+        noise = model.head.initial_noise(k_noise, actions.shape[0])
         pred = model.head.sample(context, noise, num_steps=steps, sigma_min=sigma_min)
-        mse = jnp.mean((pred - batch["actions"].astype(jnp.float32)) ** 2)
-        return loss, metrics, mse
+        # Does the policy read its observation? The same draws with every sample seeing the next sample's images
+        # (instruction, noise and actions kept): a policy blind to its images loses nothing.
+        _, feats_swapped, _, _ = _encoded(model, batch, k_ctx, frames=jnp.roll(batch["frames"], 1, axis=0))
+        swapped, _ = model.context(feats_swapped, text, train=False, rng=k_vq)
+        pred_swapped = model.head.sample(swapped, noise, num_steps=steps, sigma_min=sigma_min)
+        mse = jnp.mean((pred - actions) ** 2)
+        return loss, metrics | {"action_mse_obs_swapped": jnp.mean((pred_swapped - actions) ** 2)}, mse
 
     return one
 
 
 def evaluate(model: DeFIPolicyModel, config, workdir: str, step: int, eval_iter) -> dict:
-    """Held-out loss at fixed draws and the sampled chunks' MSE against the true actions."""
+    """Held-out loss at fixed draws and the sampled chunks' MSE against the true actions (``eval_action_mse``);
+    ``eval_obs_info_gap``: how much that MSE grows when each sample sees the next sample's images
+    (``eval_action_mse_obs_swapped``, same draws): near 0, the policy acts on its instruction alone."""
     del workdir, step
     graphdef, state = nnx.split(model)
     one = stage_lib.eval_fns("policy", config, graphdef, _eval_fns)
@@ -192,7 +208,9 @@ def evaluate(model: DeFIPolicyModel, config, workdir: str, step: int, eval_iter)
         n += 1
     if n == 0:
         raise RuntimeError("policy evaluate: the eval iterator yielded no batch (config.data: empty eval split?)")
-    return {f"eval_{k}": v / n for k, v in sums.items()}
+    out = {f"eval_{k}": v / n for k, v in sums.items()}
+    out["eval_obs_info_gap"] = out["eval_action_mse_obs_swapped"] - out["eval_action_mse"]
+    return out
 
 
 # ---- checks and shapes ------------------------------------------------------------------------------
