@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from _helpers import save_random_workdir
@@ -97,21 +98,30 @@ def test_evaluation_compiles_once_per_run(finetuned, one_device_mesh, count_comp
     assert again == first and np.isfinite(first["eval_action_mse"])   # the same fixed draws
 
 
+def test_same_instruction_partner():
+    ids = jnp.asarray([[1, 2], [3, 4], [1, 2], [5, 6], [1, 2], [3, 4]])
+    assert policy_stage.same_instruction_partner(ids).tolist() == [2, 5, 4, 3, 0, 1]   # row 3: alone, itself
+    assert policy_stage.same_instruction_partner(ids[:1]).tolist() == [0]
+
+
 def test_observation_swap_measures_what_the_images_add(finetuned, one_device_mesh):
-    """eval_obs_info_gap swaps images only: with every frame of the batch equal it is exactly 0 (instructions,
-    noise draws and actions stay with their sample), with distinct frames it is not."""
+    """eval_obs_info_gap swaps images only, between samples of one instruction: with every frame of the batch
+    equal it is exactly 0 (instructions, noise draws and actions stay with their sample), with distinct frames
+    it is not; with no two samples of one instruction nothing is swapped and it is NaN."""
     c = finetuned["config"]
     model = trainer.restore_model(c, finetuned["workdir"], mesh=one_device_mesh)
     tr = finetuned["trainer"]
     local = next(policy_stage.make_data(c, 0, 1, "eval"))
     same = dict(local, frames=np.broadcast_to(local["frames"][:1], local["frames"].shape).copy())
+    unique = dict(local, goal_ids=local["goal_ids"].copy())
+    unique["goal_ids"][:, -1] = 3 + np.arange(len(unique["goal_ids"]))   # a different last (padding) token per row
     with sharding.use_rules(tr.mesh, tr.rules):
-        distinct, equal = (policy_stage.evaluate(model, c, None, 0, iter([tr.global_batch(b)]))
-                           for b in (local, same))
-    for m in (distinct, equal):
-        assert m["eval_obs_info_gap"] == pytest.approx(m["eval_action_mse_obs_swapped"] - m["eval_action_mse"])
+        distinct, equal, alone = (policy_stage.evaluate(model, c, None, 0, iter([tr.global_batch(b)]))
+                                  for b in (local, same, unique))
+    assert distinct["eval_obs_swap_rows"] >= 2 and equal["eval_obs_swap_rows"] == distinct["eval_obs_swap_rows"]
     assert equal["eval_obs_info_gap"] == 0.0
     assert distinct["eval_obs_info_gap"] != 0.0
+    assert alone["eval_obs_swap_rows"] == 0 and np.isnan(alone["eval_obs_info_gap"])
 
 
 @pytest.mark.parametrize("mode", ["gidm_adapter", "adapter_only", "all"])

@@ -166,6 +166,17 @@ def assets(config) -> dict[str, str]:
 
 
 # ---- evaluation -------------------------------------------------------------------------------------
+def same_instruction_partner(ids_BL: jax.Array) -> jax.Array:
+    """[B] int32: for each row, the next row (cyclically) with the same instruction tokens, itself when none."""
+    B = ids_BL.shape[0]
+    rows = jnp.arange(B)
+    if B == 1:
+        return rows
+    cand_BK = (rows[:, None] + jnp.arange(1, B)[None]) % B                 # the other rows, nearest first
+    same_BK = jnp.all(ids_BL[cand_BK] == ids_BL[:, None], axis=-1)
+    return jnp.where(same_BK.any(-1), cand_BK[rows, jnp.argmax(same_BK, axis=-1)], rows).astype(jnp.int32)
+
+
 def _eval_fns(graphdef, config):
     """The jitted evaluation step for one model structure (built once per run, not at every evaluation)."""
     steps, sigma_min = int(config.model.sample_steps), float(config.model.sample_sigma_min)
@@ -180,37 +191,48 @@ def _eval_fns(graphdef, config):
         loss, metrics = _objective(model, context, la, batch, k_head, config)
         actions = batch["actions"].astype(jnp.float32)
         noise = model.head.initial_noise(k_noise, actions.shape[0])
-        pred = model.head.sample(context, noise, num_steps=steps, sigma_min=sigma_min)
-        # Does the policy read its observation? The same draws with every sample seeing the next sample's images
-        # (instruction, noise and actions kept): a policy blind to its images loses nothing.
-        _, feats_swapped, _, _ = _encoded(model, batch, k_ctx, frames=jnp.roll(batch["frames"], 1, axis=0))
-        swapped, _ = model.context(feats_swapped, text, train=False, rng=k_vq)
-        pred_swapped = model.head.sample(swapped, noise, num_steps=steps, sigma_min=sigma_min)
-        mse = jnp.mean((pred - actions) ** 2)
-        return loss, metrics | {"action_mse_obs_swapped": jnp.mean((pred_swapped - actions) ** 2)}, mse
+        err_B = jnp.mean((model.head.sample(context, noise, num_steps=steps, sigma_min=sigma_min) - actions) ** 2,
+                         axis=(1, 2))
+        # Does the policy read its observation beyond the task? Each sample sees the images of another sample
+        # with the same instruction (another episode or moment of the task) under the same draws; its
+        # instruction, noise and actions stay. A policy that acts on the instruction alone loses nothing.
+        partner_B = same_instruction_partner(batch["goal_ids"])
+        _, feats_other, _, _ = _encoded(model, batch, k_ctx, frames=batch["frames"][partner_B])
+        other, _ = model.context(feats_other, text, train=False, rng=k_vq)
+        err_other_B = jnp.mean((model.head.sample(other, noise, num_steps=steps, sigma_min=sigma_min) - actions) ** 2,
+                               axis=(1, 2))
+        swapped_B = partner_B != jnp.arange(partner_B.shape[0])
+        swap = {"obs_swap_rows": swapped_B.sum(), "obs_swap_err_sum": jnp.sum(jnp.where(swapped_B, err_B, 0.0)),
+                "obs_swap_err_other_sum": jnp.sum(jnp.where(swapped_B, err_other_B, 0.0))}
+        return loss, metrics, err_B.mean(), swap
 
     return one
 
 
 def evaluate(model: DeFIPolicyModel, config, workdir: str, step: int, eval_iter) -> dict:
-    """Held-out loss at fixed draws and the sampled chunks' MSE against the true actions (``eval_action_mse``);
-    ``eval_obs_info_gap``: how much that MSE grows when each sample sees the next sample's images
-    (``eval_action_mse_obs_swapped``, same draws): near 0, the policy acts on its instruction alone."""
+    """Held-out loss at fixed draws and the sampled chunks' MSE against the true actions (``eval_action_mse``).
+
+    ``eval_obs_info_gap``: how much that MSE grows, over the ``eval_obs_swap_rows`` samples that have another
+    sample of the same instruction in their batch, when each sees that other sample's images (same draws).
+    Near 0, the policy acts on its instruction alone: it does not read where things are. NaN when no batch
+    held two samples of one instruction."""
     del workdir, step
     graphdef, state = nnx.split(model)
     one = stage_lib.eval_fns("policy", config, graphdef, _eval_fns)
     rng = jax.random.key(config.seed + 23)   # the same draws at every evaluation
-    sums, n = {}, 0
+    sums, swap, n = {}, {}, 0
     for i, batch in zip(range(int(config.eval.batches)), eval_iter):
-        loss, metrics, mse = one(state, {k: batch[k] for k in _BATCH_KEYS}, jax.random.fold_in(rng, i))
+        loss, metrics, mse, sw = one(state, {k: batch[k] for k in _BATCH_KEYS}, jax.random.fold_in(rng, i))
         for k, v in (metrics | {"loss": loss, "action_mse": mse}).items():
             sums[k] = sums.get(k, 0.0) + float(v)
+        for k, v in sw.items():
+            swap[k] = swap.get(k, 0.0) + float(v)
         n += 1
     if n == 0:
         raise RuntimeError("policy evaluate: the eval iterator yielded no batch (config.data: empty eval split?)")
-    out = {f"eval_{k}": v / n for k, v in sums.items()}
-    out["eval_obs_info_gap"] = out["eval_action_mse_obs_swapped"] - out["eval_action_mse"]
-    return out
+    rows = swap["obs_swap_rows"]
+    gap = (swap["obs_swap_err_other_sum"] - swap["obs_swap_err_sum"]) / rows if rows else float("nan")
+    return {f"eval_{k}": v / n for k, v in sums.items()} | {"eval_obs_info_gap": gap, "eval_obs_swap_rows": rows}
 
 
 # ---- checks and shapes ------------------------------------------------------------------------------
