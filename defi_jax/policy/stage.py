@@ -191,16 +191,18 @@ def _eval_fns(graphdef, config):
         loss, metrics = _objective(model, context, la, batch, k_head, config)
         actions = batch["actions"].astype(jnp.float32)
         noise = model.head.initial_noise(k_noise, actions.shape[0])
-        err_B = jnp.mean((model.head.sample(context, noise, num_steps=steps, sigma_min=sigma_min) - actions) ** 2,
-                         axis=(1, 2))
+
+        def chunk_err_B(ctx):   # per sample: the sampled chunk's squared error, from the same initial noise
+            return jnp.mean((model.head.sample(ctx, noise, num_steps=steps, sigma_min=sigma_min) - actions) ** 2,
+                            axis=(1, 2))
+
+        err_B = chunk_err_B(context)
         # Does the policy read its observation beyond the task? Each sample sees the images of another sample
         # with the same instruction (another episode or moment of the task) under the same draws; its
         # instruction, noise and actions stay. A policy that acts on the instruction alone loses nothing.
         partner_B = same_instruction_partner(batch["goal_ids"])
         _, feats_other, _, _ = _encoded(model, batch, k_ctx, frames=batch["frames"][partner_B])
-        other, _ = model.context(feats_other, text, train=False, rng=k_vq)
-        err_other_B = jnp.mean((model.head.sample(other, noise, num_steps=steps, sigma_min=sigma_min) - actions) ** 2,
-                               axis=(1, 2))
+        err_other_B = chunk_err_B(model.context(feats_other, text, train=False, rng=k_vq)[0])
         swapped_B = partner_B != jnp.arange(partner_B.shape[0])
         swap = {"obs_swap_rows": swapped_B.sum(), "obs_swap_err_sum": jnp.sum(jnp.where(swapped_B, err_B, 0.0)),
                 "obs_swap_err_other_sum": jnp.sum(jnp.where(swapped_B, err_other_B, 0.0))}
