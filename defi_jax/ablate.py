@@ -7,14 +7,16 @@ pretraining it fine-tunes from (:data:`VARIANTS`). Layout under the ablation's w
                                             and seed that uses them ("standard", "no_human_video"); with
                                             ``pretrained`` (e.g. make demo's workdir) the standard pretraining is
                                             that folder's finished ``gidm`` / ``gfdm`` (its VAE-trained GFDM too)
-    <variant>/seed=<seed>/                  the fine-tuning run (configs/policy.py:tiny + the variant's keys)
+    <variant>/seed=<seed>/                  the fine-tuning run (configs/policy.py:tiny + the variant's keys
+                                            + the user's ``overrides``, i.e. ``launch.ablate --set=KEY=VALUE``)
     <variant>/seed=<seed>/eval_metaworld/   its closed-loop evaluation (summary.json / .csv; the same protocol
                                             for every variant)
     ablation.md, ablation.csv               Tables 4, 8 and 9 (paper shapes), per task, with the paper's numbers
 
 Training goes through :mod:`defi_jax.sweep` (each run ``python -m launch.train`` in its own process, finished runs
 skipped through their ``sweep_result.json`` when they ran the same command (another command in the same folder
-is refused), a stopped run resumes from its checkpoints). An evaluation is
+is refused, ``--set`` overrides included: they are ``--config.KEY=VALUE`` arguments of the command), a stopped
+run resumes from its checkpoints). An evaluation is
 skipped when its ``summary.json`` holds the same protocol for the same checkpoint step. Entry point:
 ``python -m launch.ablate``.
 """
@@ -108,6 +110,51 @@ def parse_variants(text: str | None) -> tuple[str, ...]:
     return tuple(n for n in VARIANTS if n in names)
 
 
+def parse_overrides(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``--set`` items ``KEY=VALUE`` -> ``((KEY, VALUE), ...)`` for :func:`plan` (VALUE is command-line text and may
+    be empty; KEY is a dotted key of the policy config, without ``config.``)."""
+    out = []
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--set={item!r}: expected KEY=VALUE with a non-empty KEY "
+                             "(e.g. --set=model.head.cross_attention=full)")
+        out.append((key, value))
+    return tuple(out)
+
+
+_PLAN_KEYS = ("seed", "data.data_dir", "policy.pretrain_missing", "train.progress_bar")
+
+
+def _check_overrides(overrides: Sequence[tuple[str, str]], variants: Sequence[str]) -> None:
+    """Refuses malformed or repeated keys, keys that a variant sets itself (the user would erase the ablation) and,
+    naming the key, keys that are not in the policy config or values it cannot take."""
+    seen = set()
+    for key, value in overrides:
+        if not isinstance(key, str) or not key.strip() or not isinstance(value, str):
+            raise ValueError(f"--set: {key!r}={value!r}: expected KEY=VALUE with a non-empty KEY")
+        if key in seen:
+            raise ValueError(f"--set: config.{key} given more than once")
+        seen.add(key)
+        if key in _PLAN_KEYS or key.startswith("init.sources."):
+            raise ValueError(f"--set: config.{key} is set by the ablation plan for each run (seeds, data folder, "
+                             "pretrained sources); use the matching launch.ablate flag instead")
+    for name in variants:
+        own = {k for k, _ in VARIANTS[name].overrides}
+        clash = [k for k, _ in overrides if k in own]
+        if clash:
+            raise ValueError(f"--set: config.{clash[0]} is set by variant {name} itself "
+                             f"({name}: {', '.join(f'{k}={v}' for k, v in VARIANTS[name].overrides)}); overriding it "
+                             "would erase that ablation (leave the variant out with --variants, or drop the --set)")
+    if not overrides:
+        return
+    config = config_validation.load_config(POLICY_CONFIG)
+    try:
+        config_validation.apply_overrides(config, list(overrides))
+    except config_validation.ConfigError as e:
+        raise config_validation.ConfigError(f"--set: {e}") from None
+
+
 # ---- the plan --------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -164,7 +211,7 @@ def _latent_scale(gfdm_workdir: str) -> list[tuple[str, str]]:
 
 def plan(workdir: str, variants: Sequence[str], seeds: Sequence[int], *, data_dir: str, steps: int | None = None,
          pretrain_steps: int | None = None, pretrained: str | None = None,
-         data_fraction: float | None = None) -> Plan:
+         data_fraction: float | None = None, overrides: Sequence[tuple[str, str]] = ()) -> Plan:
     """Every pretraining and fine-tuning run of ``variants`` x ``seeds``, each config built and validated.
 
     ``pretrained``: a folder with finished ``gidm`` and ``gfdm`` workdirs (``make demo``'s ``workdirs/demo``)
@@ -172,8 +219,14 @@ def plan(workdir: str, variants: Sequence[str], seeds: Sequence[int], *, data_di
     then take the latent scale that GFDM was trained with). ``data_fraction``: the fraction of the labelled robot
     episodes every fine-tuning keeps (``data.data_fraction``: evenly spaced, so every demo task keeps its share; the
     action-free pretraining keeps all of its data):
-    the low-data regime in which pretraining on action-free video is meant to pay off. A run that finished before in
-    ``workdir`` with another command (other flags) is refused (:func:`sweep.check_finished`)."""
+    the low-data regime in which pretraining on action-free video is meant to pay off. ``overrides``: ``(dotted key,
+    command-line text)`` pairs (``launch.ablate --set=KEY=VALUE``, :func:`parse_overrides`) applied to every
+    fine-tuning, after the variant's keys and ``steps`` / ``data_fraction`` (the pretrainings do not take them); a key
+    that one of ``variants`` sets itself is refused, as is a key not in the policy config (naming it). A run that
+    finished before in ``workdir`` with another command (other flags, ``overrides`` included) is refused
+    (:func:`sweep.check_finished`)."""
+    user = tuple(overrides)
+    _check_overrides(user, variants)
     if data_fraction is not None and not 0 < data_fraction <= 1:
         raise ValueError(f"--data_fraction={data_fraction!r} must be in (0, 1]")
     workdir = os.path.abspath(workdir)
@@ -191,8 +244,8 @@ def plan(workdir: str, variants: Sequence[str], seeds: Sequence[int], *, data_di
                 pretrain[kind][stage] = _reused(stage, pretrained)
                 continue
             defaults = config_validation.load_config(spec)
-            overrides = [*base.items(), *PRETRAININGS[kind], *_steps_overrides(pretrain_steps, defaults)]
-            pretrain[kind][stage] = _run(spec, os.path.join(workdir, "pretrain", kind, stage), overrides, configs)
+            keys = [*base.items(), *PRETRAININGS[kind], *_steps_overrides(pretrain_steps, defaults)]
+            pretrain[kind][stage] = _run(spec, os.path.join(workdir, "pretrain", kind, stage), keys, configs)
     defaults = config_validation.load_config(POLICY_CONFIG)
     scale = _latent_scale(_reused("gfdm", pretrained).workdir) if pretrained else []
     runs = {}
@@ -202,12 +255,13 @@ def plan(workdir: str, variants: Sequence[str], seeds: Sequence[int], *, data_di
         # gfdm_init=initial empty it (config_validation.resolve: defi_jax.policy.stage.resolve_init).
         sources = {stage: pretrain[v.pretraining][stage].workdir for stage in ("gidm", "gfdm") if getattr(v, stage)}
         for seed in seeds:
-            overrides = [*base.items(), ("policy.pretrain_missing", "false"),
-                         *((f"init.sources.{s}.path", p) for s, p in sources.items()), *v.overrides,
-                         *(scale if v.pretraining == "standard" else ()), ("seed", str(seed)),
-                         *_steps_overrides(steps, defaults),
-                         *((("data.data_fraction", repr(float(data_fraction))),) if data_fraction is not None else ())]
-            runs[name, seed] = _run(POLICY_CONFIG, os.path.join(workdir, name, f"seed={seed}"), overrides, configs)
+            keys = [*base.items(), ("policy.pretrain_missing", "false"),
+                    *((f"init.sources.{s}.path", p) for s, p in sources.items()), *v.overrides,
+                    *(scale if v.pretraining == "standard" else ()), ("seed", str(seed)),
+                    *_steps_overrides(steps, defaults),
+                    *((("data.data_fraction", repr(float(data_fraction))),) if data_fraction is not None else ()),
+                    *user]
+            runs[name, seed] = _run(POLICY_CONFIG, os.path.join(workdir, name, f"seed={seed}"), keys, configs)
     sweep.check_finished([*(r for stages in pretrain.values() for r in stages.values()), *runs.values()])
     return Plan(workdir, pretrain, runs, configs)
 

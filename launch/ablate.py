@@ -5,6 +5,7 @@
     python -m launch.ablate --variants=defi,no_gidm_pretrain --steps=100 --workdir=/tmp/ablate
     python -m launch.ablate --variants=defi,no_gidm_pretrain,no_gfdm_pretrain --data_fraction=0.25 \\
         --pretrained=workdirs/demo --episodes=20 --workdir=workdirs/ablate_lowdata   # a quarter of each task's labels
+    python -m launch.ablate --set=model.head.cross_attention=full --steps=100 --workdir=/tmp/ablate_full_attention
     python -m launch.ablate --workdir=/tmp/ablate --dry_run       # every config built + one train step each
 
 Variants (``configs/policy.py:tiny`` + overrides): defi, no_gidm_pretrain (policy.gidm_init=random),
@@ -14,8 +15,11 @@ continuous_latent (model.latent_action=continuous). The GIDM / GFDM pretraining 
 ``WORKDIR/pretrain`` and is shared by every variant and seed that uses it; each variant x seed fine-tunes in
 ``WORKDIR/<variant>/seed=<seed>`` (one ``launch.train`` process each) and is evaluated closed-loop with the same
 protocol into its ``eval_metaworld/``. Tables 4, 8 and 9 (per task: success, episodes, 95% interval; mean over
-seeds; the paper's number) go to ``WORKDIR/ablation.md`` and ``ablation.csv`` and are printed. Rerunning the
-command skips finished trainings and evaluations and resumes a stopped training from its checkpoints.
+seeds; the paper's number) go to ``WORKDIR/ablation.md`` and ``ablation.csv`` and are printed. Each
+``--set=KEY=VALUE`` (repeatable) sets ``config.KEY`` of every fine-tuning (not of the pretraining), after the
+variant's own keys and --steps / --data_fraction; a key that a chosen variant sets itself is refused. Rerunning the
+command skips finished trainings and evaluations and resumes a stopped training from its checkpoints; a finished
+training is refused when the rerun's flags (--set included) would give it another command: use another --workdir.
 """
 
 import os
@@ -38,6 +42,9 @@ _PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", None, "GIDM / GFDM pret
 _DATA_FRACTION = flags.DEFINE_float("data_fraction", None, "Fraction of the labelled robot episodes each fine-tuning "
                                     "keeps (data.data_fraction: evenly spaced, every task keeps its share; "
                                     "pretraining keeps all): the low-data regime.")
+_SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE: sets config.KEY of every variant's fine-tuning (not the "
+                                  "GIDM / GFDM pretraining), e.g. --set=model.head.cross_attention=full; repeatable. "
+                                  "A key that a chosen variant or the plan (seed, init.sources.*) sets is refused.")
 _VARIANTS = flags.DEFINE_string("variants", None, "Comma-separated variants (default: all).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Ablation folder (local).")
 _PRETRAINED = flags.DEFINE_string("pretrained", None, "Folder with finished gidm / gfdm workdirs (make demo's "
@@ -70,7 +77,7 @@ def main(argv):
         plan = ablate.plan(workdir, variants, range(_SEEDS.value), data_dir=data_dir, steps=_STEPS.value,
                            pretrain_steps=_PRETRAIN_STEPS.value or _STEPS.value,
                            pretrained=os.path.abspath(_PRETRAINED.value) if _PRETRAINED.value else None,
-                           data_fraction=_DATA_FRACTION.value)
+                           data_fraction=_DATA_FRACTION.value, overrides=ablate.parse_overrides(_SET.value))
     except (ValueError, config_validation.ConfigError) as e:
         print(f"launch.ablate: {e}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -218,3 +219,62 @@ def test_data_fraction_thins_only_the_fine_tuning(tmp_path, demo_data_dir):
         assert _flat(p.configs[run.workdir])["data.data_fraction"] == 1.0
     with pytest.raises(ValueError, match=r"--data_fraction=1\.5 must be in \(0, 1\]"):
         ablate.plan(str(tmp_path), ["defi"], [0], data_dir=demo_data_dir, data_fraction=1.5)
+
+
+def test_set_overrides_reach_every_fine_tuning_not_the_pretraining(tmp_path, demo_data_dir):
+    """--set=KEY=VALUE: in every fine-tuning's config and command, after --steps (it wins), never in a pretraining."""
+    sets = ablate.parse_overrides(["model.head.cross_attention=full", "train.num_steps=4"])
+    assert sets == (("model.head.cross_attention", "full"), ("train.num_steps", "4"))
+    p = ablate.plan(str(tmp_path), list(ablate.VARIANTS), [0], data_dir=demo_data_dir, steps=3, pretrain_steps=2,
+                    overrides=sets)
+    assert set(p.runs) == {(v, 0) for v in ablate.VARIANTS}
+    for run in p.runs.values():
+        got = _flat(p.configs[run.workdir])
+        assert (got["model.head.cross_attention"], got["train.num_steps"], run.num_steps) == ("full", 4, 4)
+        assert run.argv[-2:] == ["--config.model.head.cross_attention=full", "--config.train.num_steps=4"]
+    assert _flat(p.configs[p.runs["adapter_only", 0].workdir])["policy.finetune"] == "adapter_only"   # kept
+    for stages in p.pretrain.values():
+        for run in stages.values():
+            assert not any("cross_attention" in a or a == "--config.train.num_steps=4" for a in run.argv)
+            assert _flat(p.configs[run.workdir])["train.num_steps"] == 2
+
+
+def test_set_refuses_a_variants_own_key_a_malformed_item_and_an_unknown_key(tmp_path):
+    from defi_jax import config_validation
+
+    kw = dict(data_dir=str(tmp_path / "data"), steps=3)
+    with pytest.raises(ValueError, match=r"config\.policy\.gidm_init is set by variant no_gidm_pretrain itself"):
+        ablate.plan(str(tmp_path), ["defi", "no_gidm_pretrain"], [0], overrides=[("policy.gidm_init", "pretrained")],
+                    **kw)
+    with pytest.raises(ValueError, match=r"config\.policy\.finetune is set by variant adapter_only itself"):
+        ablate.plan(str(tmp_path), list(ablate.VARIANTS), [0], overrides=[("policy.finetune", "all")], **kw)
+    for bad in ("model.head.cross_attention", "=full", " =full", ""):
+        with pytest.raises(ValueError, match=f"--set={bad!r}: expected KEY=VALUE"):
+            ablate.parse_overrides(["train.num_steps=4", bad])
+    assert ablate.parse_overrides(["data.data_dir=", "a=b=c"]) == (("data.data_dir", ""), ("a", "b=c"))
+    with pytest.raises(ValueError, match=r"config\.train\.num_steps given more than once"):
+        ablate.plan(str(tmp_path), ["defi"], [0], overrides=[("train.num_steps", "4"), ("train.num_steps", "5")], **kw)
+    for planned in ("seed", "init.sources.gfdm.path"):   # the plan sets these per run: seeds would collapse
+        with pytest.raises(ValueError, match=rf"config\.{re.escape(planned)} is set by the ablation plan"):
+            ablate.plan(str(tmp_path), ["defi"], [0, 1], overrides=[(planned, "0")], **kw)
+    # An unknown key or a bad value fails while planning (the dry run's and the training's config check), named.
+    with pytest.raises(config_validation.ConfigError, match=r"--set: config\.model\.head\.no_such_key"):
+        ablate.plan(str(tmp_path), ["defi"], [0], overrides=[("model.head.no_such_key", "1")], **kw)
+    with pytest.raises(config_validation.ConfigError, match=r"--set: config\.train\.num_steps='many'"):
+        ablate.plan(str(tmp_path), ["defi"], [0], overrides=[("train.num_steps", "many")], **kw)
+    assert not os.listdir(tmp_path)                                   # nothing written
+
+
+def test_rerun_with_other_set_overrides_is_refused(tmp_path):
+    """--set overrides are part of a run's recorded command: a finished run rerun with other ones is refused."""
+    kw = dict(data_dir=str(tmp_path / "data"), steps=3)
+    sets = [("model.head.cross_attention", "full")]
+    done = ablate.plan(str(tmp_path), ["defi"], [0], overrides=sets, **kw).runs["defi", 0]
+    os.makedirs(done.workdir)
+    with open(os.path.join(done.workdir, sweep.RESULT), "w") as f:
+        json.dump({"step": 3, "metrics": {}, "command": sweep._command(done.argv)}, f)
+    ablate.plan(str(tmp_path), ["defi"], [0], overrides=sets, **kw)       # same --set: reused
+    for other, changed in (((), "full -> (unset)"), ([("model.head.cross_attention", "causal")], "full -> causal")):
+        with pytest.raises(ValueError, match=rf"seed=0: finished with another command \(model\.head\.cross_attention "
+                                             rf"{re.escape(changed)}\)"):
+            ablate.plan(str(tmp_path), ["defi"], [0], overrides=other, **kw)
