@@ -7,7 +7,7 @@ pretraining it fine-tunes from (:data:`VARIANTS`). Layout under the ablation's w
                                             and seed that uses them ("standard", "no_human_video"); with
                                             ``pretrained`` (e.g. make demo's workdir) the standard pretraining is
                                             that folder's finished ``gidm`` / ``gfdm`` (its VAE-trained GFDM too)
-    <variant>/seed=<seed>/                  the fine-tuning run (configs/policy.py:tiny + the variant's keys
+    <variant>/seed=<seed>/                  the fine-tuning run (configs/policy.py:demo + the variant's keys
                                             + the user's ``overrides``, i.e. ``launch.ablate --set=KEY=VALUE``)
     <variant>/seed=<seed>/eval_metaworld/   its closed-loop evaluation (summary.json / .csv; the same protocol
                                             for every variant)

@@ -8,7 +8,7 @@
     python -m launch.ablate --set=model.head.cross_attention=full --steps=100 --workdir=/tmp/ablate_full_attention
     python -m launch.ablate --workdir=/tmp/ablate --dry_run       # every config built + one train step each
 
-Variants (``configs/policy.py:tiny`` + overrides): defi, no_gidm_pretrain (policy.gidm_init=random),
+Variants (``configs/policy.py:demo`` + overrides): defi, no_gidm_pretrain (policy.gidm_init=random),
 no_gfdm_pretrain (policy.gfdm_init=initial), no_human_video (GIDM and GFDM pretrained with
 data.human_video_fraction=0), adapter_only, all_train (policy.finetune), gfdm_5_steps (model.gfdm_steps=5),
 continuous_latent (model.latent_action=continuous). The GIDM / GFDM pretraining runs once under
@@ -36,7 +36,7 @@ _TASKS = flags.DEFINE_string("tasks", "demo", "demo (the demo data's robot tasks
                              "v3 task names (tasks of the demo data: the policies train on it).")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "Fine-tuning seeds per variant: 0..N-1.", lower_bound=1)
 _EPISODES = flags.DEFINE_integer("episodes", 10, "Evaluation episodes per task, variant and seed.", lower_bound=1)
-_STEPS = flags.DEFINE_integer("steps", None, "Fine-tuning steps (default: configs/policy.py:tiny's).", lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", None, "Fine-tuning steps (default: configs/policy.py:demo's).", lower_bound=1)
 _PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", None, "GIDM / GFDM pretraining steps (default: --steps "
                                        "when given, else each tiny config's own).", lower_bound=1)
 _DATA_FRACTION = flags.DEFINE_float("data_fraction", None, "Fraction of the labelled robot episodes each fine-tuning "
