@@ -30,6 +30,8 @@ Keys beyond the stage configs':
   model.gfdm.remat / model.gidm.remat   per-block rematerialization of those towers (finetune=all trains the UNet)
   data.normalize_actions False = raw actions (the reference on CALVIN); True = [-1, 1] by dataset statistics
   train.schedule         constant (the released run) | tri_stage (the configured but unused schedule)
+  eval.obs_info_gap      True: evaluations also report eval_obs_info_gap (each sample sees another sample's images
+                         of the same instruction), at about twice the evaluation's cost; False leaves it out
 """
 
 import os
@@ -108,6 +110,7 @@ def get_config(arg: str | None = None):
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batches = 4
+    c.eval.obs_info_gap = True              # + eval_obs_info_gap: images swapped within a task (2x eval cost)
 
     t = c.train
     t.batch_size = 32

@@ -122,6 +122,13 @@ def test_observation_swap_measures_what_the_images_add(finetuned, one_device_mes
     assert equal["eval_obs_info_gap"] == 0.0
     assert distinct["eval_obs_info_gap"] != 0.0
     assert alone["eval_obs_swap_rows"] == 0 and np.isnan(alone["eval_obs_info_gap"])
+    # config.eval.obs_info_gap=False: the same held-out metrics under the same draws, without the swap's
+    off = c.copy_and_resolve_references()
+    off.eval.obs_info_gap = False
+    with sharding.use_rules(tr.mesh, tr.rules):
+        lean = policy_stage.evaluate(model, off, None, 0, iter([tr.global_batch(local)]))
+    assert "eval_obs_info_gap" not in lean and "eval_obs_swap_rows" not in lean
+    assert lean == {k: v for k, v in distinct.items() if k not in ("eval_obs_info_gap", "eval_obs_swap_rows")}
 
 
 @pytest.mark.parametrize("mode", ["gidm_adapter", "adapter_only", "all"])

@@ -180,6 +180,7 @@ def same_instruction_partner(ids_BL: jax.Array) -> jax.Array:
 def _eval_fns(graphdef, config):
     """The jitted evaluation step for one model structure (built once per run, not at every evaluation)."""
     steps, sigma_min = int(config.model.sample_steps), float(config.model.sample_sigma_min)
+    swap_images = bool(config.eval.get("obs_info_gap", True))
 
     @functools.partial(jax.jit, **stage_lib.jit_kwargs(config))
     def one(state, batch, rng):
@@ -197,6 +198,8 @@ def _eval_fns(graphdef, config):
                             axis=(1, 2))
 
         err_B = chunk_err_B(context)
+        if not swap_images:   # config.eval.obs_info_gap=False: one GFDM forward and one sampler run per batch
+            return loss, metrics, err_B.mean(), {}
         # Does the policy read its observation beyond the task? Each sample sees the images of another sample
         # with the same instruction (another episode or moment of the task) under the same draws; its
         # instruction, noise and actions stay. A policy that acts on the instruction alone loses nothing.
@@ -217,7 +220,8 @@ def evaluate(model: DeFIPolicyModel, config, workdir: str, step: int, eval_iter)
     ``eval_obs_info_gap``: how much that MSE grows, over the ``eval_obs_swap_rows`` samples that have another
     sample of the same instruction in their batch, when each sees that other sample's images (same draws).
     Near 0, the policy acts on its instruction alone: it does not read where things are. NaN when no batch
-    held two samples of one instruction."""
+    held two samples of one instruction. It costs a second GFDM forward and sampler run per batch, about
+    doubling the evaluation: ``config.eval.obs_info_gap=False`` leaves it (and ``eval_obs_swap_rows``) out."""
     del workdir, step
     graphdef, state = nnx.split(model)
     one = stage_lib.eval_fns("policy", config, graphdef, _eval_fns)
@@ -232,9 +236,12 @@ def evaluate(model: DeFIPolicyModel, config, workdir: str, step: int, eval_iter)
         n += 1
     if n == 0:
         raise RuntimeError("policy evaluate: the eval iterator yielded no batch (config.data: empty eval split?)")
+    out = {f"eval_{k}": v / n for k, v in sums.items()}
+    if not swap:   # config.eval.obs_info_gap=False
+        return out
     rows = swap["obs_swap_rows"]
     gap = (swap["obs_swap_err_other_sum"] - swap["obs_swap_err_sum"]) / rows if rows else float("nan")
-    return {f"eval_{k}": v / n for k, v in sums.items()} | {"eval_obs_info_gap": gap, "eval_obs_swap_rows": rows}
+    return out | {"eval_obs_info_gap": gap, "eval_obs_swap_rows": rows}
 
 
 # ---- checks and shapes ------------------------------------------------------------------------------
