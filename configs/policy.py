@@ -25,6 +25,9 @@ Keys beyond the stage configs':
   model.latent_action    vq (default) | continuous | binning | gmm        (the latent-action ablation)
   model.gfdm_steps       GFDM denoising steps before the features (1 = the paper's default; 5 = its ablation)
   model.cross_attention  inside model.head: causal (the reference's quirk) | full
+  model.head.train_sigma_loc / train_sigma_scale   the training sigmas' log-logistic (ln 0.5 and 0.5, the
+                         reference's: ~1% above sigma 5, where the sampler starts); a wider scale trains the head
+                         more where only the observation says what the chunk is (BENCHMARKS.md, ninth session)
   model.attention_impl   the GFDM's and the GIDM encoder's attention kernel (None = XLA, "cudnn" on GPU); it sets
                          model.gfdm.attention_impl and model.gidm.attention_impl
   model.gfdm.remat / model.gidm.remat   per-block rematerialization of those towers (finetune=all trains the UNet)
@@ -34,6 +37,7 @@ Keys beyond the stage configs':
                          of the same instruction), at about twice the evaluation's cost; False leaves it out
 """
 
+import math
 import os
 
 import ml_collections
@@ -77,7 +81,8 @@ def get_config(arg: str | None = None):
     m.latent_action_frames = (0, 5)         # predicted frames the GIDM reads (static view)
     m.video_former = dict(dim=384, depth=6, queries_per_frame=14, heads=8, dim_head=64, temporal_heads=8)
     m.head = dict(dim=384, enc_layers=4, dec_layers=4, heads=8, cross_attention="causal", attn_pdrop=0.3,
-                  resid_pdrop=0.1, mlp_pdrop=0.05, sigma_data=0.5, sigma_min=1e-3, sigma_max=80.0)
+                  resid_pdrop=0.1, mlp_pdrop=0.05, sigma_data=0.5, sigma_min=1e-3, sigma_max=80.0,
+                  train_sigma_loc=math.log(0.5), train_sigma_scale=0.5)   # training sigmas: log-logistic
     m.action_dim = 7
     m.horizon = 10
     m.sample_steps = 10                     # DDIM (DPM-Solver-1) steps at inference

@@ -314,6 +314,14 @@ def test_training_loss_reaches_every_parameter_and_sigma_distribution():
     # log-logistic(loc ln 0.5, scale 0.5): median 0.5, P(sigma < 0.5 e^0.5) = sigmoid(1)
     assert abs(np.median(s) - 0.5) < 0.02
     assert abs(np.mean(s < 0.5 * np.exp(0.5)) - 1 / (1 + np.exp(-1.0))) < 0.01
+    # the head's own draw: the reference's by default, train_sigma_loc / _scale otherwise (same bounds)
+    rng = jax.random.PRNGKey(1)
+    np.testing.assert_array_equal(np.asarray(_loaded_head(c, 8)[0].train_sigmas(rng, (20000,))), s)
+    wide = np.asarray(c.head(train_sigma_loc=0.0, train_sigma_scale=1.5).train_sigmas(rng, (20000,)))
+    cdf = 1 / (1 + np.exp(-np.log([1e-3, 80.0]) / 1.5))      # truncation at 1e-3 and 80 moves the median below 1
+    u = cdf.mean()
+    assert wide.min() >= 1e-3 and wide.max() <= 80.0 and abs(np.median(wide) - np.exp(1.5 * np.log(u / (1 - u)))) < 0.03
+    assert np.mean(wide > 5.0) > 0.15 > 0.02 > np.mean(s > 5.0)
     ref = tp.get_sigmas_exponential(10, 1e-3, 80.0).numpy()
     np.testing.assert_allclose(np.asarray(exponential_sigmas(10, 1e-3, 80.0)), ref, rtol=1e-6)
 

@@ -27,8 +27,10 @@ without changing behaviour).
 EDM (Karras et al.) with sigma_data 0.5: ``D(x, s) = c_skip x + c_out F(c_in x, s)``; the inner model gets
 the raw sigma. The encoder depends on neither sigma nor the noisy actions: ``encode`` runs once per
 ``act()`` and ``sample`` reuses its output at every step. Training draws sigma from a truncated
-log-logistic (loc ln 0.5, scale 0.5, in [0.001, 80]); sampling is the reference's "ddim" (DPM-Solver-1)
-on an exponential schedule of ``num_steps`` sigmas then 0, from ``x = noise * sigma_max``.
+log-logistic (loc ln 0.5, scale 0.5, in [0.001, 80]: ``train_sigma_loc`` / ``train_sigma_scale``, the
+reference's by default; about 1% of the draws lie above sigma 5, where the sampler starts); sampling is the
+reference's "ddim" (DPM-Solver-1) on an exponential schedule of ``num_steps`` sigmas then 0, from
+``x = noise * sigma_max``.
 
 Dropout (attention weights / residual / MLP) is active only when a ``dropout_rng`` is passed.
 Parameter paths equal the reference's ``model.inner_model.*`` keys up to ``nnx.Sequential``'s
@@ -268,9 +270,15 @@ class ActionHead(nnx.Module):
     """
 
     def __init__(self, *, sigma_data: float = 0.5, sigma_min: float = 1e-3, sigma_max: float = 80.0,
-                 horizon: int = 10, rngs: nnx.Rngs, **inner):
+                 train_sigma_loc: float | None = None, train_sigma_scale: float = 0.5, horizon: int = 10,
+                 rngs: nnx.Rngs, **inner):
+        if not train_sigma_scale > 0:
+            raise ValueError(f"action head: train_sigma_scale={train_sigma_scale} must be > 0")
         self.inner_model = DiffusionTransformer(rngs=rngs, **inner)
         self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
+        # The training draw's log-logistic location (None: ln sigma_data, the reference's) and scale.
+        self.train_sigma_loc = math.log(sigma_data) if train_sigma_loc is None else float(train_sigma_loc)
+        self.train_sigma_scale = float(train_sigma_scale)
         self.horizon = horizon
         self.action_dim = inner.get("action_dim", 7)
 
@@ -292,11 +300,15 @@ class ActionHead(nnx.Module):
         target_BAC = (actions_BAC - c_skip * noised_BAC) / c_out
         return jnp.mean((out_BAC.astype(jnp.float32) - target_BAC.astype(jnp.float32)) ** 2)
 
+    def train_sigmas(self, rng: jax.Array, shape) -> jax.Array:
+        """The training draw: truncated log-logistic in [sigma_min, sigma_max] (``train_sigma_loc`` / ``_scale``)."""
+        return sample_sigmas(rng, shape, loc=self.train_sigma_loc, scale=self.train_sigma_scale,
+                             min_value=self.sigma_min, max_value=self.sigma_max)
+
     def loss(self, context_BSD, actions_BAC, rng: jax.Array, *, dropout_rng=None) -> jax.Array:
-        """Training loss: sigma ~ truncated log-logistic, noise ~ N(0, 1), both drawn from ``rng``."""
+        """Training loss: sigma ~ :meth:`train_sigmas`, noise ~ N(0, 1), both drawn from ``rng``."""
         sigma_rng, noise_rng = jax.random.split(rng)
-        sigma_B = sample_sigmas(sigma_rng, actions_BAC.shape[:1], loc=math.log(self.sigma_data),
-                                min_value=self.sigma_min, max_value=self.sigma_max)
+        sigma_B = self.train_sigmas(sigma_rng, actions_BAC.shape[:1])
         noise_BAC = jax.random.normal(noise_rng, actions_BAC.shape, actions_BAC.dtype)
         return self.loss_given(context_BSD, actions_BAC, sigma_B, noise_BAC, dropout_rng=dropout_rng)
 
