@@ -15,7 +15,12 @@ head's encoder once and reuses it across the sampler's steps (``model.sample_ste
 ``model.sample_sigma_min``), and unnormalizes with the action statistics stored beside the checkpoint
 (``WORKDIR/assets/action_stats.json``). Instructions are tokenized and encoded by the three text towers once
 per distinct string (cached). Images are uint8 [H, W, 3], resized to the training resolution when they differ.
-Calls are deterministic for a seed: the i-th call of a policy built with ``seed`` draws the same noise.
+Noise is drawn per row: every ``act_batch`` row has a 32-bit noise seed, and a row's actions depend only on its
+observation, instruction and seed (the row is computed as a batch of one, vmapped), never on the rows it shares
+a call with. Callers that replay episodes pass ``seeds`` (``launch.evaluate`` derives them from the episode and
+the replanning step); otherwise the i-th call of a policy built with ``seed`` uses :func:`call_seeds`
+``(seed, i, batch)``, so calls are deterministic for a seed, and the JAX, exported and PyTorch backends share
+the seeds (the PyTorch one draws other numbers from them: torch's generator is not JAX's).
 ``act_and_predict_batch`` also returns the GFDM's one-step prediction of a view's future frames (the VAE-decoded
 x0 estimate of the single denoising step whose features the actions came from), for evaluation videos and
 failure attribution (``defi_jax/evaluation``); only the JAX policy has it (the exported artifact and the
@@ -33,7 +38,36 @@ import numpy as np
 
 _log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2   # 2: act takes one uint32 noise seed per row (1: one key per call)
+
+
+def call_seeds(seed: int, call: int, batch: int) -> np.ndarray:
+    """uint32 [batch]: the rows' noise seeds of a policy's ``call``-th batch when the caller passes none (row i's
+    seed does not depend on ``batch``)."""
+    return np.random.SeedSequence((int(seed), int(call))).generate_state(batch)
+
+
+def row_seeds(seeds, batch: int) -> np.ndarray:
+    """The caller's per-row noise seeds as uint32 [batch], or a clear error."""
+    arr = np.asarray(seeds)
+    if arr.shape != (batch,) or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"seeds: expected {batch} integers (one per row), got {arr.dtype} {list(arr.shape)}")
+    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.uint32).max):
+        raise ValueError(f"seeds: each must be in [0, 2**32), got {arr.min()} .. {arr.max()}")
+    return arr.astype(np.uint32)
+
+
+def rowwise(fn):
+    """``fn(frames [1, ...], text {k: [1, ...]}, key) -> pytree [1, ...]`` as ``(frames [B, ...], text, seeds uint32
+    [B]) -> pytree [B, ...]``: each row computed as a batch of one from ``jax.random.key(seed)`` (vmapped, so one
+    batched computation), so a row's draws and result do not depend on the other rows."""
+    import jax
+
+    def one(frames, text, seed):
+        out = fn(frames[None], jax.tree.map(lambda x: x[None], text), jax.random.key(seed))
+        return jax.tree.map(lambda x: x[0], out)
+
+    return jax.vmap(one)
 
 
 def resize_image(image: np.ndarray, size: int, name: str) -> np.ndarray:
@@ -85,7 +119,7 @@ class DeFIPolicy:
         self.sigma_min = float(config.model.sample_sigma_min)
         self._graphdef, self._state = nnx.split(model)
         self._tokenizers = policy_stage.tokenizers(config)
-        self._key = jax.random.key(seed)
+        self._seed = int(seed)
         self._compiler_options = dict(compiler_options or {})   # XLA options of the compiled act (tests: fast)
         self._calls = 0
         self._text_cache: dict[str, dict] = {}
@@ -152,8 +186,10 @@ class DeFIPolicy:
 
             graphdef, steps, sigma_min = self._graphdef, self.num_steps, self.sigma_min
 
-            def act(state, frames, text, key):
-                return nnx.merge(graphdef, state).act(frames, text, key, num_steps=steps, sigma_min=sigma_min)
+            def act(state, frames, text, seeds):
+                model = nnx.merge(graphdef, state)
+                return rowwise(lambda f, t, k: model.act(f, t, k, num_steps=steps, sigma_min=sigma_min))(
+                    frames, text, seeds)
 
             self._act_fns[batch] = self._compile(act, batch)
         return self._act_fns[batch]
@@ -167,10 +203,9 @@ class DeFIPolicy:
 
             graphdef, steps, sigma_min = self._graphdef, self.num_steps, self.sigma_min
 
-            def act_and_predict(state, frames_BVHW3, text, key):
+            def act_and_predict(model, frames_BVHW3, text, key):
                 # DeFIPolicyModel.act / .features, keeping the x0 estimate of the very UNet step whose features
                 # the policy reads (same key split, same noise): the prediction is what the actions came from.
-                model = nnx.merge(graphdef, state)
                 k_feat, k_noise = jax.random.split(key)
                 B, V = frames_BVHW3.shape[:2]
                 frames_NHW3 = frames_BVHW3.reshape(B * V, *frames_BVHW3.shape[2:]).astype(jnp.float32) / 127.5 - 1
@@ -184,7 +219,11 @@ class DeFIPolicy:
                 future_BTHW3 = model.gfdm.decode(latents_BThwc)                    # [-1, 1]
                 return actions, jnp.clip(jnp.round((future_BTHW3 + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
-            self._predict_fns[(batch, view)] = self._compile(act_and_predict, batch)
+            def rows(state, frames, text, seeds):
+                model = nnx.merge(graphdef, state)
+                return rowwise(lambda f, t, k: act_and_predict(model, f, t, k))(frames, text, seeds)
+
+            self._predict_fns[(batch, view)] = self._compile(rows, batch)
         return self._predict_fns[(batch, view)]
 
     def _compile(self, fn, batch: int):
@@ -192,22 +231,25 @@ class DeFIPolicy:
 
         frames = jax.ShapeDtypeStruct((batch, len(self.views), self.resolution, self.resolution, 3), np.uint8)
         text = jax.eval_shape(lambda: self.encode_instructions(["a"] * batch))
-        return jax.jit(fn).lower(self._state, frames, text, self._key).compile(self._compiler_options or None)
+        seeds = jax.ShapeDtypeStruct((batch,), np.uint32)
+        return jax.jit(fn).lower(self._state, frames, text, seeds).compile(self._compiler_options or None)
 
-    def next_key(self):
-        import jax
-        key = jax.random.fold_in(self._key, self._calls)
+    def _seeds(self, seeds, batch: int) -> np.ndarray:
+        """The call's row seeds: the caller's, or :func:`call_seeds` of this policy's seed and call count."""
+        out = call_seeds(self._seed, self._calls, batch) if seeds is None else row_seeds(seeds, batch)
         self._calls += 1
-        return key
+        return out
 
     def act_batch(self, observations: Sequence[Mapping[str, np.ndarray]], instructions: Sequence[str],
-                  *, normalized: bool = False) -> np.ndarray:
-        """float32 [B, horizon, action_dim]: one chunk per robot (``normalized=True``: the model's units)."""
+                  *, seeds: Sequence[int] | None = None, normalized: bool = False) -> np.ndarray:
+        """float32 [B, horizon, action_dim]: one chunk per robot (``normalized=True``: the model's units).
+        ``seeds``: one noise seed per row (default: :func:`call_seeds` of the policy's seed and call count)."""
         if len(observations) != len(instructions):
             raise ValueError(f"{len(observations)} observations but {len(instructions)} instructions")
         frames = stack_views(observations, self.views, self.resolution)
         text = self.encode_instructions(instructions)
-        out = np.asarray(self._act_fn(len(frames))(self._state, frames, text, self.next_key()), np.float32)
+        seeds = self._seeds(seeds, len(frames))
+        out = np.asarray(self._act_fn(len(frames))(self._state, frames, text, seeds), np.float32)
         return out if normalized else unnormalize(out, self.stats_asset)
 
     def act(self, images: Mapping[str, np.ndarray], instruction: str) -> np.ndarray:
@@ -215,8 +257,10 @@ class DeFIPolicy:
         return self.act_batch([images], [instruction])[0]
 
     def act_and_predict_batch(self, observations: Sequence[Mapping[str, np.ndarray]], instructions: Sequence[str],
-                              view: str | None = None, *, normalized: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """``act_batch``'s actions (the same draws: the i-th call of either acts alike) and the GFDM's one-step
+                              view: str | None = None, *, seeds: Sequence[int] | None = None,
+                              normalized: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``act_batch``'s actions (the same draws for the same seeds; the i-th call of either acts alike) and the
+        GFDM's one-step
         predicted future of ``view`` (default: the first, the static camera) that they were computed from:
         uint8 [B, T, resolution, resolution, 3], frame 0 the GFDM's rendering of the observed frame, then the
         predicted next frames (the GFDM's ``data.frame_stride`` apart). Compiled once per batch size and view,
@@ -229,7 +273,7 @@ class DeFIPolicy:
         frames = stack_views(observations, self.views, self.resolution)
         text = self.encode_instructions(instructions)
         fn = self._predict_fn(len(frames), self.views.index(view))
-        actions, future = fn(self._state, frames, text, self.next_key())
+        actions, future = fn(self._state, frames, text, self._seeds(seeds, len(frames)))
         actions = np.asarray(actions, np.float32)
         return (actions if normalized else unnormalize(actions, self.stats_asset)), np.asarray(future)
 
@@ -250,10 +294,10 @@ class DeFIPolicy:
 
         to_robot = _unnormalizer(self.stats_asset)
 
-        def act(flat, frames, text, key):
+        def act(flat, frames, text, seeds):
             model = merge(graphdef, tree, flat)
-            return to_robot(model.act(frames, text, jax.random.wrap_key_data(key), num_steps=steps,
-                                      sigma_min=sigma_min))
+            return to_robot(rowwise(lambda f, t, k: model.act(f, t, k, num_steps=steps, sigma_min=sigma_min))(
+                frames, text, seeds))
 
         def encode(flat, ids):
             return merge(graphdef, tree, flat).encode_instruction(*ids)
@@ -264,10 +308,10 @@ class DeFIPolicy:
         text1 = jax.eval_shape(lambda: self.encode_instructions(["a"]))
         text_spec = {k: jax.ShapeDtypeStruct((b, *v.shape[1:]), v.dtype) for k, v in text1.items()}
         frames_spec = jax.ShapeDtypeStruct((b, V, r, r, 3), np.uint8)
-        key_spec = jax.ShapeDtypeStruct((2,), np.uint32)
+        seeds_spec = jax.ShapeDtypeStruct((b,), np.uint32)
         ids_spec = tuple(jax.ShapeDtypeStruct((1, len(np.asarray(t("a")[0]))), np.int32)
                          for t in self._tokenizers for _ in range(2))
-        exp_act = jax_export.export(jax.jit(act), platforms=platforms)(flat_spec, frames_spec, text_spec, key_spec)
+        exp_act = jax_export.export(jax.jit(act), platforms=platforms)(flat_spec, frames_spec, text_spec, seeds_spec)
         exp_enc = jax_export.export(jax.jit(encode), platforms=platforms)(flat_spec, ids_spec)
 
         from defi_jax import paths
@@ -420,15 +464,17 @@ class ExportedPolicy:
             rows.append(self._cache[text])
         return {k: np.concatenate([np.asarray(r[k]) for r in rows]) for k in rows[0]}
 
-    def act_batch(self, observations, instructions, *, seed: int = 0) -> np.ndarray:
-        """float32 [B, horizon, action_dim] robot actions; the i-th call draws what ``DeFIPolicy``'s i-th does."""
-        import jax
+    def act_batch(self, observations, instructions, *, seeds: Sequence[int] | None = None,
+                  seed: int = 0) -> np.ndarray:
+        """float32 [B, horizon, action_dim] robot actions. ``seeds``: one noise seed per row, the draws of
+        ``DeFIPolicy.act_batch`` with the same seeds; default :func:`call_seeds` ``(seed, i, B)`` on the i-th call
+        (what a ``DeFIPolicy`` built with ``seed`` draws on its i-th)."""
         if len(observations) != len(instructions):
             raise ValueError(f"{len(observations)} observations but {len(instructions)} instructions")
         frames = stack_views(observations, self.views, self.resolution)
-        key = np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), self._calls)), np.uint32)
+        seeds = call_seeds(seed, self._calls, len(frames)) if seeds is None else row_seeds(seeds, len(frames))
         self._calls += 1
-        return np.asarray(self._act.call(self._weights, frames, self._text(instructions), key), np.float32)
+        return np.asarray(self._act.call(self._weights, frames, self._text(instructions), seeds), np.float32)
 
     def act(self, images, instruction: str) -> np.ndarray:
         return self.act_batch([images], [instruction])[0]
@@ -447,8 +493,9 @@ def load_exported(path: str) -> ExportedPolicy:
 
 class TorchPolicy:
     """A folder of ``python -m launch.export_torch`` as ``act_batch``: :class:`defi_jax_torch.DeFIPolicyTorch`
-    acts on one observation at a time, so a batch runs row by row, each row's noise drawn from one
-    ``torch.Generator`` seeded with ``seed`` (rows in order: the same batches draw the same noise)."""
+    acts on one observation at a time, so a batch runs row by row, each row's noise drawn from a
+    ``torch.Generator`` seeded with the row's seed (the caller's ``seeds``, or :func:`call_seeds` of ``seed``
+    and the call count, as the JAX backends)."""
 
     def __init__(self, path: str, *, seed: int = 0, device=None):
         import torch
@@ -459,13 +506,18 @@ class TorchPolicy:
         self.views = self.policy.views
         self.resolution = self.policy.resolution
         self.device = str(self.policy.time_pos_emb.device)
-        self._generator = torch.Generator().manual_seed(seed)
+        self._seed, self._calls = int(seed), 0
 
-    def act_batch(self, observations, instructions) -> np.ndarray:
-        """float32 [B, horizon, action_dim] robot actions."""
+    def act_batch(self, observations, instructions, *, seeds: Sequence[int] | None = None) -> np.ndarray:
+        """float32 [B, horizon, action_dim] robot actions; ``seeds``: one noise seed per row."""
+        import torch
         if len(observations) != len(instructions):
             raise ValueError(f"{len(observations)} observations but {len(instructions)} instructions")
-        return np.stack([self.policy.act(o, t, generator=self._generator) for o, t in zip(observations, instructions)])
+        n = len(observations)
+        seeds = call_seeds(self._seed, self._calls, n) if seeds is None else row_seeds(seeds, n)
+        self._calls += 1
+        return np.stack([self.policy.act(o, t, generator=torch.Generator().manual_seed(int(s)))
+                         for o, t, s in zip(observations, instructions, seeds)])
 
     def act(self, images, instruction: str) -> np.ndarray:
         return self.act_batch([images], [instruction])[0]

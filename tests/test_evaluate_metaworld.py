@@ -89,6 +89,24 @@ class ConstantStandIn:
         return out
 
 
+class SeededStandIn:
+    """Moves the hand in a direction drawn from each row's noise seed; remembers where the hand was per seed."""
+
+    views = ("primary", "wrist")
+    resolution = RES
+
+    def __init__(self):
+        self.hand_at = {}
+
+    def act_batch(self, observations, instructions, *, seeds):
+        out = np.zeros((len(observations), 10, 7), np.float32)
+        for row, (obs, seed) in enumerate(zip(observations, seeds)):
+            self.hand_at.setdefault(int(seed), obs["state"][:3].copy())
+            out[row, :, :3] = np.random.default_rng(int(seed)).uniform(-1, 1, 3)
+            out[row, :, 6] = 1.0
+        return out
+
+
 def test_protocol_pieces():
     rows = np.random.default_rng(0).uniform(-1.5, 1.5, (64, 4)).astype(np.float32)
     np.testing.assert_allclose(mw.to_env_action(mw.from_env_action(rows)), np.clip(rows, -1, 1), atol=1e-6)
@@ -182,6 +200,7 @@ def test_chunks_run_steps_per_chunk_actions(tmp_path):
     first, second = policy.calls[0][0], policy.calls[1][0]
     assert second[0] > first[0] + 0.02 and abs(second[1] - first[1]) < 0.02
     assert summary["throughput"]["policy_calls"] == 6 and "expert" not in summary["tasks"]["reach-v3"]
+    assert summary["protocol"]["policy_noise"].startswith("the policy's own (its act_batch takes no seeds)")
     assert not (tmp_path / "videos").exists()
     # a policy without act_and_predict_batch: no prediction, no attribution, and the summary says why
     assert summary["protocol"]["predict_future"]["used"] is False
@@ -193,6 +212,22 @@ def test_chunks_run_steps_per_chunk_actions(tmp_path):
     with pytest.raises(ValueError, match="steps_per_chunk: 10 exceeds the policy's chunk of 5"):
         _run(tmp_path / "short", ConstantStandIn(chunk=5), tasks=("reach-v3",), episodes=1, workers=1, horizon=20,
              steps_per_chunk=10, expert=False, videos_per_task=0)
+
+
+def test_policy_noise_is_seeded_per_episode_whatever_else_runs(tmp_path):
+    """Each row's noise seed is noise_seed(episode seed, replanning step): a task's episodes play alike alone on
+    one worker and beside another task on two."""
+    kw = dict(episodes=2, horizon=20, steps_per_chunk=5, expert=False, videos_per_task=0)
+    alone, beside = SeededStandIn(), SeededStandIn()
+    summary = _run(tmp_path / "alone", alone, tasks=("reach-v3",), workers=1, **kw)
+    _run(tmp_path / "beside", beside, tasks=TASKS, workers=2, **kw)
+    expected = {mw.noise_seed(mw.episode_seed(0, "reach-v3", e), c) for e in range(2) for c in range(4)}
+    assert set(alone.hand_at) == expected and expected <= set(beside.hand_at)
+    for seed in expected:   # the same seed met the hand where it was in the other run: same trajectories
+        np.testing.assert_allclose(beside.hand_at[seed], alone.hand_at[seed], atol=1e-6)
+    moved = [alone.hand_at[mw.noise_seed(mw.episode_seed(0, "reach-v3", 0), c)] for c in range(4)]
+    assert np.linalg.norm(moved[3] - moved[0]) > 0.01   # the draws steer the hand
+    assert "SeedSequence((episode seed, replanning step))" in summary["protocol"]["policy_noise"]
 
 
 def test_predicted_future_is_scored_against_the_frames_that_followed(tmp_path):
@@ -272,6 +307,7 @@ def test_defi_policy_act_and_predict_acts_like_act_batch_and_decodes_the_feature
     from flax import nnx
 
     from configs import policy as policy_configs
+    from defi_jax import inference
     from defi_jax.gfdm.evaluation import to_uint8
     from defi_jax.inference import DeFIPolicy, stack_views
 
@@ -295,8 +331,8 @@ def test_defi_policy_act_and_predict_acts_like_act_batch_and_decodes_the_feature
     assert len(predicting._predict_fns) == 1 and not predicting._act_fns   # compiled once, apart from act
 
     # the prediction is the decoded x0 estimate of the GFDM step the features came from (DeFIPolicyModel.act
-    # draws them with the first half of the call's key), for the wrist view (row 1 of the stacked views)
-    key = jax.random.split(jax.random.fold_in(jax.random.key(5), 1))[0]
+    # draws them with the first half of the row's key), for the wrist view (row 1 of the stacked views)
+    key = jax.random.split(jax.random.key(inference.call_seeds(5, 1, 1)[0]))[0]
     frames_VHW3 = jnp.asarray(stack_views([obs], plain.views, RES)[0], jnp.float32) / 127.5 - 1.0
     gfdm_text = jnp.repeat(predicting.encode_instructions([text])["gfdm"], 2, axis=0)
     graphdef, state = nnx.split(model)
@@ -312,8 +348,23 @@ def test_defi_policy_act_and_predict_acts_like_act_batch_and_decodes_the_feature
     with pytest.raises(ValueError, match=r"view 'side': the policy reads \['primary', 'wrist'\]"):
         predicting.act_and_predict_batch([obs], [text], "side")
 
+    # noise per row: a row acts on its own seed alone, whatever shares its call; another seed, other actions
+    other = {v: rs.integers(0, 256, (RES, RES, 3), dtype=np.uint8) for v in ("primary", "wrist")}
+    texts = [text, demo.instruction("push-v3"), text]
+    rows = plain.act_batch([obs, other, obs], texts, seeds=[7, 8, 2**32 - 1])
+    single = plain.act_batch([obs], [text], seeds=[7])
+    np.testing.assert_allclose(rows[0], single[0], rtol=1e-4, atol=1e-5)
+    assert np.abs(rows[2] - rows[0]).max() > 1e-3
+    rows_p, future_p = predicting.act_and_predict_batch([obs, other, obs], texts, seeds=[7, 8, 2**32 - 1])
+    np.testing.assert_allclose(rows_p, rows, rtol=1e-4, atol=1e-5)
+    assert future_p.shape == (3, T, RES, RES, 3)
+    with pytest.raises(ValueError, match=r"seeds: expected 1 integers \(one per row\)"):
+        plain.act_batch([obs], [text], seeds=[1, 2])
+    with pytest.raises(ValueError, match=r"seeds: each must be in \[0, 2\*\*32\)"):
+        plain.act_batch([obs], [text], seeds=[-1])
 
-def test_torch_backend_acts_row_by_row_from_one_seeded_generator(monkeypatch):
+
+def test_torch_backend_acts_row_by_row_from_seeded_generators(monkeypatch):
     import torch
 
     import defi_jax_torch
@@ -334,8 +385,13 @@ def test_torch_backend_acts_row_by_row_from_one_seeded_generator(monkeypatch):
     assert loaded == [(os.path.abspath("folder"), "cpu")] and policy.views == ("primary", "wrist")
     assert policy.device == "cpu"
     first, second = policy.act_batch(obs, ["a"] * 3), policy.act_batch(obs[:1], ["a"])
-    g = torch.Generator().manual_seed(4)
-    draws = [torch.randn((10, 7), generator=g).numpy() for _ in range(4)]
-    np.testing.assert_array_equal(first, np.stack([draws[i] + i for i in range(3)]))
-    np.testing.assert_array_equal(second, draws[3][None])
+
+    def draw(seed):
+        return torch.randn((10, 7), generator=torch.Generator().manual_seed(int(seed))).numpy()
+
+    # rows seeded like the JAX backends: call_seeds(seed, call, batch), or the caller's seeds
+    np.testing.assert_array_equal(first, np.stack([draw(s) + i for i, s in enumerate(inference.call_seeds(4, 0, 3))]))
+    np.testing.assert_array_equal(second, draw(inference.call_seeds(4, 1, 1)[0])[None])
+    np.testing.assert_array_equal(policy.act_batch(obs[1:], ["a"] * 2, seeds=[9, 9]), np.stack([draw(9) + 1,
+                                                                                              draw(9) + 2]))
     assert first.shape == (3, 10, 7) and not hasattr(policy, "act_and_predict_batch")

@@ -8,7 +8,9 @@ Rows (batch 1 by default, random weights of the config's sizes; p50 / p90 over `
   gfdm_features     the frozen GFDM, static + wrist views, ``gfdm_steps`` = 1 and 5 (the paper's ablation)
   context           Video Former + GIDM latent actions + goal token + the head's encoder (once per act)
   head_sample       the action head's 10 DDIM steps on a precomputed context
-  act_total         the whole compiled ``act`` (1 GFDM step), and the same loaded from its ``jax.export`` artifact
+  act_total         the whole compiled ``act`` as ``DeFIPolicy`` runs it (1 GFDM step, noise seeded per row:
+                    ``inference.rowwise``), the same loaded from its ``jax.export`` artifact, and
+                    ``act_total_one_key`` (one key for the batch; ``ratio`` = it / act_total)
   torch_adapter     the PyTorch re-statement of the reference's adapter (Video Former + head; the reference's
                     sampler runs the head's encoder at every step) on the same weights and features, beside
                     ``jax_adapter``, the same computation here (``ratio`` = torch / jax)
@@ -54,6 +56,7 @@ def run(args: list[str]) -> list[dict]:
     from flax import nnx
 
     from configs import policy as policy_configs
+    from defi_jax.inference import rowwise
     from defi_jax.policy import stage as policy_stage
 
     p = argparse.ArgumentParser(prog="launch.benchmark policy")
@@ -123,31 +126,35 @@ def run(args: list[str]) -> list[dict]:
     row("head_sample", _time(lambda: jax.block_until_ready(head_fn(st, context, noise)), a.steps, a.warmup),
         peak_bytes=_compiled_bytes(head_fn))
 
-    # ---- the whole act, in-process and exported
-    act_fn = jax.jit(lambda s, f, t, k: nnx.merge(gd, s).act(f, t, k, num_steps=steps, sigma_min=sigma_min))
-    act_c = act_fn.lower(st, frames, text, key).compile()
-    total = row("act_total", _time(lambda: jax.block_until_ready(act_c(st, frames, text, key)), a.steps, a.warmup),
+    # ---- the whole act as deployed (noise seeded per row, inference.rowwise), in-process and exported; and one
+    # key for the whole batch (DeFIPolicyModel.act as training's evaluation calls it): the cost of per-row seeds
+    def act(s, f, t, seeds):
+        model = nnx.merge(gd, s)
+        return rowwise(lambda f1, t1, k: model.act(f1, t1, k, num_steps=steps, sigma_min=sigma_min))(f, t, seeds)
+
+    seeds = jnp.arange(B, dtype=jnp.uint32)
+    act_c = jax.jit(act).lower(st, frames, text, seeds).compile()
+    total = row("act_total", _time(lambda: jax.block_until_ready(act_c(st, frames, text, seeds)), a.steps, a.warmup),
                 peak_bytes=_compiled_bytes(act_c))
     if dev.platform == "gpu":
         total["device_peak_bytes"] = int((dev.memory_stats() or {}).get("peak_bytes_in_use", 0))
+    one_key = jax.jit(lambda s, f, t, k: nnx.merge(gd, s).act(f, t, k, num_steps=steps, sigma_min=sigma_min))
+    one_key = one_key.lower(st, frames, text, key).compile()
+    t = _time(lambda: jax.block_until_ready(one_key(st, frames, text, key)), a.steps, a.warmup)
+    row("act_total_one_key", t, peak_bytes=_compiled_bytes(one_key), ratio=statistics.median(t) / total["median_s"])
     if not a.no_export:
         from jax import export as jax_export
         leaves, treedef = jax.tree.flatten(st)
-
-        def flat_act(flat, f, t, kd):
-            s = jax.tree.unflatten(treedef, list(flat))
-            return nnx.merge(gd, s).act(f, t, jax.random.wrap_key_data(kd), num_steps=steps, sigma_min=sigma_min)
-
-        kd = jax.random.key_data(key)
-        exp = jax_export.export(jax.jit(flat_act), platforms=[dev.platform if dev.platform != "gpu" else "cuda"])(
-            [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves], frames, text, kd)
+        exp = jax_export.export(jax.jit(lambda flat, f, t, s: act(jax.tree.unflatten(treedef, list(flat)), f, t, s)),
+                                platforms=[dev.platform if dev.platform != "gpu" else "cuda"])(
+            [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves], frames, text, seeds)
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "act.jax")
             with open(path, "wb") as f:
                 f.write(exp.serialize())
             with open(path, "rb") as f:
                 loaded = jax_export.deserialize(bytearray(f.read()))
-        t = _time(lambda: jax.block_until_ready(loaded.call(leaves, frames, text, kd)), a.steps, a.warmup)
+        t = _time(lambda: jax.block_until_ready(loaded.call(leaves, frames, text, seeds)), a.steps, a.warmup)
         row("act_total_exported", t, ratio=statistics.median(t) / total["median_s"])
 
     # ---- the PyTorch re-statement of the reference's adapter on the same weights

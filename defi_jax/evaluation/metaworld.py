@@ -26,8 +26,11 @@ Seeds: the 50 goals of a task are Meta-World's own (``MT1(task, seed=seed)``). E
 and a task's episodes do not depend on which other tasks run. The scripted expert (``metaworld.policies``) runs
 on the same seeds and goals in the same workers, acting every step (it generated the demo data), so
 ``expert_success`` says how solvable each task is under this protocol. Two runs with the same protocol and
-policy give the same episodes; a stochastic policy's noise can depend on the batch a row shares, so
-``workers`` is part of the protocol.
+policy give the same episodes. The policy's noise is seeded per episode: a policy whose ``act_batch`` takes
+``seeds`` (every defi-jax backend) gets, for each row, ``SeedSequence((episode seed, replanning step))``
+(:func:`noise_seed`), so an episode plays the same whatever other tasks run and whatever the worker count (up to
+float rounding of a different batch size); a policy without ``seeds`` draws its own noise, which can depend on
+the batch a row shares (the summary's ``protocol.policy_noise`` says which).
 
 The GFDM's predicted future (``Protocol.predict_future``, on by default; the policy needs
 ``act_and_predict_batch``, which the JAX ``DeFIPolicy`` has and the exported / PyTorch backends have not: the
@@ -61,6 +64,7 @@ import collections
 import csv
 import dataclasses
 import functools
+import inspect
 import io
 import itertools
 import json
@@ -179,6 +183,20 @@ def goal_index(seed: int, task: str, episode: int) -> int:
     """Which of the task's 50 Meta-World goals episode ``episode`` plays (each once per 50 episodes)."""
     order = np.random.default_rng(np.random.SeedSequence((seed, zlib.crc32(task.encode())))).permutation(NUM_GOALS)
     return int(order[episode % NUM_GOALS])
+
+
+def noise_seed(episode_seed: int, chunk: int) -> int:
+    """The policy's noise seed for the ``chunk``-th replanning step of the episode seeded ``episode_seed``."""
+    return int(np.random.SeedSequence((episode_seed, chunk)).generate_state(1)[0])
+
+
+def _takes_seeds(fn) -> bool:
+    """Whether a policy method accepts per-row noise ``seeds``."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "seeds" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def to_env_action(actions_K7: np.ndarray) -> np.ndarray:
@@ -595,12 +613,15 @@ def _run_policy(workers: _Workers, jobs: list[dict], policy, instructions: Mappi
                 protocol: Protocol, report) -> tuple[list[dict], dict]:
     """Lock-step rounds: every live episode gets its observation answered by one batched policy call.
 
-    Jobs go to free workers in worker order, so the batches (and a stochastic policy's draws) are the same
-    on every run of a protocol."""
+    Jobs go to free workers in worker order, so the batches are the same on every run of a protocol. A policy
+    whose ``act_batch`` takes ``seeds`` gets one per row, :func:`noise_seed` of the episode's seed and its
+    replanning step, so an episode draws the same noise whatever else runs (other tasks, other worker counts)."""
     n = len(workers.conns)
     queue, records = collections.deque(jobs), []
     calls = {"calls": 0, "rows": 0, "seconds": 0.0, "first_call_s": None, "chunk_length": None, "future": None}
     predicting = _prediction(policy, protocol)[0]
+    seeded = _takes_seeds(policy.act_and_predict_batch if predicting else policy.act_batch)
+    chunk = [0] * n                    # replanning steps of each worker's current episode
     pending = []
     for i in range(n):
         if queue:
@@ -619,6 +640,7 @@ def _run_policy(workers: _Workers, jobs: list[dict], policy, instructions: Mappi
                     report("policy", payload)
                     if queue:
                         workers.send(i, ("reset", queue.popleft()))
+                        chunk[i] = 0
                         restarted.append(i)
             pending = restarted
         if not observations:
@@ -627,17 +649,19 @@ def _run_policy(workers: _Workers, jobs: list[dict], policy, instructions: Mappi
         obs = [observations[i] for i in live]
         texts = [instructions[workers.jobs[i]["task"]] for i in live]
         pad = n - len(live)            # one batch size for the whole run: no recompilation at the tail
+        seeds = [noise_seed(workers.jobs[i]["seed"], chunk[i]) for i in live]
+        kw = {"seeds": seeds + [seeds[-1]] * pad} if seeded else {}
         t0 = time.perf_counter()
         if predicting:
             chunks, future = policy.act_and_predict_batch(obs + [obs[-1]] * pad, texts + [texts[-1]] * pad,
-                                                          protocol.video_view)
+                                                          protocol.video_view, **kw)
             chunks, future = np.asarray(chunks), np.asarray(future)
             if future.dtype != np.uint8 or future.ndim != 5 or future.shape[0] != n or future.shape[-1] != 3:
                 raise ValueError(f"policy.act_and_predict_batch: predicted future {future.dtype} "
                                  f"{list(future.shape)}, expected uint8 [{n}, frames, H, W, 3]")
             calls["future"] = list(future.shape[1:4])
         else:
-            chunks, future = np.asarray(policy.act_batch(obs + [obs[-1]] * pad, texts + [texts[-1]] * pad)), None
+            chunks, future = np.asarray(policy.act_batch(obs + [obs[-1]] * pad, texts + [texts[-1]] * pad, **kw)), None
         dt = time.perf_counter() - t0
         if chunks.ndim != 3 or chunks.shape[0] != n or chunks.shape[2] != 7:
             raise ValueError(f"policy.act_batch returned {list(chunks.shape)}, expected [{n}, chunk, 7] "
@@ -653,6 +677,7 @@ def _run_policy(workers: _Workers, jobs: list[dict], policy, instructions: Mappi
         else:
             calls["seconds"] += dt
         for row, i in enumerate(live):
+            chunk[i] += 1
             actions = to_env_action(chunks[row, :protocol.steps_per_chunk])
             workers.send(i, ("step", actions, None if future is None else future[row]))
         pending = live
@@ -719,6 +744,11 @@ def _summary(protocol: Protocol, policy, policy_info, instructions, records, exp
         "workers": workers,
         "batch": (f"one {'act_and_predict_batch' if predicting else 'act_batch'} per round over all live episodes, "
                   f"padded to the worker count"),
+        "policy_noise": ("per row: seeds = SeedSequence((episode seed, replanning step)).generate_state(1)[0]; an "
+                         "episode's draws do not depend on the other tasks or the worker count"
+                         if _takes_seeds(policy.act_and_predict_batch if predicting else policy.act_batch) else
+                         "the policy's own (its act_batch takes no seeds): an episode's draws can depend on the "
+                         "rows it shares a call with, so workers and tasks are part of the protocol"),
         "videos": {"view": protocol.video_view, "camera": protocol.cameras[protocol.video_view],
                    "frame_ms": protocol.gif_frame_ms, "per_task": protocol.videos_per_task,
                    "layout": VIDEO_LAYOUT if predicting else "the real frames of the view, one per env step"},
