@@ -377,6 +377,7 @@ class Line:
     tasks: dict[str, Cell]
     pooled: Cell
     per_seed: dict[int, float]        # mean success over tasks, per seed
+    outcomes: dict[tuple[int, str, int], bool]   # (seed, task, episode) -> success, where the summaries list episodes
 
     @property
     def mean(self) -> float:
@@ -394,23 +395,47 @@ class Line:
 def line(row: Row, results: Mapping[tuple[str, int], Mapping], tasks: Sequence[str]) -> Line:
     seeds = sorted(s for (v, s) in results if v == row.variant)
     cells = {t: Cell(0, 0) for t in tasks}
-    per_seed = {}
+    per_seed, outcomes = {}, {}
     for s in seeds:
         got = results[row.variant, s]["tasks"]
         for t in tasks:
             cells[t].successes += int(got[t]["successes"])
             cells[t].episodes += int(got[t]["episodes"])
         per_seed[s] = sum(got[t]["successes"] / got[t]["episodes"] for t in tasks) / len(tasks)
+        outcomes.update({(s, e["task"], int(e["episode"])): bool(e["success"])
+                         for e in results[row.variant, s].get("episodes", ()) if e["task"] in tasks})
     pooled = Cell(sum(c.successes for c in cells.values()), sum(c.episodes for c in cells.values()))
-    return Line(row, seeds, cells, pooled, per_seed)
+    return Line(row, seeds, cells, pooled, per_seed, outcomes)
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant pairs (a binomial test of ``only_a`` of
+    ``only_a + only_b`` at 1/2)."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2.0 ** n
+    return min(1.0, 2.0 * tail)
+
+
+def _paired(ref: Line, other: Line) -> str:
+    """Episode by episode: the evaluator plays episode e of a task with the same env seed, goal and policy noise
+    seeds for every variant (same training seed), so the pairs that differ say more than two intervals."""
+    both = sorted(ref.outcomes.keys() & other.outcomes.keys())
+    if not both:
+        return ""
+    only_ref = sum(ref.outcomes[k] and not other.outcomes[k] for k in both)
+    only_other = sum(other.outcomes[k] and not ref.outcomes[k] for k in both)
+    return (f"; paired over {len(both)} episodes: only {ref.row.label} succeeded in {only_ref}, only "
+            f"{other.row.label} in {only_other} (exact McNemar p = {mcnemar_exact(only_ref, only_other):.3g})")
 
 
 def _verdict(ref: Line, other: Line) -> str:
     """Whether ``other`` moves from ``ref`` the way the paper's numbers do."""
-    if other.row.paper is None or ref.row.paper is None:
-        return "no paper number"
     if not (ref.pooled.episodes and other.pooled.episodes):
         return "not evaluated"
+    if other.row.paper is None or ref.row.paper is None:
+        return f"no paper number; miniature {other.mean:.2f} vs {ref.mean:.2f}{_paired(ref, other)}"
     paper = "lower" if other.row.paper < ref.row.paper else "higher" if other.row.paper > ref.row.paper else "equal"
     diff = other.mean - ref.mean
     ours = "lower" if diff < 0 else "higher" if diff > 0 else "equal"
@@ -418,7 +443,7 @@ def _verdict(ref: Line, other: Line) -> str:
     noise = " (within noise: the pooled 95% intervals overlap)" if a <= d and c <= b else ""
     word = "agrees" if ours == paper else "no difference" if ours == "equal" else "disagrees"
     return (f"{word}: paper {paper} than {ref.row.label} ({other.row.paper:.2f} vs {ref.row.paper:.2f}), "
-            f"miniature {ours} ({other.mean:.2f} vs {ref.mean:.2f}){noise}")
+            f"miniature {ours} ({other.mean:.2f} vs {ref.mean:.2f}){noise}{_paired(ref, other)}")
 
 
 def _mean_text(ln: Line) -> str:
@@ -467,7 +492,10 @@ def render(results: Mapping[tuple[str, int], Mapping], tasks: Sequence[str], *, 
                                 cell.episodes, *rate, *seeds, "" if r.paper is None else r.paper, PAPER_METRIC])
             findings += [f"- {table.name}, {ln.row.label}: {_verdict(lines[0], ln)}" for ln in lines[1:]]
         md.write("\n")
-    md.write("## Agreement with the paper\n\n" + "\n".join(findings) + "\n")
+    md.write("## Agreement with the paper\n\nWhere the evaluation summaries list their episodes, a comparison also "
+             "counts the paired episodes (same training seed, task and episode: the same env seed, goal and policy "
+             "noise seeds) that only one of the two variants solved, with the exact McNemar p-value.\n\n"
+             + "\n".join(findings) + "\n")
     return md.getvalue(), rows_csv.getvalue()
 
 
