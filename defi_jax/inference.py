@@ -260,8 +260,7 @@ class DeFIPolicy:
                               view: str | None = None, *, seeds: Sequence[int] | None = None,
                               normalized: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """``act_batch``'s actions (the same draws for the same seeds; the i-th call of either acts alike) and the
-        GFDM's one-step
-        predicted future of ``view`` (default: the first, the static camera) that they were computed from:
+        GFDM's one-step predicted future of ``view`` (default: the first, the static camera) that they came from:
         uint8 [B, T, resolution, resolution, 3], frame 0 the GFDM's rendering of the observed frame, then the
         predicted next frames (the GFDM's ``data.frame_stride`` apart). Compiled once per batch size and view,
         apart from ``act_batch``, which stays as fast as without it."""
