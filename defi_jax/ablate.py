@@ -493,8 +493,9 @@ def render(results: Mapping[tuple[str, int], Mapping], tasks: Sequence[str], *, 
             findings += [f"- {table.name}, {ln.row.label}: {_verdict(lines[0], ln)}" for ln in lines[1:]]
         md.write("\n")
     md.write("## Agreement with the paper\n\nWhere the evaluation summaries list their episodes, a comparison also "
-             "counts the paired episodes (same training seed, task and episode: the same env seed, goal and policy "
-             "noise seeds) that only one of the two variants solved, with the exact McNemar p-value.\n\n"
+             "counts the paired episodes (same training seed, task and episode: the same env seed and goal, and the "
+             "same policy noise seeds where `protocol.policy_noise` in the summaries says 'per row') that only one of "
+             "the two variants solved, with the exact McNemar p-value.\n\n"
              + "\n".join(findings) + "\n")
     return md.getvalue(), rows_csv.getvalue()
 
