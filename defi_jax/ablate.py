@@ -408,19 +408,11 @@ def line(row: Row, results: Mapping[tuple[str, int], Mapping], tasks: Sequence[s
     return Line(row, seeds, cells, pooled, per_seed, outcomes)
 
 
-def mcnemar_exact(only_a: int, only_b: int) -> float:
-    """Two-sided exact McNemar p-value from the discordant pairs (a binomial test of ``only_a`` of
-    ``only_a + only_b`` at 1/2)."""
-    n = only_a + only_b
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2.0 ** n
-    return min(1.0, 2.0 * tail)
-
-
 def _paired(ref: Line, other: Line) -> str:
     """Episode by episode: the evaluator plays episode e of a task with the same env seed, goal and policy noise
     seeds for every variant (same training seed), so the pairs that differ say more than two intervals."""
+    from defi_jax.evaluation.metaworld import mcnemar_exact
+
     both = sorted(ref.outcomes.keys() & other.outcomes.keys())
     if not both:
         return ""

@@ -8,8 +8,9 @@
 ``--tasks``: ``demo`` (the robot tasks of the demo data), ``mt10``, ``mt50`` or a comma-separated list. Each
 episode runs ``--horizon`` env steps at most, replanning every ``--steps_per_chunk`` steps; the scripted experts
 run on the same seeds. The policy's noise is seeded per episode and replanning step, so an episode plays the same
-whatever other tasks run and whatever ``--workers`` is. Writes ``summary.json``, ``summary.csv`` (per-task success with a 95% Wilson interval,
-the protocol on every row), ``attribution.csv`` (failed episodes split into forward / inverse dynamics failures)
+whatever other tasks run and whatever ``--workers`` is (``python -m launch.compare_evals`` pairs two evaluations
+episode by episode). Writes ``summary.json``, ``summary.csv`` (per-task success with a 95% Wilson interval, the
+protocol on every row), ``attribution.csv`` (failed episodes split into forward / inverse dynamics failures)
 and ``videos/<task>/*.gif`` (the real frames beside the GFDM's predicted future) under ``--out`` (default:
 ``<checkpoint, exported or torch folder>/eval_metaworld``; a ``gs://`` folder is written locally and uploaded at
 the end). The predicted future and the attribution need the

@@ -122,13 +122,13 @@ def test_paired_episodes_and_mcnemar():
     ref = summary({"reach-v3": set(range(9)), "push-v3": set(range(8))})            # 17/20
     other = summary({"reach-v3": {0, 1, 9}, "push-v3": {0, 1, 2}})                   # 6/20: 12 lost, 1 won
     md, _ = ablate.render({("defi", 0): ref, ("no_gfdm_pretrain", 0): other}, tasks)
-    p = ablate.mcnemar_exact(12, 1)
+    p = metaworld.mcnemar_exact(12, 1)
     assert p == pytest.approx(2 * (1 + 13) / 2 ** 13)                               # binomial(13, 1/2) tail
     agree = md.split("## Agreement with the paper")[1]
     assert (f"w/o GFDM pretraining: no paper number; miniature 0.30 vs 0.85; paired over 20 episodes: only Full "
             f"DeFI succeeded in 12, only w/o GFDM pretraining in 1 (exact McNemar p = {p:.3g})") in agree
-    assert ablate.mcnemar_exact(0, 0) == 1.0 and ablate.mcnemar_exact(3, 3) == 1.0
-    assert ablate.mcnemar_exact(5, 0) == pytest.approx(2 / 32)
+    assert metaworld.mcnemar_exact(0, 0) == 1.0 and metaworld.mcnemar_exact(3, 3) == 1.0
+    assert metaworld.mcnemar_exact(5, 0) == pytest.approx(2 / 32)
     md, _ = ablate.render({("defi", 0): ref, ("no_gfdm_pretrain", 0): {"tasks": other["tasks"]}}, tasks)
     assert "paired over" not in md                                                  # summaries without episodes
 

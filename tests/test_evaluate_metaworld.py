@@ -17,6 +17,9 @@ decoded x0 estimate of the same GFDM step.
 import csv
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +29,8 @@ from PIL import Image
 from data_pipelines import demo
 from defi_jax.evaluation import attribution as at
 from defi_jax.evaluation import metaworld as mw
+
+REPO = Path(__file__).resolve().parents[1]
 
 TASKS = ("reach-v3", "handle-press-v3")
 RES = 32
@@ -395,3 +400,42 @@ def test_torch_backend_acts_row_by_row_from_seeded_generators(monkeypatch):
     np.testing.assert_array_equal(policy.act_batch(obs[1:], ["a"] * 2, seeds=[9, 9]), np.stack([draw(9) + 1,
                                                                                               draw(9) + 2]))
     assert first.shape == (3, 10, 7) and not hasattr(policy, "act_and_predict_batch")
+
+
+def _eval_summary(tasks, wins, *, episodes=10, noise="per row: seeds = ...", workers=2):
+    proto = {"tasks": list(tasks), "episodes_per_task": episodes, "horizon": 200, "steps_per_chunk": 10, "seed": 0,
+             "resolution": 128, "cameras": dict(mw.CAMERAS), "flip": mw.FLIP, "workers": workers,
+             "policy_noise": noise}
+    return {"protocol": proto, "episodes": [{"task": t, "episode": e, "success": e in wins.get(t, ())}
+                                            for t in tasks for e in range(episodes)]}
+
+
+def test_compare_pairs_episodes_and_refuses_other_protocols(tmp_path, subprocess_env):
+    a = _eval_summary(["reach-v3", "push-v3"], {"reach-v3": set(range(9)), "push-v3": {0, 1}})
+    b = _eval_summary(["push-v3"], {"push-v3": {0, 1, 2, 3, 4}}, workers=1)   # shared noise: tasks, workers may differ
+    got = mw.compare(a, b)
+    assert got["shared_noise"] and list(got["tasks"]) == ["push-v3", "all"]
+    assert got["tasks"]["push-v3"] == {"episodes": 10, "a_successes": 2, "b_successes": 5, "only_a": 0, "only_b": 3,
+                                       "mcnemar_p": pytest.approx(0.25)}
+    old = _eval_summary(["push-v3"], {}, noise="the policy's own (its act_batch takes no seeds)", workers=1)
+    with pytest.raises(ValueError, match=r"different protocols: tasks .*workers \(2 vs 1\).*the batches decide"):
+        mw.compare(a, old)
+    with pytest.raises(ValueError, match=r"horizon \(200 vs 100\)"):
+        mw.compare(a, dict(b, protocol=dict(b["protocol"], horizon=100)))
+    with pytest.raises(ValueError, match="share no task"):
+        mw.compare(a, _eval_summary(["drawer-close-v3"], {}))
+
+    for name, s in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(s))
+    cmd = [sys.executable, "-m", "launch.compare_evals", f"--a={tmp_path / 'a'}",
+           f"--b={tmp_path / 'b' / 'summary.json'}", f"--out={tmp_path / 'cmp.csv'}"]
+    out = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "policy noise: shared per episode" in out.stdout
+    assert (tmp_path / "cmp.csv").read_text().splitlines()[1:] == ["push-v3,10,2,5,0,3,0.25", "all,10,2,5,0,3,0.25"]
+    out = subprocess.run(cmd[:4] + [f"--b={tmp_path / 'missing'}"], cwd=REPO, env=subprocess_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.strip() == (f"launch.compare_evals: {tmp_path / 'missing'}/summary.json: "
+                                                          f"no such file (give a launch.evaluate --out folder or its "
+                                                          f"summary.json)")

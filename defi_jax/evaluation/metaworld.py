@@ -227,6 +227,49 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant pairs (a binomial test of ``only_a`` of
+    ``only_a + only_b`` at 1/2)."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2.0 ** n
+    return min(1.0, 2.0 * tail)
+
+
+COMPARE_KEYS = ("horizon", "steps_per_chunk", "seed", "resolution", "cameras", "flip")
+
+
+def compare(a: Mapping, b: Mapping) -> dict:
+    """Two evaluation summaries, episode by episode: per shared task and ``all``, the episodes both played, each
+    one's successes, the episodes only one solved and the exact McNemar p-value. Episode e of a task has the same
+    env seed and goal in both; with per-row policy noise (``protocol.policy_noise``) the same noise too, whatever
+    the task lists and worker counts (``shared_noise``; without it the task list, episode count and workers must
+    match). Raises ValueError naming the protocol keys that differ."""
+    pa, pb = a["protocol"], b["protocol"]
+    shared_noise = all(str(p.get("policy_noise", "")).startswith("per row") for p in (pa, pb))
+    keys = COMPARE_KEYS if shared_noise else (*COMPARE_KEYS, "tasks", "episodes_per_task", "workers")
+    differ = [f"{k} ({pa.get(k)!r} vs {pb.get(k)!r})" for k in keys if pa.get(k) != pb.get(k)]
+    if differ:
+        raise ValueError("the two evaluations ran different protocols: " + "; ".join(differ)
+                         + ("" if shared_noise else " (without per-row policy noise the batches decide the draws)"))
+    tasks = [t for t in pa["tasks"] if t in pb["tasks"]]
+    if not tasks:
+        raise ValueError(f"the two evaluations share no task ({pa['tasks']} vs {pb['tasks']})")
+    outcome = [{(e["task"], int(e["episode"])): bool(e["success"]) for e in s.get("episodes", ())} for s in (a, b)]
+    rows = {}
+    for task in [*tasks, "all"]:
+        keys = [k for k in outcome[0] if k in outcome[1] and k[0] in tasks and task in ("all", k[0])]
+        only_a = sum(outcome[0][k] and not outcome[1][k] for k in keys)
+        only_b = sum(outcome[1][k] and not outcome[0][k] for k in keys)
+        rows[task] = {"episodes": len(keys), "a_successes": sum(outcome[0][k] for k in keys),
+                      "b_successes": sum(outcome[1][k] for k in keys), "only_a": only_a, "only_b": only_b,
+                      "mcnemar_p": mcnemar_exact(only_a, only_b)}
+    if not rows["all"]["episodes"]:
+        raise ValueError("the two evaluations share no episode (summary.json 'episodes' missing or disjoint)")
+    return {"shared_noise": shared_noise, "tasks": rows}
+
+
 # ---- the worker process --------------------------------------------------------------------------
 
 class _Episode:

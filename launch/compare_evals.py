@@ -1,0 +1,67 @@
+"""Two closed-loop evaluations of one protocol compared episode by episode (``launch.evaluate`` outputs).
+
+    python -m launch.compare_evals --a=/tmp/eval_full --b=/tmp/eval_no_gfdm
+    python -m launch.compare_evals --a=gs://bucket/eval_a/summary.json --b=/tmp/eval_b --out=/tmp/a_vs_b.csv
+
+``--a`` / ``--b``: an evaluation's ``--out`` folder or its ``summary.json`` (local or ``gs://``). Episode e of a task
+has the same env seed and goal in both, and, with the policy's noise seeded per episode (every evaluation since
+per-row seeds; ``protocol.policy_noise``), the same noise, so the episodes only one policy solved carry the
+comparison: per task and overall it prints both success counts, those discordant episodes and the exact McNemar
+p-value (two-sided). Evaluations of different protocols (tasks, episodes, horizon, chunking, seed, resolution,
+cameras) are refused with the keys that differ. ``--out`` also writes the table as CSV (atomically).
+"""
+
+import json
+import sys
+
+from absl import app, flags
+
+from defi_jax import paths
+
+_A = flags.DEFINE_string("a", None, "First evaluation: its output folder or summary.json (local or gs://).")
+_B = flags.DEFINE_string("b", None, "Second evaluation, the same protocol.")
+_OUT = flags.DEFINE_string("out", None, "Also write the table as CSV here (local or gs://).")
+flags.mark_flags_as_required(["a", "b"])
+
+
+def _load(path: str) -> dict:
+    file = path if path.endswith(".json") else paths.join(path, "summary.json")
+    if not paths.exists(file):
+        raise SystemExit(f"launch.compare_evals: {file}: no such file (give a launch.evaluate --out folder or its "
+                         f"summary.json)")
+    try:
+        summary = json.loads(paths.read_text(file))
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"launch.compare_evals: {file}: not JSON ({e})") from e
+    if "protocol" not in summary or "episodes" not in summary:
+        raise SystemExit(f"launch.compare_evals: {file}: not a launch.evaluate summary (no 'protocol' / 'episodes')")
+    return summary
+
+
+def main(argv):
+    del argv
+    from defi_jax.evaluation import metaworld
+
+    a, b = _load(_A.value), _load(_B.value)
+    try:
+        result = metaworld.compare(a, b)
+    except ValueError as e:
+        raise SystemExit(f"launch.compare_evals: {e}") from e
+    print(f"a: {_A.value}\nb: {_B.value}")
+    print("policy noise: " + ("shared per episode" if result["shared_noise"] else
+                              "NOT shared (an evaluation before per-row seeds): only env seeds and goals are paired"))
+    head = ("task", "episodes", "a", "b", "only_a", "only_b", "mcnemar_p")
+    rows = [(t, r["episodes"], r["a_successes"], r["b_successes"], r["only_a"], r["only_b"], f"{r['mcnemar_p']:.3g}")
+            for t, r in result["tasks"].items()]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    for row in (head, *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+    if _OUT.value:
+        text = "\n".join(",".join(str(x) for x in row) for row in (head, *rows)) + "\n"
+        paths.write_text(_OUT.value, text)
+        print(f"launch.compare_evals: table written to {_OUT.value}")
+
+
+if __name__ == "__main__":
+    from defi_jax import config_validation
+    sys.exit(app.run(main, flags_parser=config_validation.parse_flags))
