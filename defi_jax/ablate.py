@@ -411,14 +411,12 @@ def line(row: Row, results: Mapping[tuple[str, int], Mapping], tasks: Sequence[s
 def _paired(ref: Line, other: Line) -> str:
     """Episode by episode: the evaluator plays episode e of a task with the same env seed, goal and policy noise
     seeds for every variant (same training seed), so the pairs that differ say more than two intervals."""
-    from defi_jax.evaluation.metaworld import mcnemar_exact
+    from defi_jax.evaluation.metaworld import discordant, mcnemar_exact
 
-    both = sorted(ref.outcomes.keys() & other.outcomes.keys())
-    if not both:
+    pairs, only_ref, only_other = discordant(ref.outcomes, other.outcomes)
+    if not pairs:
         return ""
-    only_ref = sum(ref.outcomes[k] and not other.outcomes[k] for k in both)
-    only_other = sum(other.outcomes[k] and not ref.outcomes[k] for k in both)
-    return (f"; paired over {len(both)} episodes: only {ref.row.label} succeeded in {only_ref}, only "
+    return (f"; paired over {pairs} episodes: only {ref.row.label} succeeded in {only_ref}, only "
             f"{other.row.label} in {only_other} (exact McNemar p = {mcnemar_exact(only_ref, only_other):.3g})")
 
 

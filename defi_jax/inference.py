@@ -70,6 +70,11 @@ def rowwise(fn):
     return jax.vmap(one)
 
 
+def act_rows(model, frames, text, seeds, *, num_steps: int, sigma_min: float):
+    """``DeFIPolicyModel.act`` with one noise seed per row (:func:`rowwise`): what every backend deploys."""
+    return rowwise(lambda f, t, k: model.act(f, t, k, num_steps=num_steps, sigma_min=sigma_min))(frames, text, seeds)
+
+
 def resize_image(image: np.ndarray, size: int, name: str) -> np.ndarray:
     """uint8 [H, W, 3] -> [size, size, 3] (PIL bilinear), as every policy backend resizes its inputs; ``name``
     is the view named in the error."""
@@ -187,9 +192,8 @@ class DeFIPolicy:
             graphdef, steps, sigma_min = self._graphdef, self.num_steps, self.sigma_min
 
             def act(state, frames, text, seeds):
-                model = nnx.merge(graphdef, state)
-                return rowwise(lambda f, t, k: model.act(f, t, k, num_steps=steps, sigma_min=sigma_min))(
-                    frames, text, seeds)
+                return act_rows(nnx.merge(graphdef, state), frames, text, seeds, num_steps=steps,
+                                sigma_min=sigma_min)
 
             self._act_fns[batch] = self._compile(act, batch)
         return self._act_fns[batch]
@@ -294,9 +298,8 @@ class DeFIPolicy:
         to_robot = _unnormalizer(self.stats_asset)
 
         def act(flat, frames, text, seeds):
-            model = merge(graphdef, tree, flat)
-            return to_robot(rowwise(lambda f, t, k: model.act(f, t, k, num_steps=steps, sigma_min=sigma_min))(
-                frames, text, seeds))
+            return to_robot(act_rows(merge(graphdef, tree, flat), frames, text, seeds, num_steps=steps,
+                                     sigma_min=sigma_min))
 
         def encode(flat, ids):
             return merge(graphdef, tree, flat).encode_instruction(*ids)

@@ -7,8 +7,9 @@
 has the same env seed and goal in both, and, with the policy's noise seeded per episode (every evaluation since
 per-row seeds; ``protocol.policy_noise``), the same noise, so the episodes only one policy solved carry the
 comparison: per task and overall it prints both success counts, those discordant episodes and the exact McNemar
-p-value (two-sided). Evaluations of different protocols (tasks, episodes, horizon, chunking, seed, resolution,
-cameras) are refused with the keys that differ. ``--out`` also writes the table as CSV (atomically).
+p-value (two-sided), over the tasks and episodes both ran. Evaluations of different protocols (horizon, chunking,
+seed, resolution, cameras; also task lists, episode counts and workers when the noise was not seeded per row) are
+refused with the keys that differ. ``--out`` also writes the table as CSV (atomically).
 """
 
 import json

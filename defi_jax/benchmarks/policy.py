@@ -9,7 +9,7 @@ Rows (batch 1 by default, random weights of the config's sizes; p50 / p90 over `
   context           Video Former + GIDM latent actions + goal token + the head's encoder (once per act)
   head_sample       the action head's 10 DDIM steps on a precomputed context
   act_total         the whole compiled ``act`` as ``DeFIPolicy`` runs it (1 GFDM step, noise seeded per row:
-                    ``inference.rowwise``), the same loaded from its ``jax.export`` artifact, and
+                    ``inference.act_rows``), the same loaded from its ``jax.export`` artifact, and
                     ``act_total_one_key`` (one key for the batch; ``ratio`` = it / act_total)
   torch_adapter     the PyTorch re-statement of the reference's adapter (Video Former + head; the reference's
                     sampler runs the head's encoder at every step) on the same weights and features, beside
@@ -56,7 +56,7 @@ def run(args: list[str]) -> list[dict]:
     from flax import nnx
 
     from configs import policy as policy_configs
-    from defi_jax.inference import rowwise
+    from defi_jax.inference import act_rows
     from defi_jax.policy import stage as policy_stage
 
     p = argparse.ArgumentParser(prog="launch.benchmark policy")
@@ -126,11 +126,10 @@ def run(args: list[str]) -> list[dict]:
     row("head_sample", _time(lambda: jax.block_until_ready(head_fn(st, context, noise)), a.steps, a.warmup),
         peak_bytes=_compiled_bytes(head_fn))
 
-    # ---- the whole act as deployed (noise seeded per row, inference.rowwise), in-process and exported; and one
+    # ---- the whole act as deployed (noise seeded per row, inference.act_rows), in-process and exported; and one
     # key for the whole batch (DeFIPolicyModel.act as training's evaluation calls it): the cost of per-row seeds
     def act(s, f, t, seeds):
-        model = nnx.merge(gd, s)
-        return rowwise(lambda f1, t1, k: model.act(f1, t1, k, num_steps=steps, sigma_min=sigma_min))(f, t, seeds)
+        return act_rows(nnx.merge(gd, s), f, t, seeds, num_steps=steps, sigma_min=sigma_min)
 
     seeds = jnp.arange(B, dtype=jnp.uint32)
     act_c = jax.jit(act).lower(st, frames, text, seeds).compile()

@@ -237,6 +237,12 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     return min(1.0, 2.0 * tail)
 
 
+def discordant(a: Mapping, b: Mapping) -> tuple[int, int, int]:
+    """(pairs, only a succeeded, only b succeeded) over the keys two ``{episode key: success}`` maps share."""
+    keys = a.keys() & b.keys()
+    return len(keys), sum(a[k] and not b[k] for k in keys), sum(b[k] and not a[k] for k in keys)
+
+
 COMPARE_KEYS = ("horizon", "steps_per_chunk", "seed", "resolution", "cameras", "flip")
 
 
@@ -259,12 +265,11 @@ def compare(a: Mapping, b: Mapping) -> dict:
     outcome = [{(e["task"], int(e["episode"])): bool(e["success"]) for e in s.get("episodes", ())} for s in (a, b)]
     rows = {}
     for task in [*tasks, "all"]:
-        keys = [k for k in outcome[0] if k in outcome[1] and k[0] in tasks and task in ("all", k[0])]
-        only_a = sum(outcome[0][k] and not outcome[1][k] for k in keys)
-        only_b = sum(outcome[1][k] and not outcome[0][k] for k in keys)
-        rows[task] = {"episodes": len(keys), "a_successes": sum(outcome[0][k] for k in keys),
-                      "b_successes": sum(outcome[1][k] for k in keys), "only_a": only_a, "only_b": only_b,
-                      "mcnemar_p": mcnemar_exact(only_a, only_b)}
+        a_t, b_t = ({k: v for k, v in o.items() if k[0] in tasks and task in ("all", k[0])} for o in outcome)
+        n, only_a, only_b = discordant(a_t, b_t)
+        rows[task] = {"episodes": n, "a_successes": sum(a_t[k] for k in a_t.keys() & b_t.keys()),
+                      "b_successes": sum(b_t[k] for k in a_t.keys() & b_t.keys()), "only_a": only_a,
+                      "only_b": only_b, "mcnemar_p": mcnemar_exact(only_a, only_b)}
     if not rows["all"]["episodes"]:
         raise ValueError("the two evaluations share no episode (summary.json 'episodes' missing or disjoint)")
     return {"shared_noise": shared_noise, "tasks": rows}
@@ -661,9 +666,10 @@ def _run_policy(workers: _Workers, jobs: list[dict], policy, instructions: Mappi
     replanning step, so an episode draws the same noise whatever else runs (other tasks, other worker counts)."""
     n = len(workers.conns)
     queue, records = collections.deque(jobs), []
-    calls = {"calls": 0, "rows": 0, "seconds": 0.0, "first_call_s": None, "chunk_length": None, "future": None}
     predicting = _prediction(policy, protocol)[0]
     seeded = _takes_seeds(policy.act_and_predict_batch if predicting else policy.act_batch)
+    calls = {"calls": 0, "rows": 0, "seconds": 0.0, "first_call_s": None, "chunk_length": None, "future": None,
+             "seeded": seeded}
     chunk = [0] * n                    # replanning steps of each worker's current episode
     pending = []
     for i in range(n):
@@ -789,7 +795,7 @@ def _summary(protocol: Protocol, policy, policy_info, instructions, records, exp
                   f"padded to the worker count"),
         "policy_noise": ("per row: seeds = SeedSequence((episode seed, replanning step)).generate_state(1)[0]; an "
                          "episode's draws do not depend on the other tasks or the worker count"
-                         if _takes_seeds(policy.act_and_predict_batch if predicting else policy.act_batch) else
+                         if calls["seeded"] else
                          "the policy's own (its act_batch takes no seeds): an episode's draws can depend on the "
                          "rows it shares a call with, so workers and tasks are part of the protocol"),
         "videos": {"view": protocol.video_view, "camera": protocol.cameras[protocol.video_view],
