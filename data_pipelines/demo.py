@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -149,11 +150,16 @@ def _run_jobs(jobs, max_steps):
 
 def make_demo_data(out: str, *, tasks=ROBOT_TASKS, human_tasks=HUMAN_TASKS, episodes: int = EPISODES,
                    human_episodes: int | None = HUMAN_EPISODES, size: int = 128, seed: int = 0,
-                   max_steps: int = 200) -> str:
-    """Write the demo data to ``out`` (see the module docstring) and convert the RLDS part. Returns ``out``."""
+                   max_steps: int = 200, relabelled: Sequence[str] = ()) -> str:
+    """Write the demo data to ``out`` (see the module docstring) and convert the RLDS part. Returns ``out``.
+
+    ``relabelled``: folders of ``launch.evaluate --relabel_out`` (DAgger): their policy episodes, each state
+    labelled with the scripted expert's action, join the expert episodes in the robot dataset (one dataset, so
+    one set of action statistics)."""
     import tensorflow_datasets as tfds
 
     from data_pipelines import convert, rlds, video
+    from defi_jax.evaluation import metaworld
 
     tfds.disable_progress_bar()
     human_episodes = episodes if human_episodes is None else human_episodes
@@ -186,6 +192,18 @@ def make_demo_data(out: str, *, tasks=ROBOT_TASKS, human_tasks=HUMAN_TASKS, epis
             split_eps["train"].append({"steps": steps,
                                        "episode_metadata": {"file_path": f"metaworld/{task}/seed{seed + k}/ep{i}"}})
         logging.info("demo: %s x %d episodes", task, len(rollouts[k]))
+    added: dict[str, dict[str, int]] = {}
+    for folder in relabelled:
+        counts = added.setdefault(folder, {})
+        for ep in metaworld.read_relabelled(folder, size):
+            steps = [{"observation": {"image": ep["image"][t], "wrist_image": ep["wrist_image"][t],
+                                      "state": ep["state"][t].astype(np.float32)},
+                      "action": ep["action"][t].astype(np.float32), "language_instruction": ep["instruction"]}
+                     for t in range(len(ep["action"]))]
+            split_eps["train"].append({"steps": steps, "episode_metadata": {
+                "file_path": f"relabelled/{ep['task']}/seed{ep['seed']}/ep{ep['episode']}"}})
+            counts[ep["task"]] = counts.get(ep["task"], 0) + 1
+        logging.warning("demo: + relabelled policy episodes from %s: %s", folder, counts)
     rlds.write_rlds(out, "demo", split_eps, description="Meta-World v3 scripted-expert episodes (defi-jax demo data)")
     convert.convert("demo", os.path.join(out, "demo"), os.path.join(out, "demo"))
 
@@ -208,7 +226,7 @@ def make_demo_data(out: str, *, tasks=ROBOT_TASKS, human_tasks=HUMAN_TASKS, epis
     with open(os.path.join(out, DONE), "w") as f:
         json.dump({"tasks": list(tasks), "human_tasks": list(human_tasks), "episodes": episodes,
                    "human_episodes": human_episodes, "size": size, "seed": seed,
-                   "expert_success": expert, "version": VERSION}, f)
+                   "expert_success": expert, "relabelled": added, "version": VERSION}, f)
     return out
 
 

@@ -13,7 +13,9 @@ episode by episode). Writes ``summary.json``, ``summary.csv`` (per-task success 
 protocol on every row), ``attribution.csv`` (failed episodes split into forward / inverse dynamics failures)
 and ``videos/<task>/*.gif`` (the real frames beside the GFDM's predicted future) under ``--out`` (default:
 ``<checkpoint, exported or torch folder>/eval_metaworld``; a ``gs://`` folder is written locally and uploaded at
-the end). The predicted future and the attribution need the
+the end). ``--relabel_out=DIR`` (DAgger) also keeps each policy episode with the scripted expert's action at every
+state the policy visited, for ``python -m launch.make_demo_data --relabelled DIR``. The predicted future and the
+attribution need the
 JAX policy (``--backend=jax``); with the exported or PyTorch backends the summary records them as unavailable.
 """
 
@@ -61,6 +63,10 @@ _PREDICT = flags.DEFINE_bool("predict_future", True, "Show the GFDM's one-step p
                              "frames and attribute failures to forward / inverse dynamics (JAX backend).")
 _FUTURE_STRIDE = flags.DEFINE_integer("future_stride", 1, "Env steps between the GFDM's predicted frames (the "
                                       "GFDM's config.data.frame_stride).", lower_bound=1)
+_RELABEL = flags.DEFINE_string("relabel_out", None, "DAgger: also keep every policy episode with the scripted "
+                               "expert's action at each visited state in this folder (local or gs://), for "
+                               "launch.make_demo_data --relabelled. Use a --seed the evaluation does not (its episodes become training "
+                               "data).")
 _PERCENTILE = flags.DEFINE_float("attribution_percentile", 10.0, "A failure scoring below this percentile of the "
                                  "task's successful episodes' prediction scores is a forward-dynamics failure.",
                                  lower_bound=0.0, upper_bound=100.0)
@@ -126,7 +132,8 @@ def main(argv):
         print(f"launch.evaluate: {e}", file=sys.stderr)
         return 2
     summary = metaworld.evaluate(policy, protocol, out, policy_info=info,
-                                 progress=lambda line: print(line, flush=True))
+                                 progress=lambda line: print(line, flush=True),
+                                 relabel_out=paths.abspath(_RELABEL.value) if _RELABEL.value else None)
     files = "summary.json, summary.csv, " + ("attribution.csv, " if summary["attribution"]["available"] else "")
     print(f"launch.evaluate: mean success {summary['mean_success']:.3f}; outputs in {out} ({files}videos/)",
           flush=True)

@@ -3,6 +3,16 @@ actions, one instruction per task) + action-free videos of other tasks in the So
 
   MUJOCO_GL=egl python -m launch.make_demo_data --out /tmp/demo --tasks reach-v3 push-v3 --episodes 4 --size 128
 
+DAgger: ``--relabelled DIR ...`` adds the policy episodes of ``launch.evaluate --relabel_out=DIR`` (each visited
+state labelled with the scripted expert's action) to the robot dataset. Collect them on seeds the evaluation does
+not use (``launch.evaluate``'s default is --seed=0), or the evaluation scores the episodes the policy trained on:
+
+  python -m launch.evaluate --checkpoint=workdirs/demo/policy --tasks=demo --episodes=25 --seed=1 \\
+      --noexpert --videos_per_task=0 --relabel_out=/tmp/dagger1
+  python -m launch.make_demo_data --out /tmp/demo_dagger1 --relabelled /tmp/dagger1
+  python -m launch.train --config=configs/policy.py:demo --workdir=/tmp/policy_dagger1 \\
+      --config.data.data_dir=/tmp/demo_dagger1
+
 Deterministic for --seed. Reads back with ``data.mixture="demo"`` and ``data.data_dir=<out>``.
 """
 
@@ -24,6 +34,9 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=128, help="rendered frame size (square)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max_steps", type=int, default=200)
+    p.add_argument("--relabelled", nargs="*", default=[],
+                   help="launch.evaluate --relabel_out folders (DAgger): their policy episodes, labelled with the "
+                        "scripted expert's actions, join the robot dataset")
     a = p.parse_args(argv)
     os.environ.setdefault("MUJOCO_GL", "egl")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -31,7 +44,7 @@ def main(argv=None):
     out = os.path.abspath(a.out)
     demo.make_demo_data(out, tasks=tuple(a.tasks), human_tasks=tuple(a.human_tasks), episodes=a.episodes,
                         human_episodes=demo.HUMAN_EPISODES if a.human_episodes is None else a.human_episodes,
-                        size=a.size, seed=a.seed, max_steps=a.max_steps)
+                        size=a.size, seed=a.seed, max_steps=a.max_steps, relabelled=tuple(a.relabelled))
     print(out)
 
 

@@ -235,6 +235,52 @@ def test_policy_noise_is_seeded_per_episode_whatever_else_runs(tmp_path):
     assert "SeedSequence((episode seed, replanning step))" in summary["protocol"]["policy_noise"]
 
 
+def test_relabel_out_keeps_policy_episodes_labelled_by_the_expert_for_the_demo_data(tmp_path, subprocess_env):
+    """DAgger: the states the policy visits (a constant +x push, not the expert's) carry the scripted expert's
+    action there; launch.make_demo_data --relabelled adds those episodes, labels as actions, to the RLDS."""
+    rel = tmp_path / "relabelled"
+    summary = mw.evaluate(ConstantStandIn(), mw.Protocol(tasks=TASKS, episodes=1, horizon=12, steps_per_chunk=4,
+                                                         workers=2, resolution=RES, expert=False,
+                                                         videos_per_task=0),
+                          str(tmp_path / "eval"), policy_info={"source": "stand-in"}, progress=None,
+                          relabel_out=str(rel))
+    index = json.loads((rel / mw.RELABEL_INDEX).read_text())
+    assert index["episodes"] == {t: [f"{t}/ep000.npz"] for t in TASKS} and index["resolution"] == RES
+    assert summary["relabelled"] == {"folder": str(rel), "episodes": 2, "steps": 24} == \
+        json.loads((tmp_path / "eval" / "summary.json").read_text())["relabelled"]
+    rules = {"reach-v3": _reach, "handle-press-v3": _handle_press}
+    episodes = list(mw.read_relabelled(str(rel), RES))
+    for ep in episodes:
+        T = len(ep["action"])
+        assert T == 12 and not ep["success"] and ep["instruction"] == demo.instruction(ep["task"])
+        assert ep["image"].shape == ep["wrist_image"].shape == (T, RES, RES, 3) and ep["image"].dtype == np.uint8
+        assert not np.array_equal(ep["image"][0], ep["wrist_image"][0]) and ep["image"].std() > 5
+        # the policy's push was executed: the hand moved +x; each label is the expert's action at that state
+        np.testing.assert_array_equal(ep["policy_action"], np.tile([1.0, 0.0, 0.0, 1.0], (T, 1)))
+        assert ep["state"][-1, 0] > ep["state"][0, 0] + 0.02
+        expected = np.clip([rules[ep["task"]](x) for x in ep["state"].astype(np.float64)], -1, 1)
+        np.testing.assert_allclose(ep["action"], expected, atol=1e-5)
+        assert np.abs(ep["action"] - ep["policy_action"]).max() > 0.5
+    with pytest.raises(ValueError, match="frames of 32 px, the data needs 64 px"):
+        next(mw.read_relabelled(str(rel), 64))
+
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "launch.make_demo_data", "--out", str(out), "--tasks", "reach-v3",
+                           "--human_tasks", "drawer-close-v3", "--episodes", "1", "--human_episodes", "1",
+                           "--size", str(RES), "--max_steps", "150", "--relabelled", str(rel)],
+                          cwd=REPO, env=subprocess_env(devices=0), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from data_pipelines import rlds
+    read = [e for _, e in rlds.read_rlds(str(out / "demo"), "demo")]
+    assert len(read) == 3 and not any(isinstance(e, Exception) for e in read)
+    for ep in episodes:        # each relabelled episode, its labels as the dataset's 7-D actions
+        match = [e for e in read if len(e["actions"]) == 12 and np.array_equal(e["actions"][:, :3], ep["action"][:, :3])]
+        assert len(match) == 1 and match[0]["instruction"] == ep["instruction"]
+        np.testing.assert_allclose(match[0]["actions"][:, 6], (1 - ep["action"][:, 3]) / 2, atol=1e-6)
+    done = json.loads((out / demo.DONE).read_text())
+    assert done["relabelled"] == {str(rel): {"reach-v3": 1, "handle-press-v3": 1}}
+
+
 def test_predicted_future_is_scored_against_the_frames_that_followed(tmp_path):
     policy = StaticWorldStandIn(frames=3)
     summary = _run(tmp_path, policy, tasks=("reach-v3",), horizon=12, workers=1, expert=False, videos_per_task=1)

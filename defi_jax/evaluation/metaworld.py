@@ -56,6 +56,11 @@ row), ``attribution.csv`` (per task and ``all``: failures, forward / inverse dyn
 threshold; only when the prediction was available, also printed) and ``videos/<task>/ep<e>_<success|failure>.gif``
 (the video view, one frame per env step, with the prediction beside it when available; a rerun replaces the
 GIFs of its tasks). Every file is written atomically. Progress: one line per finished episode.
+
+DAgger (``evaluate(..., relabel_out=DIR)``): the workers also keep, at every state the policy visits, the demo
+data's two cameras, Meta-World's state and the scripted expert's action there; each episode becomes
+``DIR/<task>/ep<e>.npz`` (:func:`write_relabelled`) and ``DIR/relabelled.json`` lists them, written last.
+``launch.make_demo_data --relabelled DIR`` (:func:`read_relabelled`) adds them to the demo's robot dataset.
 """
 
 from __future__ import annotations
@@ -88,6 +93,10 @@ CAMERAS = {"primary": "corner", "wrist": "gripperPOV"}    # data_pipelines/demo.
 FLIP = "rotated 180 degrees (rows and columns reversed), as the demo data"
 NUM_GOALS = 50                                           # Meta-World's goals per task (metaworld._N_GOALS)
 Z95 = 1.959963984540054
+# DAgger relabelling (evaluate(relabel_out=...)): what each visited state keeps, in the demo data's format
+# (data_pipelines/demo.py: "image" = corner camera, "wrist_image" = gripper camera, the 4-D env action).
+RELABEL_CAMERAS = {"image": "corner", "wrist_image": "gripperPOV"}
+RELABEL_KEYS = ("image", "wrist_image", "state", "action", "policy_action")
 VIDEO_LAYOUT = ("two panels per env step t: left, the real frame of the video view; right, the GFDM's one-step "
                 "prediction made at the latest replanning step r <= t: its frame (t - r) // future_stride (frame 0: "
                 "the GFDM's rendering of the observed frame), enlarged (nearest) from the policy's resolution; past "
@@ -287,6 +296,9 @@ class _Episode:
         self.frames: list[np.ndarray] = []   # the video view before each step, then the last state
         self.shown = None                    # the video view the policy was last shown (reused as a frame)
         self.futures: list[tuple[int, np.ndarray]] = []   # (env step, the GFDM's predicted frames [T, r, r, 3])
+        # DAgger relabelling (job["relabel"]): per visited state, the demo data's two views, Meta-World's state,
+        # the scripted expert's action there and the action the policy took
+        self.relabel = {k: [] for k in RELABEL_KEYS} if job.get("relabel") else None
 
     @property
     def recording(self) -> bool:
@@ -382,6 +394,8 @@ def _worker(conn, resolution: int, cameras: dict, video_view: str, gif_frame_ms:
         rec.update(success=ep.success_step is not None, success_step=ep.success_step, steps=ep.t, video=None)
         if ep.recording:
             ep.frames.append(sim.render(cameras[video_view]))   # the state the last action led to
+        if ep.relabel is not None:
+            rec["relabel"] = {k: np.stack(v) if v else np.zeros((0,), np.float32) for k, v in ep.relabel.items()}
         if ep.futures:
             from defi_jax.inference import resize_image
             t0 = time.perf_counter()
@@ -445,6 +459,13 @@ def _worker(conn, resolution: int, cameras: dict, video_view: str, gif_frame_ms:
                     if ep.recording:          # at k = 0 the policy was just shown this view: no second render
                         ep.frames.append(ep.shown if k == 0 and ep.shown is not None else
                                          sim.render(cameras[video_view]))
+                    if ep.relabel is not None:
+                        r = ep.relabel
+                        r["image"].append(sim.render(RELABEL_CAMERAS["image"]))
+                        r["wrist_image"].append(sim.render(RELABEL_CAMERAS["wrist_image"]))
+                        r["state"].append(np.asarray(sim.obs, np.float32))
+                        r["action"].append(np.clip(sim.expert.get_action(sim.obs), -1, 1).astype(np.float32))
+                        r["policy_action"].append(np.asarray(a, np.float32))
                     if sim.step(a):
                         ep.success_step = ep.t
                     ep.t += 1
@@ -553,20 +574,24 @@ def _describe(job: dict | None) -> str:
 # ---- the evaluation ------------------------------------------------------------------------------
 
 def evaluate(policy, protocol: Protocol, out: str, *, policy_info: Mapping | None = None,
-             progress: Callable[[str], None] | None = print) -> dict:
+             progress: Callable[[str], None] | None = print, relabel_out: str | None = None) -> dict:
     """Runs ``protocol`` with ``policy`` (``views``, ``resolution``, ``act_batch(observations, instructions)
     -> [B, chunk, 7]``), writes ``out``/summary.json, summary.csv and the GIFs; returns the summary.
 
     ``policy_info`` (e.g. the checkpoint path and step) is recorded in the summary. ``progress`` gets one line
     per finished episode (None: quiet). A ``gs://`` ``out`` is written in a local staging folder and uploaded at
-    the end (the evaluated tasks' old videos there replaced, ``summary.json`` last)."""
+    the end (the evaluated tasks' old videos there replaced, ``summary.json`` last).
+
+    ``relabel_out`` (DAgger): also keeps every policy episode with the scripted expert's action at each state
+    the policy visited (:func:`write_relabelled`), for ``launch.make_demo_data --relabelled``."""
     from data_pipelines import demo
 
     protocol.check(policy)
     if paths.is_remote(out):
         import tempfile
         with tempfile.TemporaryDirectory(prefix="defi_jax_eval_") as staging:
-            summary = evaluate(policy, protocol, staging, policy_info=policy_info, progress=progress)
+            summary = evaluate(policy, protocol, staging, policy_info=policy_info, progress=progress,
+                               relabel_out=relabel_out)
             for task in protocol.tasks:
                 paths.rmtree(paths.join(out, "videos", task), missing_ok=True)
             paths.upload_tree(staging, out, last=("summary.json",))
@@ -584,6 +609,7 @@ def evaluate(policy, protocol: Protocol, out: str, *, policy_info: Mapping | Non
             expert_jobs.append(dict(job, video=None))
             n_videos = protocol.episodes if protocol.videos_per_task is None else protocol.videos_per_task
             job["video"] = os.path.join(out, "videos", task, f"ep{e:03d}") if e < n_videos else None
+            job["relabel"] = relabel_out is not None
             jobs.append(job)
     total = len(jobs) + (len(expert_jobs) if protocol.expert else 0)
     n_workers = min(protocol.workers, len(jobs))
@@ -593,6 +619,8 @@ def evaluate(policy, protocol: Protocol, out: str, *, policy_info: Mapping | Non
 
     for task in protocol.tasks:     # a rerun into the same folder replaces its tasks' GIFs (names carry outcomes)
         shutil.rmtree(os.path.join(out, "videos", task), ignore_errors=True)
+    if relabel_out is not None:     # an earlier run's index must not describe the episodes this run rewrites
+        paths.remove(paths.join(relabel_out, RELABEL_INDEX), missing_ok=True)
 
     workers = _Workers(n_workers, protocol)
     finished = itertools.count(1)
@@ -610,7 +638,13 @@ def evaluate(policy, protocol: Protocol, out: str, *, policy_info: Mapping | Non
             expert_records = _run_expert(workers, expert_jobs, report)
             expert_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        records, calls = _run_policy(workers, jobs, policy, instructions, protocol, report)
+        keep = None
+        if relabel_out is not None:
+            def keep(rec: dict) -> dict:
+                arrays = rec.pop("relabel")
+                rec["relabelled"] = write_relabelled(relabel_out, rec, arrays, instructions[rec["task"]])
+                return rec
+        records, calls = _run_policy(workers, jobs, policy, instructions, protocol, report, keep)
         policy_phase_s = time.perf_counter() - t0
         worker_stats = workers.stats()
     finally:
@@ -620,6 +654,10 @@ def evaluate(policy, protocol: Protocol, out: str, *, policy_info: Mapping | Non
             rec["video"] = os.path.relpath(rec["video"], out)
 
     summary = _summary(protocol, policy, policy_info, instructions, records, expert_records, calls, n_workers)
+    if relabel_out is not None:
+        summary["relabelled"] = _write_relabel_index(relabel_out, protocol, summary, records)
+        say(f"metaworld: {len(records)} relabelled episode(s) in {relabel_out} (launch.make_demo_data "
+            f"--relabelled={relabel_out})")
     summary["throughput"] = _throughput(worker_stats, calls, policy_phase_s, expert_s,
                                         time.perf_counter() - t_start)
     paths.write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
@@ -658,7 +696,7 @@ def _run_expert(workers: _Workers, jobs: list[dict], report) -> list[dict]:
 
 
 def _run_policy(workers: _Workers, jobs: list[dict], policy, instructions: Mapping[str, str],
-                protocol: Protocol, report) -> tuple[list[dict], dict]:
+                protocol: Protocol, report, keep: Callable[[dict], dict] | None = None) -> tuple[list[dict], dict]:
     """Lock-step rounds: every live episode gets its observation answered by one batched policy call.
 
     Jobs go to free workers in worker order, so the batches are the same on every run of a protocol. A policy
@@ -685,7 +723,7 @@ def _run_policy(workers: _Workers, jobs: list[dict], policy, instructions: Mappi
                 if kind == "obs":
                     observations[i] = payload
                 else:
-                    records.append(payload)
+                    records.append(keep(payload) if keep is not None else payload)
                     report("policy", payload)
                     if queue:
                         workers.send(i, ("reset", queue.popleft()))
@@ -731,6 +769,69 @@ def _run_policy(workers: _Workers, jobs: list[dict], policy, instructions: Mappi
             workers.send(i, ("step", actions, None if future is None else future[row]))
         pending = live
     return sorted(records, key=lambda r: (r["task"], r["episode"])), calls
+
+
+# ---- DAgger relabelling ----------------------------------------------------------------------------
+
+RELABEL_INDEX = "relabelled.json"
+
+
+def write_relabelled(folder: str, rec: Mapping, arrays: Mapping[str, np.ndarray], instruction: str) -> str:
+    """One policy episode with the expert's labels -> ``folder/<task>/ep<episode>.npz`` (atomic); returns its
+    path relative to ``folder``. Arrays over the T visited states: ``image`` / ``wrist_image`` uint8
+    [T, r, r, 3] (the demo data's cameras, before each step), ``state`` float32 [T, 39] (Meta-World's
+    observation), ``action`` float32 [T, 4] (the scripted expert's clipped action at that state: the label),
+    ``policy_action`` float32 [T, 4] (what the policy executed); scalars ``task``, ``instruction``, ``episode``,
+    ``seed``, ``goal``, ``success``."""
+    name = f"{rec['task']}/ep{rec['episode']:03d}.npz"
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{k: np.asarray(arrays[k]) for k in RELABEL_KEYS}, task=rec["task"],
+                        instruction=instruction, episode=rec["episode"], seed=rec["seed"], goal=rec["goal"],
+                        success=rec["success"])
+    paths.write_bytes(paths.join(folder, name), buf.getvalue())
+    return name
+
+
+def _write_relabel_index(folder: str, protocol: Protocol, summary: Mapping, records: list[dict]) -> dict:
+    """``folder/relabelled.json``, written last: what ``launch.make_demo_data --relabelled`` checks and reads."""
+    index = {"format": 1, "resolution": protocol.resolution, "cameras": dict(RELABEL_CAMERAS),
+             "labels": "metaworld.policies scripted expert, clip(get_action(state), -1, 1), at every state the "
+                       "policy visited (the policy's own actions executed)",
+             "policy": summary["policy"], "protocol": {k: summary["protocol"][k] for k in
+                                                       ("tasks", "episodes_per_task", "horizon", "steps_per_chunk",
+                                                        "seed", "policy_noise")},
+             "episodes": {t: sorted(r["relabelled"] for r in records if r["task"] == t) for t in protocol.tasks},
+             "steps": int(sum(r["steps"] for r in records)),
+             "policy_success": {t: summary["tasks"][t]["successes"] for t in protocol.tasks}}
+    paths.write_text(paths.join(folder, RELABEL_INDEX), json.dumps(index, indent=1))
+    return {"folder": folder, "episodes": len(records), "steps": index["steps"]}
+
+
+def read_relabelled(folder: str, size: int | None = None):
+    """Yields the relabelled episodes of :func:`write_relabelled` (``relabelled.json``'s order) as dicts of
+    arrays and scalars. ``size``: the frame size the caller needs; another raises ValueError naming the file."""
+    index_path = paths.join(folder, RELABEL_INDEX)
+    if not paths.exists(index_path):
+        raise FileNotFoundError(f"{index_path} is missing: not a finished launch.evaluate --relabel_out folder")
+    index = json.loads(paths.read_text(index_path))
+    if index.get("format") != 1:
+        raise ValueError(f"{index_path}: format {index.get('format')!r}, this version reads 1")
+    if size is not None and index["resolution"] != size:
+        raise ValueError(f"{index_path}: frames of {index['resolution']} px, the data needs {size} px (run "
+                         f"launch.evaluate --resolution={size})")
+    for task, names in index["episodes"].items():
+        for name in names:
+            path = paths.join(folder, name)
+            with np.load(io.BytesIO(paths.read_bytes(path))) as z:
+                ep = {k: z[k] for k in z.files}
+            missing = [k for k in RELABEL_KEYS if k not in ep]
+            if missing:
+                raise ValueError(f"{path}: missing arrays {missing}")
+            T = len(ep["action"])
+            bad = [k for k in RELABEL_KEYS if len(ep[k]) != T]
+            if T == 0 or bad:
+                raise ValueError(f"{path}: {T} labelled steps; arrays of another length: {bad}")
+            yield {k: (v.item() if v.ndim == 0 else v) for k, v in ep.items()}
 
 
 # ---- reporting -----------------------------------------------------------------------------------
