@@ -162,6 +162,8 @@ def make_demo_data(out: str, *, tasks=ROBOT_TASKS, human_tasks=HUMAN_TASKS, epis
     from defi_jax.evaluation import metaworld
 
     tfds.disable_progress_bar()
+    for folder in relabelled:     # before the rollouts: a bad folder fails in seconds, not after the rendering
+        metaworld.relabelled_index(folder, size)
     human_episodes = episodes if human_episodes is None else human_episodes
     overlap = set(tasks) & set(human_tasks)
     if overlap:

@@ -65,8 +65,8 @@ _FUTURE_STRIDE = flags.DEFINE_integer("future_stride", 1, "Env steps between the
                                       "GFDM's config.data.frame_stride).", lower_bound=1)
 _RELABEL = flags.DEFINE_string("relabel_out", None, "DAgger: also keep every policy episode with the scripted "
                                "expert's action at each visited state in this folder (local or gs://), for "
-                               "launch.make_demo_data --relabelled. Use a --seed the evaluation does not (its episodes become training "
-                               "data).")
+                               "launch.make_demo_data --relabelled. Use a --seed the evaluation does not (its "
+                               "episodes become training data).")
 _PERCENTILE = flags.DEFINE_float("attribution_percentile", 10.0, "A failure scoring below this percentile of the "
                                  "task's successful episodes' prediction scores is a forward-dynamics failure.",
                                  lower_bound=0.0, upper_bound=100.0)

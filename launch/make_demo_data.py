@@ -42,6 +42,12 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     out = os.path.abspath(a.out)
+    from defi_jax.evaluation import metaworld
+    for folder in a.relabelled:
+        try:
+            metaworld.relabelled_index(folder, a.size)
+        except (FileNotFoundError, ValueError) as e:
+            p.exit(2, f"launch.make_demo_data: --relabelled: {e}\n")
     demo.make_demo_data(out, tasks=tuple(a.tasks), human_tasks=tuple(a.human_tasks), episodes=a.episodes,
                         human_episodes=demo.HUMAN_EPISODES if a.human_episodes is None else a.human_episodes,
                         size=a.size, seed=a.seed, max_steps=a.max_steps, relabelled=tuple(a.relabelled))

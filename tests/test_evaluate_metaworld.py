@@ -263,6 +263,11 @@ def test_relabel_out_keeps_policy_episodes_labelled_by_the_expert_for_the_demo_d
         assert np.abs(ep["action"] - ep["policy_action"]).max() > 0.5
     with pytest.raises(ValueError, match="frames of 32 px, the data needs 64 px"):
         next(mw.read_relabelled(str(rel), 64))
+    bad = subprocess.run([sys.executable, "-m", "launch.make_demo_data", "--out", str(tmp_path / "bad"),
+                          "--relabelled", str(tmp_path / "eval")], cwd=REPO, env=subprocess_env(devices=0),
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "relabelled.json is missing" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad").exists()
 
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "launch.make_demo_data", "--out", str(out), "--tasks", "reach-v3",

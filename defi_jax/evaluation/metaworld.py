@@ -807,9 +807,9 @@ def _write_relabel_index(folder: str, protocol: Protocol, summary: Mapping, reco
     return {"folder": folder, "episodes": len(records), "steps": index["steps"]}
 
 
-def read_relabelled(folder: str, size: int | None = None):
-    """Yields the relabelled episodes of :func:`write_relabelled` (``relabelled.json``'s order) as dicts of
-    arrays and scalars. ``size``: the frame size the caller needs; another raises ValueError naming the file."""
+def relabelled_index(folder: str, size: int | None = None) -> dict:
+    """``folder/relabelled.json``, checked: a finished ``--relabel_out`` folder of this format whose frames are
+    ``size`` px (when given); otherwise FileNotFoundError / ValueError naming the file."""
     index_path = paths.join(folder, RELABEL_INDEX)
     if not paths.exists(index_path):
         raise FileNotFoundError(f"{index_path} is missing: not a finished launch.evaluate --relabel_out folder")
@@ -819,6 +819,13 @@ def read_relabelled(folder: str, size: int | None = None):
     if size is not None and index["resolution"] != size:
         raise ValueError(f"{index_path}: frames of {index['resolution']} px, the data needs {size} px (run "
                          f"launch.evaluate --resolution={size})")
+    return index
+
+
+def read_relabelled(folder: str, size: int | None = None):
+    """Yields the relabelled episodes of :func:`write_relabelled` (``relabelled.json``'s order) as dicts of
+    arrays and scalars; :func:`relabelled_index` checks the folder first."""
+    index = relabelled_index(folder, size)
     for task, names in index["episodes"].items():
         for name in names:
             path = paths.join(folder, name)
