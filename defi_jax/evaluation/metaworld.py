@@ -95,7 +95,7 @@ NUM_GOALS = 50                                           # Meta-World's goals pe
 Z95 = 1.959963984540054
 # DAgger relabelling (evaluate(relabel_out=...)): what each visited state keeps, in the demo data's format
 # (data_pipelines/demo.py: "image" = corner camera, "wrist_image" = gripper camera, the 4-D env action).
-RELABEL_CAMERAS = {"image": "corner", "wrist_image": "gripperPOV"}
+RELABEL_CAMERAS = {"image": CAMERAS["primary"], "wrist_image": CAMERAS["wrist"]}
 RELABEL_KEYS = ("image", "wrist_image", "state", "action", "policy_action")
 VIDEO_LAYOUT = ("two panels per env step t: left, the real frame of the video view; right, the GFDM's one-step "
                 "prediction made at the latest replanning step r <= t: its frame (t - r) // future_stride (frame 0: "
@@ -275,10 +275,11 @@ def compare(a: Mapping, b: Mapping) -> dict:
     rows = {}
     for task in [*tasks, "all"]:
         a_t, b_t = ({k: v for k, v in o.items() if k[0] in tasks and task in ("all", k[0])} for o in outcome)
+        shared = a_t.keys() & b_t.keys()
         n, only_a, only_b = discordant(a_t, b_t)
-        rows[task] = {"episodes": n, "a_successes": sum(a_t[k] for k in a_t.keys() & b_t.keys()),
-                      "b_successes": sum(b_t[k] for k in a_t.keys() & b_t.keys()), "only_a": only_a,
-                      "only_b": only_b, "mcnemar_p": mcnemar_exact(only_a, only_b)}
+        rows[task] = {"episodes": n, "a_successes": sum(a_t[k] for k in shared),
+                      "b_successes": sum(b_t[k] for k in shared), "only_a": only_a, "only_b": only_b,
+                      "mcnemar_p": mcnemar_exact(only_a, only_b)}
     if not rows["all"]["episodes"]:
         raise ValueError("the two evaluations share no episode (summary.json 'episodes' missing or disjoint)")
     return {"shared_noise": shared_noise, "tasks": rows}
@@ -395,7 +396,7 @@ def _worker(conn, resolution: int, cameras: dict, video_view: str, gif_frame_ms:
         if ep.recording:
             ep.frames.append(sim.render(cameras[video_view]))   # the state the last action led to
         if ep.relabel is not None:
-            rec["relabel"] = {k: np.stack(v) if v else np.zeros((0,), np.float32) for k, v in ep.relabel.items()}
+            rec["relabel"] = {k: np.stack(v) for k, v in ep.relabel.items()}   # >= 1 step per episode
         if ep.futures:
             from defi_jax.inference import resize_image
             t0 = time.perf_counter()
