@@ -32,6 +32,12 @@ Keys beyond the stage configs':
                          model.gfdm.attention_impl and model.gidm.attention_impl
   model.gfdm.remat / model.gidm.remat   per-block rematerialization of those towers (finetune=all trains the UNet)
   data.normalize_actions False = raw actions (the reference on CALVIN); True = [-1, 1] by dataset statistics
+  data.source            frames (default: the frozen GFDM runs on every batch) | features (its one-step features
+                         precomputed once by launch.precompute_features into data.features_dir; the adapter trains
+                         on them without a GFDM forward; finetune=all refused)
+  model.center_features  True: the policy subtracts the features' per-channel mean (a frozen parameter read from
+                         init.sources.feature_stats, which data.source=features points at its store) before the
+                         adapter; the adapter learns to read the scene with fewer windows (BENCHMARKS.md)
   train.schedule         constant (the released run) | tri_stage (the configured but unused schedule)
   eval.obs_info_gap      True: evaluations also report eval_obs_info_gap (each sample sees another sample's images
                          of the same instruction), at about twice the evaluation's cost; False leaves it out
@@ -87,6 +93,7 @@ def get_config(arg: str | None = None):
     m.horizon = 10
     m.sample_steps = 10                     # DDIM (DPM-Solver-1) steps at inference
     m.sample_sigma_min = 1.0                # the released evaluation's sigma_min (training draws from 1e-3)
+    m.center_features = False               # subtract the GFDM features' mean (init.sources.feature_stats)
 
     c.policy = ml_collections.ConfigDict()
     c.policy.finetune = "gidm_adapter"
@@ -103,6 +110,7 @@ def get_config(arg: str | None = None):
     s.svd_unet = weights.source("^gfdm/unet/", "diffusers_unet")     # gfdm_init=initial: published SVD
     s.svd_vae = weights.source("^gfdm/vae/", "diffusers_vae")
     s.svd_clip = weights.source("^gfdm/text_encoder/", "hf_clip_text")
+    s.feature_stats = weights.source("^feature_stats/", "feature_stats")   # model.center_features: a features store
     c.init.tokenizer_path = ""              # CLIP BPE vocabulary folder (GFDM text and goal); "" = byte tokenizer
 
     c.data = gi.data.copy_and_resolve_references()
@@ -112,6 +120,8 @@ def get_config(arg: str | None = None):
     c.data.obs_frames = 1
     c.data.action_horizon = 10
     c.data.normalize_actions = True
+    c.data.source = "frames"                # | features: launch.precompute_features's store (GFDM not run)
+    c.data.features_dir = ""
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batches = 4

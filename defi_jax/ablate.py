@@ -11,6 +11,9 @@ pretraining it fine-tunes from (:data:`VARIANTS`). Layout under the ablation's w
                                             + the user's ``overrides``, i.e. ``launch.ablate --set=KEY=VALUE``)
     <variant>/seed=<seed>/eval_metaworld/   its closed-loop evaluation (summary.json / .csv; the same protocol
                                             for every variant)
+    <variant>/features/                     with ``features``: the variant's GFDM features of the training windows
+                                            (``launch.precompute_features``, shared by its seeds), on which its
+                                            fine-tunings train (``data.source=features``, centred features)
     ablation.md, ablation.csv               Tables 4, 8 and 9 (paper shapes), per task, with the paper's numbers
 
 Training goes through :mod:`defi_jax.sweep` (each run ``python -m launch.train`` in its own process, finished runs
@@ -163,6 +166,20 @@ class Plan:
     pretrain: dict[str, dict[str, sweep.Run]]            # pretraining -> stage -> run
     runs: dict[tuple[str, int], sweep.Run]               # (variant, seed) -> fine-tuning run
     configs: dict[str, object]                           # run workdir -> its validated config
+    features: dict[str, sweep.Run] = dataclasses.field(default_factory=dict)   # variant -> its features store
+
+
+FEATURE_KEYS = (("data.source", "features"), ("model.center_features", "true"))
+
+
+def _features_run(store: str, keys: Sequence[tuple[str, str]], train_windows: int, eval_windows: int) -> sweep.Run:
+    """``python -m launch.precompute_features`` of one variant (its fine-tuning keys: same GFDM, data, tokenizers)
+    as a :class:`sweep.Run` of no steps: done once its command finished, skipped when rerun with the same one."""
+    path, colon, arg = POLICY_CONFIG.partition(":")
+    argv = [sys.executable, "-m", "launch.precompute_features", f"--config={os.path.join(sweep.ROOT, path)}{colon}{arg}",
+            f"--out={store}", f"--train_windows={train_windows}", f"--eval_windows={eval_windows}",
+            *(f"--config.{k}={v}" for k, v in keys)]
+    return sweep.Run(value="features", seed=0, workdir=store, argv=argv, num_steps=0)
 
 
 def _steps_overrides(steps: int | None, config) -> list[tuple[str, str]]:
@@ -211,7 +228,8 @@ def _latent_scale(gfdm_workdir: str) -> list[tuple[str, str]]:
 
 def plan(workdir: str, variants: Sequence[str], seeds: Sequence[int], *, data_dir: str, steps: int | None = None,
          pretrain_steps: int | None = None, pretrained: str | None = None,
-         data_fraction: float | None = None, overrides: Sequence[tuple[str, str]] = ()) -> Plan:
+         data_fraction: float | None = None, overrides: Sequence[tuple[str, str]] = (),
+         features: int | None = None, feature_eval_windows: int = 512) -> Plan:
     """Every pretraining and fine-tuning run of ``variants`` x ``seeds``, each config built and validated.
 
     ``pretrained``: a folder with finished ``gidm`` and ``gfdm`` workdirs (``make demo``'s ``workdirs/demo``)
@@ -224,7 +242,9 @@ def plan(workdir: str, variants: Sequence[str], seeds: Sequence[int], *, data_di
     fine-tuning, after the variant's keys and ``steps`` / ``data_fraction`` (the pretrainings do not take them); a key
     that one of ``variants`` sets itself is refused, as is a key not in the policy config (naming it). A run that
     finished before in ``workdir`` with another command (other flags, ``overrides`` included) is refused
-    (:func:`sweep.check_finished`)."""
+    (:func:`sweep.check_finished`). ``features``: every variant's GFDM features of that many training windows (and
+    ``feature_eval_windows`` held-out ones) are computed once into ``<variant>/features`` and its fine-tunings train on
+    them, centred (the recipe of BENCHMARKS.md's 800 x 64 policies; ``all_train`` trains the GFDM and is refused)."""
     user = tuple(overrides)
     _check_overrides(user, variants)
     if data_fraction is not None and not 0 < data_fraction <= 1:
@@ -248,22 +268,29 @@ def plan(workdir: str, variants: Sequence[str], seeds: Sequence[int], *, data_di
             pretrain[kind][stage] = _run(spec, os.path.join(workdir, "pretrain", kind, stage), keys, configs)
     defaults = config_validation.load_config(POLICY_CONFIG)
     scale = _latent_scale(_reused("gfdm", pretrained).workdir) if pretrained else []
-    runs = {}
+    runs, stores = {}, {}
+    if features is not None and features < 1:
+        raise ValueError(f"--features={features!r} must be a positive number of windows")
     for name in variants:
         v = VARIANTS[name]
         # A stage the variant does not pretrain keeps the config's path: policy.gidm_init=random /
         # gfdm_init=initial empty it (config_validation.resolve: defi_jax.policy.stage.resolve_init).
         sources = {stage: pretrain[v.pretraining][stage].workdir for stage in ("gidm", "gfdm") if getattr(v, stage)}
+        store = os.path.join(workdir, name, "features")
+        cached = (*FEATURE_KEYS, ("data.features_dir", store)) if features else ()
         for seed in seeds:
             keys = [*base.items(), ("policy.pretrain_missing", "false"),
                     *((f"init.sources.{s}.path", p) for s, p in sources.items()), *v.overrides,
                     *(scale if v.pretraining == "standard" else ()), ("seed", str(seed)),
                     *_steps_overrides(steps, defaults),
                     *((("data.data_fraction", repr(float(data_fraction))),) if data_fraction is not None else ()),
-                    *user]
+                    *cached, *user]
             runs[name, seed] = _run(POLICY_CONFIG, os.path.join(workdir, name, f"seed={seed}"), keys, configs)
-    sweep.check_finished([*(r for stages in pretrain.values() for r in stages.values()), *runs.values()])
-    return Plan(workdir, pretrain, runs, configs)
+            if features and name not in stores:   # the first seed's keys: the windows are drawn with its seed
+                stores[name] = _features_run(store, keys, features, feature_eval_windows)
+    sweep.check_finished([*(r for stages in pretrain.values() for r in stages.values()), *stores.values(),
+                          *runs.values()])
+    return Plan(workdir, pretrain, runs, configs, stores)
 
 
 def train(p: Plan, *, log: Callable[[str], None] = print) -> bool:
@@ -276,14 +303,31 @@ def train(p: Plan, *, log: Callable[[str], None] = print) -> bool:
         for run in p.runs.values():
             run.status = "stopped"
         return False
-    ready, blocked = [], []
-    for (name, _), run in p.runs.items():
+    def pretrained(name):
         v = VARIANTS[name]
         needed = [p.pretrain[v.pretraining][s] for s, use in (("gidm", v.gidm), ("gfdm", v.gfdm)) if use]
-        (ready if all(r.status in ("done", "skipped", REUSED) for r in needed) else blocked).append(run)
-    for run in blocked:
-        run.status = "blocked (its pretraining did not finish)"
-        log(f"{run.workdir}: not trained, its pretraining did not finish")
+        return all(r.status in ("done", "skipped", REUSED) for r in needed)
+
+    if p.features:
+        stores = [run for name, run in p.features.items() if pretrained(name)]
+        log(f"== GFDM features: {len(stores)} store(s)")
+        sweep.execute(stores, log=log)
+        if any(r.status == "stopped" for r in stores):
+            for run in p.runs.values():
+                run.status = "stopped"
+            return False
+    ready, blocked = [], []
+    for (name, _), run in p.runs.items():
+        store = p.features.get(name)
+        if not pretrained(name):
+            run.status = "blocked (its pretraining did not finish)"
+        elif store is not None and store.status not in ("done", "skipped"):
+            run.status = f"blocked (its features store: {store.status})"
+        else:
+            ready.append(run)
+            continue
+        blocked.append(run)
+        log(f"{run.workdir}: not trained, {run.status[len('blocked ('):-1]}")
     log(f"== fine-tuning: {len(ready)} run(s)")
     sweep.execute(ready, log=log)
     return not any(r.status == "stopped" for r in ready)
@@ -518,7 +562,8 @@ def _program_key(config) -> str:
 def dry_run(p: Plan, *, run_steps: bool = True, batch_size: int = 2,
             log: Callable[[str], None] = print) -> dict[str, dict]:
     """One train step of every config of the plan (one seed per variant), in this process, on one device, with
-    fast compiles and random initial weights (the pretraining is not run). Each config's step is traced and
+    fast compiles and random initial weights (the pretraining is not run; a features config steps on zero features
+    of its windows, its store not computed). Each config's step is traced and
     lowered for a batch of its own data; with ``run_steps`` it is also compiled and run once from a fresh state.
     Configs whose program is the same share one :class:`trainer.Trainer` (one compile). Returns by run name the
     metrics of the step (``run_steps``) or their shapes and dtypes (lowered only)."""
@@ -552,12 +597,21 @@ def dry_run(p: Plan, *, run_steps: bool = True, batch_size: int = 2,
         else:
             trainers[key] = trainer.Trainer(config, mesh=sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
         tr = trainers[key]
-        data = stage_lib.get(config.stage).make_data(config, 0, 1, "train")
+        cached = config.data.get("source", "frames") == "features"   # no store yet: zero features, real windows
+        frames_config = config.copy_and_resolve_references()
+        if cached:
+            frames_config.data.source = "frames"
+        data = stage_lib.get(config.stage).make_data(frames_config, 0, 1, "train")
         try:
-            batch = tr.global_batch(next(data))
+            batch = next(data)
         finally:
             if callable(getattr(data, "close", None)):
                 data.close()
+        if cached:
+            from defi_jax.policy.stage import feature_shape
+            frames = batch.pop("frames")
+            batch = {"feats": np.zeros((len(frames), *feature_shape(config)), np.float32)} | batch
+        batch = tr.global_batch(batch)
         if run_steps:
             _, metrics = tr.step(tr.init_state(), batch)
             out[name] = metrics = {k: float(v) for k, v in metrics.items()}

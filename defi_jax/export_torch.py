@@ -192,6 +192,7 @@ def _write_policy(model, config, workdir: str, out: str) -> dict:
 
     c = config.copy_and_resolve_references()
     m = c.model
+    model.fold_feature_stats()   # model.center_features: the mean moves into the input layers' biases (exact)
     if m.latent_action != "vq":
         raise ValueError(f"config.model.latent_action={m.latent_action!r}: the PyTorch policy implements the "
                          f"reference's 'vq' latent actions only")

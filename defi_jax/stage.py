@@ -151,6 +151,16 @@ class Stage:
     prepare: Callable[[Any], None] | None = None
 
 
+def data_config(config, stage_keys: tuple[str, ...]):
+    """``config.data`` without the stage's own keys (``stage_keys``, e.g. ``source``): what ``data_pipelines`` gets."""
+    import ml_collections
+
+    d = {k: v for k, v in config.data.to_dict().items() if k not in stage_keys}
+    if isinstance(d.get("mixture"), dict):  # a ConfigDict cannot hold a plain dict: use the "name:w,..." form
+        d["mixture"] = ",".join(f"{name}:{w}" for name, w in d["mixture"].items())
+    return ml_collections.ConfigDict(d)
+
+
 def jit_kwargs(config) -> dict:
     """``jax.jit`` keyword arguments of every compile of a run: ``config.train.compiler_options`` (XLA options)."""
     opts = config.train.compiler_options

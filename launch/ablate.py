@@ -6,6 +6,10 @@
     python -m launch.ablate --variants=defi,no_gidm_pretrain,no_gfdm_pretrain --data_fraction=0.25 \\
         --pretrained=workdirs/demo --episodes=20 --workdir=workdirs/ablate_lowdata   # a quarter of each task's labels
     python -m launch.ablate --set=model.head.cross_attention=full --steps=100 --workdir=/tmp/ablate_full_attention
+    python -m launch.ablate --variants=defi,no_gidm_pretrain,no_gfdm_pretrain --pretrained=workdirs/demo \
+        --features=4096 --steps=800 --set=train.batch_size=64 --episodes=50 --workdir=workdirs/ablate_cached
+        # each variant's GFDM features of 4,096 windows computed once, its policy trained on them, centred
+        # (BENCHMARKS.md's 800 x 64 recipe: 40-80 min of this CPU per policy instead of days)
     python -m launch.ablate --workdir=/tmp/ablate --dry_run       # every config built + one train step each
 
 Variants (``configs/policy.py:demo`` + overrides): defi, no_gidm_pretrain (policy.gidm_init=random),
@@ -52,6 +56,10 @@ _PRETRAINED = flags.DEFINE_string("pretrained", None, "Folder with finished gidm
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Demo data folder (default: $DEFI_JAX_DEMO_DIR or ~/.cache).")
 _HORIZON = flags.DEFINE_integer("horizon", 200, "Env steps per episode at most.", lower_bound=1)
 _WORKERS = flags.DEFINE_integer("workers", 2, "Env worker processes (part of the protocol).", lower_bound=1)
+_FEATURES = flags.DEFINE_integer("features", None, "Train every variant on its GFDM's features of this many windows, "
+                                  "computed once into WORKDIR/<variant>/features (launch.precompute_features; 512 "
+                                  "held-out windows), centred (model.center_features); all_train is refused.",
+                                  lower_bound=1)
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Build and validate every config and run one train step of each "
                              "(in this process, random initial weights); no training runs, no evaluation.")
 flags.mark_flags_as_required(["workdir"])
@@ -77,7 +85,8 @@ def main(argv):
         plan = ablate.plan(workdir, variants, range(_SEEDS.value), data_dir=data_dir, steps=_STEPS.value,
                            pretrain_steps=_PRETRAIN_STEPS.value or _STEPS.value,
                            pretrained=os.path.abspath(_PRETRAINED.value) if _PRETRAINED.value else None,
-                           data_fraction=_DATA_FRACTION.value, overrides=ablate.parse_overrides(_SET.value))
+                           data_fraction=_DATA_FRACTION.value, overrides=ablate.parse_overrides(_SET.value),
+                           features=_FEATURES.value)
     except (ValueError, config_validation.ConfigError) as e:
         print(f"launch.ablate: {e}", file=sys.stderr)
         return 2

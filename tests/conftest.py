@@ -192,6 +192,7 @@ def count_compiles():
 SLOW = (
     ("tests/test_policy_stage.py", 220),                                # module fine-tune fixture + its users
     ("tests/test_gfdm_stage.py::test_tiny_training_run_learns_compiles_evaluation_once_and_writes_gif", 91),
+    ("tests/test_policy_features.py", 90),                              # precompute subprocess + a short fit
     ("tests/test_packaging.py", 80),                                    # wheel + venv + stage steps
     ("tests/test_import_stages.py::test_policy_export_round_trip_is_bitwise", 55),
     ("tests/test_gidm_stage.py::test_tiny_pretraining_on_demo_data", 48),

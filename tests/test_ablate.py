@@ -300,3 +300,28 @@ def test_rerun_with_other_set_overrides_is_refused(tmp_path):
         with pytest.raises(ValueError, match=rf"seed=0: finished with another command \(model\.head\.cross_attention "
                                              rf"{re.escape(changed)}\)"):
             ablate.plan(str(tmp_path), ["defi"], [0], overrides=other, **kw)
+
+
+def test_features_plan_one_store_per_variant_its_fine_tunings_train_on(tmp_path, demo_data_dir):
+    """--features=N: each variant's GFDM features are computed once (launch.precompute_features with its own keys:
+    its GFDM), every seed of it trains on that store, centred; the train step on features lowers; all_train (the
+    GFDM trained) is refused."""
+    p = ablate.plan(str(tmp_path), ["defi", "no_gfdm_pretrain"], [0, 1], data_dir=demo_data_dir, steps=3,
+                    pretrain_steps=2, features=16, feature_eval_windows=8)
+    assert set(p.features) == {"defi", "no_gfdm_pretrain"}
+    for name, store in p.features.items():
+        assert store.workdir == str(tmp_path / name / "features") and store.num_steps == 0
+        assert store.argv[1:3] == ["-m", "launch.precompute_features"]
+        assert {f"--out={store.workdir}", "--train_windows=16", "--eval_windows=8"} <= set(store.argv)
+        assert ("--config.policy.gfdm_init=initial" in store.argv) == (name == "no_gfdm_pretrain")
+        for seed in (0, 1):
+            got = _flat(p.configs[p.runs[name, seed].workdir])
+            assert (got["data.source"], got["data.features_dir"], got["model.center_features"]) == (
+                "features", store.workdir, True)
+            assert got["init.sources.feature_stats.path"] == store.workdir   # centred with the store's own mean
+    logs = []
+    steps = ablate.dry_run(dataclasses.replace(p, runs={k: v for k, v in p.runs.items() if k[0] == "defi"},
+                                               pretrain={}), run_steps=False, log=logs.append)
+    assert steps["defi"]["loss"].shape == () and logs == ["defi: train step traced and lowered"]
+    with pytest.raises(ValueError, match="finetune='all'"):
+        ablate.plan(str(tmp_path / "all"), ["all_train"], [0], data_dir=demo_data_dir, steps=3, features=16)

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = sorted(p.stem for p in (ROOT / "launch").glob("*.py") if p.stem != "__init__")
-CONFIG_ENTRY_POINTS = ("train", "precompute_latents", "describe")
+CONFIG_ENTRY_POINTS = ("train", "precompute_latents", "precompute_features", "describe")
 # Entry points whose file adopts `app.run(main, flags_parser=config_validation.parse_flags)` in another change.
 PENDING: set[str] = set()
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from _helpers import save_params, save_random_workdir
+from _helpers import random_model, save_model, save_params, save_random_workdir
 from flax import nnx
 
 from configs import gfdm as gfdm_configs
@@ -29,8 +29,12 @@ def exported(tmp_path_factory):
     c = policy_configs.get_config("tiny")
     c.init.sources.gfdm.path = c.init.sources.gidm.path = ""
     c.policy.gfdm_init, c.policy.gidm_init = "initial", "random"
+    # Centred features (model.center_features): the export folds the mean into the input layers' biases.
+    c.model.center_features, c.init.sources.feature_stats.path = True, str(tmp / "features")
     workdir = str(tmp / "policy")
-    save_random_workdir("policy", c, workdir, seed=0)   # a stand-in fine-tuned run: random weights, no compile
+    model = random_model("policy", c, seed=0)            # a stand-in fine-tuned run: random weights, no compile
+    model.feature_stats.mean[...] = jax.random.normal(jax.random.key(5), model.feature_stats.mean.shape) * 2.0
+    save_model(c, workdir, model)
     os.makedirs(os.path.join(workdir, "assets"))
     with open(os.path.join(workdir, "assets", "action_stats.json"), "w") as f:
         json.dump(STATS, f)

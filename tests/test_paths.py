@@ -193,13 +193,14 @@ def test_precompute_latents_to_gs(gcs, tmp_path, demo_data_dir, monkeypatch):
     from flax import nnx
 
     from configs.gfdm import get_config
+    from defi_jax import records
     from defi_jax.gfdm import latents
     from defi_jax.models.svd_vae import AutoencoderKLTemporalDecoder, VAEConfig
     from launch.precompute_latents import encode_split
 
     staging = tmp_path / "staging"
     staging.mkdir()
-    monkeypatch.setattr(latents.tempfile, "tempdir", str(staging))   # where the local shard is written
+    monkeypatch.setattr(records.tempfile, "tempdir", str(staging))   # where the local shard is written
     config = get_config("tiny")
     config.data.data_dir = demo_data_dir
     vae = AutoencoderKLTemporalDecoder(VAEConfig.from_dict(dict(config.model.vae)), rngs=nnx.Rngs(3))

@@ -81,10 +81,7 @@ _BATCH_KEYS = ("frames", "latents", "input_ids", "attention_mask")
 
 def loader_config(config) -> ml_collections.ConfigDict:
     """``config.data`` without this stage's own keys: what ``data_pipelines.make_loader`` gets."""
-    d = {k: v for k, v in config.data.to_dict().items() if k not in _STAGE_DATA_KEYS}
-    if isinstance(d.get("mixture"), dict):  # a ConfigDict cannot hold a plain dict: use the "name:w,..." form
-        d["mixture"] = ",".join(f"{name}:{w}" for name, w in d["mixture"].items())
-    return ml_collections.ConfigDict(d)
+    return stage_lib.data_config(config, _STAGE_DATA_KEYS)
 
 
 def make_data(config, process_index: int, process_count: int, split: str):

@@ -18,7 +18,8 @@ Shapes with the reference's numbers (``configs/policy.py:defi``; every size is a
 Parameter tree: ``gfdm/`` (UNet, VAE, CLIP text of stage 1), ``goal_text/`` (CLIP text with projection),
 ``latent_actions/`` (``goal_emb``, ``time_pos_emb``, ``lam/``: the stage-2 encoder, VQ, ``action_up``,
 ``lang_proj`` and ``text_encoder``, the GIDM's instruction tower: frozen T5 or the tiny byte embedding),
-``video_former/``, ``head/inner_model/``.
+``video_former/``, ``head/inner_model/``; with ``model.center_features``, ``feature_stats/mean`` (frozen: the GFDM
+features' per-channel mean, subtracted before the adapter reads them; see :class:`FeatureStats`).
 
 Latent-action bottlenecks (``model.latent_action``, the paper's ablation): ``vq`` (the reference),
 ``continuous`` (the pre-quantization latents, no VQ losses), ``binning`` (each latent dimension squashed by
@@ -49,6 +50,19 @@ def _gidm_text_tower(gidm_cfg, rngs: nnx.Rngs):
         return ByteTextEncoder(gidm_cfg.text_dim, rngs=rngs)
     from defi_jax.models.t5 import T5Config, T5Encoder
     return T5Encoder(T5Config(**dict(gidm_cfg.get("t5", {}))), rngs=rngs)
+
+
+class FeatureStats(nnx.Module):
+    """The GFDM features' per-channel mean over training windows (``model.center_features``), frozen.
+
+    Subtracted from the features before the Video Former and the latent actions read them: the adapter then learns
+    from centred inputs (it reads the scene with about a third fewer training windows in the demo, BENCHMARKS.md)
+    while the checkpoint keeps taking raw features, so inference needs nothing else. Filled from
+    ``config.init.sources.feature_stats`` (a ``launch.precompute_features`` folder). An export folds it into the two
+    input layers' biases (:meth:`DeFIPolicyModel.fold_feature_stats`)."""
+
+    def __init__(self, dim: int):
+        self.mean = nnx.Param(jnp.zeros((dim,), jnp.float32), out_sharding=(None,))
 
 
 class DeFIPolicyModel(nnx.Module):
@@ -85,6 +99,7 @@ class DeFIPolicyModel(nnx.Module):
         self.head = ActionHead(rngs=rngs, goal_dim=int(dict(c.goal_text).get("projection_dim", 512)),
                                video_dim=vf.get("dim", 384), latent_action_dim=c.gidm.model_dim,
                                action_dim=c.action_dim, horizon=c.horizon, **dict(c.head))
+        self.feature_stats = FeatureStats(feat_dim) if c.get("center_features", False) else None
 
     # ---- instruction ------------------------------------------------------------------------------
     def encode_instruction(self, gfdm_ids_BL, gfdm_mask_BL, goal_ids_BL, goal_mask_BL, gidm_ids_BL,
@@ -153,12 +168,25 @@ class DeFIPolicyModel(nnx.Module):
         ``text``: :meth:`encode_instruction`'s output. Independent of the noisy actions and of sigma, so
         inference computes it once per observation and reuses it at every sampler step."""
         B, V, T, N, C = feats_BVTNC.shape
+        if self.feature_stats is not None:
+            feats_BVTNC = feats_BVTNC - self.feature_stats.mean[...].astype(feats_BVTNC.dtype)
         # Video Former input per frame: every view's tokens side by side (static 256 + wrist 256 in the reference).
         vf_in_BTNC = feats_BVTNC.transpose(0, 2, 1, 3, 4).reshape(B, T, V * N, C)
         video_BVD = self.video_former(vf_in_BTNC)
         la = self._latent_tokens(feats_BVTNC[:, 0], text["gidm"], text["gidm_mask"], train=train, rng=rng)
         context_BSD = self.head.encode(text["goal"], video_BVD, la["tokens"], dropout_rng=dropout_rng)
         return context_BSD, la
+
+    def fold_feature_stats(self) -> None:
+        """Moves :class:`FeatureStats` centring into the biases of the two layers that read the features
+        (``W (x - m) + b = W x + (b - m W)``) and removes it: the same function, in the reference's parameters
+        (what a PyTorch export writes). In place."""
+        if self.feature_stats is None:
+            return
+        mean_C = self.feature_stats.mean[...].astype(jnp.float32)
+        for lin in (self.video_former.goal_emb.layers[0], self.latent_actions.goal_emb.layers[0]):
+            lin.bias[...] = (lin.bias[...] - mean_C @ lin.kernel[...].astype(jnp.float32)).astype(lin.bias.dtype)
+        self.feature_stats = None
 
     def act(self, frames_BVHW3, text: dict, rng: jax.Array, *, num_steps: int, sigma_min: float) -> jax.Array:
         """Normalized action chunks [B, horizon, action_dim]: GFDM features, context once, then the sampler."""

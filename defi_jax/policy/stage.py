@@ -9,7 +9,9 @@
 Batch (``policy_window`` samples, instructions tokenized in the data workers): ``frames`` uint8 [B, V, H, W, 3]
 (the last observation frame of each view), ``actions`` float32 [B, 10, 7] (normalized with the dataset's
 statistics unless ``data.normalize_actions=False``), ``gfdm_ids`` / ``goal_ids`` / ``gidm_ids`` (+ masks):
-the instruction for the GFDM's CLIP text, the CLIP goal token and the GIDM's instruction tower.
+the instruction for the GFDM's CLIP text, the CLIP goal token and the GIDM's instruction tower. With
+``config.data.source=features`` the batch carries the frozen GFDM's precomputed features ``feats`` [B, V, T, h*w, C]
+instead of ``frames`` (``launch.precompute_features``; :mod:`defi_jax.policy.features`).
 
 Loss (the reference's): ``action_loss + codebook_loss + vq_beta * commitment_loss``. Frozen parts follow
 ``config.policy.finetune`` (:func:`frozen_patterns`). Evaluation: held-out ``eval_action_loss`` at fixed draws
@@ -32,6 +34,7 @@ from defi_jax.stage import NumericBatches, Stage, Tokenize
 
 FINETUNE = ("gidm_adapter", "adapter_only", "all")
 _BATCH_KEYS = ("frames", "actions", "gfdm_ids", "gfdm_mask", "goal_ids", "goal_mask", "gidm_ids", "gidm_mask")
+_STAGE_DATA_KEYS = ("source", "features_dir")
 
 
 def frozen_patterns(config) -> tuple[str, ...]:
@@ -52,6 +55,8 @@ def frozen_patterns(config) -> tuple[str, ...]:
         out.append(r"^gfdm/unet/")
     if mode == "adapter_only":
         out.append(r"^latent_actions/lam/")
+    if config.model.get("center_features", False):
+        out.append(r"^feature_stats/")   # the features' mean (model.center_features): a statistic, not trained
     return tuple(out)
 
 
@@ -66,12 +71,16 @@ def encode_instruction(model: DeFIPolicyModel, batch) -> dict:
     return model.encode_instruction(*(batch[f"{n}_{k}"] for n in ("gfdm", "goal", "gidm") for k in ("ids", "mask")))
 
 
-def _encoded(model: DeFIPolicyModel, batch, rng, *, frames=None):
-    """(instruction encodings, GFDM features, latent-action key, dropout key) of a batch; ``frames`` replaces
-    the batch's observation, under the same draws."""
+def _encoded(model: DeFIPolicyModel, batch, rng, *, rows=None):
+    """(instruction encodings, GFDM features, latent-action key, dropout key) of a batch: the GFDM's features of
+    ``frames``, or the batch's precomputed ``feats``. ``rows`` [B] gives each sample another row's observation,
+    under the same draws."""
     k_feat, k_vq, k_drop = jax.random.split(rng, 3)
     text = encode_instruction(model, batch)
-    frames = batch["frames"] if frames is None else frames
+    if "feats" in batch:
+        feats = batch["feats"] if rows is None else batch["feats"][rows]
+        return text, feats, k_vq, k_drop
+    frames = batch["frames"] if rows is None else batch["frames"][rows]
     return text, model.features(frames, text["gfdm"], k_feat), k_vq, k_drop
 
 
@@ -129,10 +138,24 @@ def _last_frame(sample: dict) -> dict:
     return dict(sample, frames=np.asarray(sample["frames"])[:, -1], actions=np.asarray(sample["actions"], np.float32))
 
 
+def batch_keys(config) -> tuple[str, ...]:
+    """The batch's keys: ``frames`` + actions + tokens, or ``feats`` in place of ``frames`` (data.source)."""
+    from defi_jax.policy import features
+    return features.BATCH_KEYS if config.data.get("source", "frames") == "features" else _BATCH_KEYS
+
+
+def loader_config(config):
+    """``config.data`` without this stage's own keys (``source``, ``features_dir``): what ``data_pipelines`` gets."""
+    return stage_lib.data_config(config, _STAGE_DATA_KEYS)
+
+
 def make_data(config, process_index: int, process_count: int, split: str):
     import data_pipelines
 
-    d = config.data
+    if config.data.get("source", "frames") == "features":
+        from defi_jax.policy import features
+        return features.make_data(config, process_index, process_count, split)
+    d = loader_config(config)
     seed = config.seed + (0 if split == "train" else 1_000_003)
     loader = data_pipelines.make_loader("policy_window", d, global_batch_size=config.train.batch_size,
                                         process_index=process_index, process_count=process_count, seed=seed,
@@ -148,7 +171,7 @@ def stats_dataset(config) -> str:
     name = config.policy.action_stats_dataset
     if name:
         return name
-    weights = mixtures.resolve(config.data.mixture, key="config.data.mixture")
+    weights = mixtures.resolve(loader_config(config).mixture, key="config.data.mixture")
     return max(weights, key=weights.get)
 
 
@@ -156,10 +179,13 @@ def assets(config) -> dict[str, str]:
     """Files a policy checkpoint carries for inference: the action statistics and whether actions are normalized."""
     import data_pipelines
 
+    if config.data.get("source", "frames") == "features":   # the store carries the run's assets (same data)
+        from defi_jax.policy import features
+        return features.read_meta(config.data.features_dir, "train")["assets"]
     name = stats_dataset(config)
     out = {"dataset": name, "normalized": bool(config.data.normalize_actions)}
     if config.data.normalize_actions:
-        stats = data_pipelines.action_stats(name, config.data)
+        stats = data_pipelines.action_stats(name, loader_config(config))
         out["stats"] = {k: (np.asarray(v).tolist() if not isinstance(v, (int, float, str)) else v)
                         for k, v in stats.items()}
     return {"action_stats.json": json.dumps(out, indent=1)}
@@ -204,7 +230,7 @@ def _eval_fns(graphdef, config):
         # with the same instruction (another episode or moment of the task) under the same draws; its
         # instruction, noise and actions stay. A policy that acts on the instruction alone loses nothing.
         partner_B = same_instruction_partner(batch["goal_ids"])
-        _, feats_other, _, _ = _encoded(model, batch, k_ctx, frames=batch["frames"][partner_B])
+        _, feats_other, _, _ = _encoded(model, batch, k_ctx, rows=partner_B)
         err_other_B = chunk_err_B(model.context(feats_other, text, train=False, rng=k_vq)[0])
         swapped_B = partner_B != jnp.arange(partner_B.shape[0])
         swap = {"obs_swap_rows": swapped_B.sum(), "obs_swap_err_sum": jnp.sum(jnp.where(swapped_B, err_B, 0.0)),
@@ -227,8 +253,9 @@ def evaluate(model: DeFIPolicyModel, config, workdir: str, step: int, eval_iter)
     one = stage_lib.eval_fns("policy", config, graphdef, _eval_fns)
     rng = jax.random.key(config.seed + 23)   # the same draws at every evaluation
     sums, swap, n = {}, {}, 0
+    keys = batch_keys(config)
     for i, batch in zip(range(int(config.eval.batches)), eval_iter):
-        loss, metrics, mse, sw = one(state, {k: batch[k] for k in _BATCH_KEYS}, jax.random.fold_in(rng, i))
+        loss, metrics, mse, sw = one(state, {k: batch[k] for k in keys}, jax.random.fold_in(rng, i))
         for k, v in (metrics | {"loss": loss, "action_mse": mse}).items():
             sums[k] = sums.get(k, 0.0) + float(v)
         for k, v in sw.items():
@@ -253,13 +280,18 @@ def resolve_init(config) -> None:
     """Empties ``config.init.sources.gidm.path`` under ``policy.gidm_init=random`` and ``.gfdm.path`` under
     ``policy.gfdm_init=initial``: a config that names a pretrained workdir (``tiny`` names the demo's) then
     starts from random / initial weights, as the switch says, instead of silently loading that workdir.
-    ``gfdm_init=initial`` keeps the ``svd_*`` sources (the un-fine-tuned weights). The stage's ``resolve`` hook
+    ``gfdm_init=initial`` keeps the ``svd_*`` sources (the un-fine-tuned weights). With ``model.center_features``
+    and ``data.source=features``, an empty ``init.sources.feature_stats.path`` becomes ``data.features_dir``. The stage's ``resolve`` hook
     (``config_validation.resolve``: the trainer and launch.ablate call it before validating), so every run and
     the ``config.json`` it records see the resolved sources."""
     for key, (value, name) in _NOT_PRETRAINED.items():
         source = config.init.sources.get(name)
         if config.policy[key] == value and source is not None and source.path:
             source.path = ""
+    stats = config.init.sources.get("feature_stats")
+    if (config.model.get("center_features", False) and stats is not None and not stats.path
+            and config.data.get("source", "frames") == "features"):
+        stats.path = config.data.features_dir   # centre with the store's own mean
 
 
 def validate(config) -> None:
@@ -285,6 +317,20 @@ def validate(config) -> None:
         raise ValueError(f"config.policy.gfdm_init={p.gfdm_init!r} must be 'pretrained' or 'initial'")
     if p.gidm_init not in ("pretrained", "random"):
         raise ValueError(f"config.policy.gidm_init={p.gidm_init!r} must be 'pretrained' or 'random'")
+    d = config.data
+    source = d.get("source", "frames")
+    if source not in ("frames", "features"):
+        raise ValueError(f"config.data.source={source!r} must be 'frames' or 'features'")
+    if source == "features" and not d.get("features_dir", ""):
+        raise ValueError("config.data.features_dir is empty but config.data.source='features' (write a store with "
+                         "python -m launch.precompute_features)")
+    if source == "features" and p.finetune == "all":
+        raise ValueError("config.data.source='features' with config.policy.finetune='all': the GFDM is trained, so "
+                         "precomputed features would be stale")
+    stats = config.init.sources.get("feature_stats")
+    if m.get("center_features", False) and (stats is None or not stats.path) and not config.init.allow_random:
+        raise ValueError("config.model.center_features=True but config.init.sources.feature_stats.path is empty: "
+                         "point it at a launch.precompute_features folder (data.source=features sets it)")
     for key, (value, name) in _NOT_PRETRAINED.items():
         source = config.init.sources.get(name)
         if p[key] == value and source is not None and source.path:
@@ -304,9 +350,8 @@ def validate(config) -> None:
                              f"it at {what}, or set config.policy.{key} (the ablation without that pretraining)")
 
 
-def batch_spec(config) -> dict:
-    m, d, b = config.model, config.data, config.train.batch_size
-    r = d.resolution
+def _frames_spec(config, b: int) -> dict:
+    m, r = config.model, config.data.resolution
     spec = {"frames": jax.ShapeDtypeStruct((b, m.num_views, r, r, 3), np.uint8),
             "actions": jax.ShapeDtypeStruct((b, m.horizon, m.action_dim), np.float32)}
     lens = {"gfdm": m.gfdm.text_tokens, "goal": dict(m.goal_text)["max_position_embeddings"],
@@ -317,9 +362,34 @@ def batch_spec(config) -> dict:
     return spec
 
 
+def feature_shape(config) -> tuple[int, ...]:
+    """[V, T, h*w, C] of one sample's GFDM features (abstract: nothing allocated, no file read)."""
+    from defi_jax import nn
+    with nn.fast_traced_rngs():
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0))))
+
+    def features(state, batch):
+        model = nnx.merge(graphdef, state)
+        return model.features(batch["frames"], encode_instruction(model, batch)["gfdm"], jax.random.key(0))
+
+    return tuple(jax.eval_shape(features, state, _frames_spec(config, 1)).shape[1:])
+
+
+def batch_spec(config) -> dict:
+    spec = _frames_spec(config, config.train.batch_size)
+    if config.data.get("source", "frames") != "features":
+        return spec
+    frames = spec.pop("frames")
+    return {"feats": jax.ShapeDtypeStruct((frames.shape[0], *feature_shape(config)), np.float32)} | spec
+
+
 def check_data(config) -> None:
+    if config.data.get("source", "frames") == "features":
+        from defi_jax.policy import features
+        features.check(config)   # its fingerprint (GFDM, views, resolution, ...) fixes the features' shape
+        return
     import data_pipelines
-    data_pipelines.check_sources(config.data, "policy_window")
+    data_pipelines.check_sources(loader_config(config), "policy_window")
 
 
 def prepare(config) -> None:

@@ -1,0 +1,157 @@
+"""The policy on precomputed GFDM features: launch.precompute_features writes the frozen GFDM's one-step features of
+the windows, the trainer reads them (data.source=features), model.center_features subtracts the store's mean, and
+the checkpoint still takes raw features (test_export_torch: a centred policy served from frames and exported to
+PyTorch with the mean folded in acts the same)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from _helpers import save_random_workdir
+from flax import nnx
+
+from defi_jax import checkpoint, config_validation, records, trainer
+from defi_jax.policy import features
+from defi_jax.policy import stage as policy_stage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, demo_data_dir, tiny_config, subprocess_env):
+    tmp = tmp_path_factory.mktemp("policy_features")
+    for seed, stage in enumerate(("gfdm", "gidm")):   # random stand-ins for the pretrained stages
+        save_random_workdir(stage, tiny_config(stage), str(tmp / stage), seed=seed)
+    sources = {"init.sources.gfdm.path": str(tmp / "gfdm"), "init.sources.gidm.path": str(tmp / "gidm"),
+               "data.data_dir": demo_data_dir}
+    out = str(tmp / "features")
+    run = subprocess.run([sys.executable, "-m", "launch.precompute_features", "--config=configs/policy.py:tiny",
+                          f"--out={out}", "--train_windows=12", "--eval_windows=8", "--batch=4",
+                          *(f"--config.{k}={v}" for k, v in sources.items())],
+                         cwd=REPO, env=subprocess_env(devices=0), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    c = tiny_config("policy", batch_size=4)
+    for k, v in sources.items():
+        section, _, key = k.rpartition(".")
+        node = c
+        for part in section.split("."):
+            node = node[part]
+        node[key] = v
+    config_validation.resolve(c)
+    return dict(tmp=tmp, out=out, config=c, stdout=run.stdout)
+
+
+def _records(out, split):
+    from array_record.python import array_record_module
+    reader = array_record_module.ArrayRecordReader(features.shard_paths(out, split)[0])
+    try:
+        return [records.decode_arrays(r) for r in reader.read_all()]
+    finally:
+        reader.close()
+
+
+def test_the_store_holds_the_frozen_gfdms_features_of_the_windows(store, one_device_mesh):
+    c, out = store["config"], store["out"]
+    assert "train 12 / 12 windows" in store["stdout"] and f"--config.data.features_dir={out}" in store["stdout"]
+    got = _records(out, "train")
+    assert len(got) == 12 and len(_records(out, "eval")) == 8
+    # The same windows (the loader is seeded) through the GFDM of the run's sources, with the store's draws.
+    tr = trainer.Trainer(c, mesh=one_device_mesh)
+    parts = tr.init_params()
+    model = nnx.merge(tr.graphdef, parts["params"], parts["frozen"], parts["extra"])
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def gfdm_features(state, batch, rng):
+        m = nnx.merge(graphdef, state)
+        return m.features(batch["frames"], policy_stage.encode_instruction(m, batch)["gfdm"], rng)
+
+    data = policy_stage.make_data(c, 0, 1, "train")
+    key = jax.random.fold_in(jax.random.key(c.seed + 29), zlib.crc32(b"train") % 2**31)
+    for i in range(3):
+        batch = next(data)
+        want = np.asarray(gfdm_features(state, batch, jax.random.fold_in(key, i)))
+        for r in range(4):
+            rec = got[4 * i + r]
+            np.testing.assert_allclose(rec["feats"], want[r], rtol=1e-4, atol=1e-4)
+            for k in ("actions",) + features.TOKEN_KEYS:
+                np.testing.assert_array_equal(rec[k], batch[k][r], err_msg=k)
+    # The per-channel mean of the train windows, written last; the run's action statistics travel with the store.
+    mean = features.read_stats(out)["mean"]
+    all_feats = np.stack([g["feats"] for g in got]).astype(np.float64)
+    np.testing.assert_allclose(mean, all_feats.reshape(-1, all_feats.shape[-1]).mean(0), rtol=1e-5, atol=1e-6)
+    meta = features.read_meta(out, "train")
+    assert meta["feature_shape"] == list(policy_stage.feature_shape(c)) == list(want.shape[1:])
+    assert meta["assets"] == policy_stage.assets(c) and meta["fingerprint"] == features.fingerprint(c)
+
+
+def test_training_on_the_store_centres_the_features_with_the_stores_mean(store, one_device_mesh):
+    c = store["config"].copy_and_resolve_references()
+    c.data.source, c.data.features_dir, c.model.center_features = "features", store["out"], True
+    config_validation.resolve(c)
+    assert c.init.sources.feature_stats.path == store["out"]          # the store's own mean
+    c.train.num_steps, c.train.save_every, c.train.log_every, c.eval.batches = 4, 4, 2, 1
+    workdir = str(store["tmp"] / "run")
+    result = trainer.Trainer(c, mesh=one_device_mesh).fit(workdir)
+    assert np.isfinite(result.metrics["eval_action_mse"]) and "eval_obs_info_gap" in result.metrics
+    params = checkpoint.restore_params(workdir)
+    mean = features.read_stats(store["out"])["mean"]
+    np.testing.assert_array_equal(np.asarray(params["feature_stats/mean"]), mean)   # loaded, frozen
+    assert np.abs(mean).max() > 0.1
+    stats = json.loads(open(os.path.join(workdir, "assets", "action_stats.json")).read())
+    assert stats == json.loads(features.read_meta(store["out"], "train")["assets"]["action_stats.json"])
+
+    # The checkpoint takes raw features: centring is inside the model, and folding it into the two input layers'
+    # biases is the same function (what the PyTorch export writes).
+    model = trainer.restore_model(c, workdir, mesh=one_device_mesh)
+    rec = _records(store["out"], "eval")[:2]
+    feats = np.stack([r["feats"] for r in rec])
+    text = policy_stage.encode_instruction(model, {k: np.stack([r[k] for r in rec]) for k in features.TOKEN_KEYS})
+    centred, _ = model.context(feats, text)
+    model.fold_feature_stats()
+    assert model.feature_stats is None
+    folded, _ = model.context(feats, text)
+    np.testing.assert_allclose(np.asarray(folded), np.asarray(centred), rtol=1e-4, atol=1e-4)
+    raw, _ = model.context(feats + mean, text)                        # without centring, another context
+    assert np.abs(np.asarray(raw) - np.asarray(centred)).max() > 1e-3
+
+
+
+def test_a_store_for_another_config_an_unfinished_one_or_a_mix_is_refused(store, error_message, tmp_path):
+    c = store["config"].copy_and_resolve_references()
+    c.data.source, c.data.features_dir = "features", store["out"]
+    other = c.copy_and_resolve_references()
+    other.data.resolution = 16
+    msg = error_message(policy_stage.check_data, other, exc=ValueError)
+    assert "config.data.features_dir" in msg and "data.resolution: store 32, this run 16" in msg
+    policy_stage.check_data(c)                                         # the store's own config passes
+
+    unfinished = str(tmp_path / "unfinished")
+    shutil.copytree(store["out"], unfinished)
+    os.remove(os.path.join(unfinished, features.STATS_FILE))
+    c.data.features_dir = unfinished
+    assert "feature_stats.safetensors is missing" in error_message(policy_stage.check_data, c, exc=FileNotFoundError)
+
+    mixed = str(tmp_path / "mixed")
+    shutil.copytree(store["out"], mixed)
+    side = os.path.join(mixed, "eval-00000-of-00001.json")
+    meta = json.load(open(side))
+    json.dump(meta | {"run": "another"}, open(side, "w"))
+    c.data.features_dir = mixed
+    assert "different precompute runs" in error_message(policy_stage.check_data, c, exc=ValueError)
+
+    bad = c.copy_and_resolve_references()
+    bad.policy.finetune = "all"
+    assert "finetune='all'" in error_message(policy_stage.validate, bad, exc=ValueError)
+    bad = store["config"].copy_and_resolve_references()
+    bad.model.center_features, bad.init.allow_random = True, False   # frames, and no store to take a mean from
+    assert "init.sources.feature_stats.path is empty" in error_message(policy_stage.validate, bad, exc=ValueError)
+    bad.data.source = "latents"
+    assert "config.data.source='latents'" in error_message(policy_stage.validate, bad, exc=ValueError)
