@@ -311,7 +311,7 @@ def train(p: Plan, *, log: Callable[[str], None] = print) -> bool:
     if p.features:
         stores = [run for name, run in p.features.items() if pretrained(name)]
         log(f"== GFDM features: {len(stores)} store(s)")
-        sweep.execute(stores, log=log)
+        sweep.execute(stores, log=log, doing="computing GFDM features into")
         if any(r.status == "stopped" for r in stores):
             for run in p.runs.values():
                 run.status = "stopped"

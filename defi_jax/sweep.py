@@ -161,9 +161,10 @@ def check_finished(runs: Sequence[Run]) -> None:
             + ". Use another --workdir, or remove these run folders to train them again")
 
 
-def execute(runs: Sequence[Run], *, dry_run: bool = False, log=print) -> None:
+def execute(runs: Sequence[Run], *, dry_run: bool = False, log=print, doing: str = "training") -> None:
     """Trains every run not finished before, one at a time, each in a fresh process. A run finished before is
-    skipped; one finished with a different command is refused before anything trains (:func:`check_finished`)."""
+    skipped; one finished with a different command is refused before anything trains (:func:`check_finished`).
+    ``doing`` names the work in the progress lines (another command than a training: ``launch.ablate``'s features)."""
     check_finished(runs)
     stop = _Stop()
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if not dry_run else {}
@@ -183,7 +184,7 @@ def execute(runs: Sequence[Run], *, dry_run: bool = False, log=print) -> None:
             if stop.requested:
                 run.status = "stopped"
                 continue
-            log(f"[{i + 1}/{len(runs)}] training {run.workdir}")
+            log(f"[{i + 1}/{len(runs)}] {doing} {run.workdir}")
             os.makedirs(run.workdir, exist_ok=True)
             with open(os.path.join(run.workdir, "train.log"), "a") as out:
                 stop.child = subprocess.Popen(run.argv, stdout=out, stderr=subprocess.STDOUT, env=env)
