@@ -176,8 +176,9 @@ def _features_run(store: str, keys: Sequence[tuple[str, str]], train_windows: in
     """``python -m launch.precompute_features`` of one variant (its fine-tuning keys: same GFDM, data, tokenizers)
     as a :class:`sweep.Run` of no steps: done once its command finished, skipped when rerun with the same one."""
     path, colon, arg = POLICY_CONFIG.partition(":")
-    argv = [sys.executable, "-m", "launch.precompute_features", f"--config={os.path.join(sweep.ROOT, path)}{colon}{arg}",
-            f"--out={store}", f"--train_windows={train_windows}", f"--eval_windows={eval_windows}",
+    argv = [sys.executable, "-m", "launch.precompute_features",
+            f"--config={os.path.join(sweep.ROOT, path)}{colon}{arg}", f"--out={store}",
+            f"--train_windows={train_windows}", f"--eval_windows={eval_windows}",
             *(f"--config.{k}={v}" for k, v in keys)]
     return sweep.Run(value="features", seed=0, workdir=store, argv=argv, num_steps=0)
 

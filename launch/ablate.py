@@ -9,7 +9,7 @@
     python -m launch.ablate --variants=defi,no_gidm_pretrain,no_gfdm_pretrain --pretrained=workdirs/demo \
         --features=4096 --steps=800 --set=train.batch_size=64 --episodes=50 --workdir=workdirs/ablate_cached
         # each variant's GFDM features of 4,096 windows computed once, its policy trained on them, centred
-        # (BENCHMARKS.md's 800 x 64 recipe: 40-80 min of this CPU per policy instead of days)
+        # (BENCHMARKS.md's 800 x 64 recipe)
     python -m launch.ablate --workdir=/tmp/ablate --dry_run       # every config built + one train step each
 
 Variants (``configs/policy.py:demo`` + overrides): defi, no_gidm_pretrain (policy.gidm_init=random),

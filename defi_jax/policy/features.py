@@ -117,7 +117,7 @@ def precompute(config, out: str, windows: Mapping[str, int], *, batch_size: int 
     run = uuid.uuid4().hex
     meta = {"run": run, "fingerprint": fingerprint(config), "assets": stage.assets(c), "seed": int(c.seed),
             "batch_size": batch_size}
-    key = jax.random.key(c.seed + 29)
+    key = jax.random.key(c.seed + 29)   # per split (crc32 of its name), then per batch
     metas, total_C, count = {}, None, 0
     for split, n in windows.items():
         if n < 1:
@@ -127,8 +127,8 @@ def precompute(config, out: str, windows: Mapping[str, int], *, batch_size: int 
         done, t0, next_log = 0, time.time(), 0.0
         for i in range(-(-n // batch_size)):
             batch = next(data)
-            feats = np.asarray(features(state, {k: batch[k] for k in stage._BATCH_KEYS},
-                                        jax.random.fold_in(jax.random.fold_in(key, zlib.crc32(split.encode()) % 2**31), i)))
+            rng = jax.random.fold_in(jax.random.fold_in(key, zlib.crc32(split.encode()) % 2**31), i)
+            feats = np.asarray(features(state, {k: batch[k] for k in stage._BATCH_KEYS}, rng))
             take = min(len(feats), n - done)
             for r in range(take):
                 arrays = {"feats": feats[r]} | {k: np.asarray(batch[k][r]) for k in ("actions",) + TOKEN_KEYS}

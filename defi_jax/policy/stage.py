@@ -281,9 +281,9 @@ def resolve_init(config) -> None:
     ``policy.gfdm_init=initial``: a config that names a pretrained workdir (``tiny`` names the demo's) then
     starts from random / initial weights, as the switch says, instead of silently loading that workdir.
     ``gfdm_init=initial`` keeps the ``svd_*`` sources (the un-fine-tuned weights). With ``model.center_features``
-    and ``data.source=features``, an empty ``init.sources.feature_stats.path`` becomes ``data.features_dir``. The stage's ``resolve`` hook
-    (``config_validation.resolve``: the trainer and launch.ablate call it before validating), so every run and
-    the ``config.json`` it records see the resolved sources."""
+    and ``data.source=features``, an empty ``init.sources.feature_stats.path`` becomes ``data.features_dir``. The
+    stage's ``resolve`` hook (``config_validation.resolve``: the trainer and launch.ablate call it before
+    validating), so every run and the ``config.json`` it records see the resolved sources."""
     for key, (value, name) in _NOT_PRETRAINED.items():
         source = config.init.sources.get(name)
         if config.policy[key] == value and source is not None and source.path:
