@@ -139,7 +139,10 @@ def make_loader(shards: list[str], decode: Callable[[bytes], dict], *, global_ba
     local = global_batch_size // process_count
     ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(shards)).shuffle(seed=seed).repeat(None)
     ds = ds[process_index::process_count].map(_Prepare(decode, transform, tuple(drop_keys)))
-    ds = ds.batch(local, drop_remainder=True).to_iter_dataset()
+    # Read ahead two batches of records, not grain's default 500 elements: batched before reading ahead, those
+    # were 500 batches (37 GB of the demo's 1.2 MB feature records at batch 64).
+    read = grain.ReadOptions(num_threads=min(4, local), prefetch_buffer_size=2 * local)
+    ds = ds.to_iter_dataset(read).batch(local, drop_remainder=True)
     if worker_count > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return iter(ds)

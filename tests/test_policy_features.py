@@ -155,3 +155,25 @@ def test_a_store_for_another_config_an_unfinished_one_or_a_mix_is_refused(store,
     assert "init.sources.feature_stats.path is empty" in error_message(policy_stage.validate, bad, exc=ValueError)
     bad.data.source = "latents"
     assert "config.data.source='latents'" in error_message(policy_stage.validate, bad, exc=ValueError)
+
+
+class _Count:
+    def __init__(self):
+        self.n = 0
+
+    def __call__(self, example):
+        self.n += 1
+        return example
+
+
+def test_the_loader_reads_ahead_a_few_batches_not_the_whole_store(store):
+    """A store's records are large (1.2 MB per demo window): the loader decodes a bounded number ahead of the
+    batch it returns (grain's default read-ahead, 500 batches, took 24 GB and was OOM-killed at batch 64)."""
+    import time
+    count = _Count()
+    it = records.make_loader(features.shard_paths(store["out"], "train"), records.decode_arrays, global_batch_size=2,
+                             process_index=0, process_count=1, seed=0, transform=count)
+    first = next(it)
+    assert first["feats"].shape[0] == 2
+    time.sleep(1.0)                       # the read-ahead threads fill their buffer
+    assert 2 <= count.n <= 2 + 2 * 2 + 4, count.n   # this batch + two ahead + the threads' in-flight records
