@@ -490,18 +490,23 @@ class EpochShuffle:
     def __init__(self, n: int, seed: int):
         self.n, self.seed = n, seed
         self._cache: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()   # grain's prefetch threads call this concurrently
 
     def __getstate__(self):
-        return {"n": self.n, "seed": self.seed, "_cache": {}}
+        return {"n": self.n, "seed": self.seed}
+
+    def __setstate__(self, state):
+        self.__init__(state["n"], state["seed"])
 
     def __call__(self, index: int, _) -> int:
         epoch, pos = divmod(int(index), self.n)
-        perm = self._cache.get(epoch)
-        if perm is None:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n).astype(np.int32)
-            if len(self._cache) >= 2:   # prefetch threads may straddle an epoch boundary
-                self._cache.pop(min(self._cache))
-            self._cache[epoch] = perm
+        with self._lock:
+            perm = self._cache.get(epoch)
+            if perm is None:
+                perm = np.random.default_rng([self.seed, epoch]).permutation(self.n).astype(np.int32)
+                if len(self._cache) >= 2:   # prefetch threads may straddle an epoch boundary
+                    del self._cache[min(self._cache)]
+                self._cache[epoch] = perm
         return int(perm[pos])
 
 

@@ -155,3 +155,24 @@ def test_restored_iterator_yields_the_identical_next_batch(demo_data_dir, worker
         for k in w:
             np.testing.assert_array_equal(got[k], w[k])
     fresh.close()
+
+
+def test_epoch_shuffle_is_safe_under_concurrent_prefetch_threads():
+    """grain's prefetch threads call the per-epoch permutation concurrently; with three items an epoch ends every
+    third index, so threads evict epochs under each other (CI hit a KeyError here before the lock)."""
+    import pickle
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    n, count = 3, 30_000
+    shuffle = loader.EpochShuffle(n, seed=0)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)   # switch threads as often as possible
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda i: shuffle(i, None), range(count)))
+    finally:
+        sys.setswitchinterval(interval)
+    want = [int(np.random.default_rng([0, i // n]).permutation(n)[i % n]) for i in range(count)]
+    assert got == want
+    assert pickle.loads(pickle.dumps(shuffle))(count - 1, None) == want[-1]   # grain workers get a pickled copy
