@@ -128,7 +128,7 @@ def precompute(config, out: str, windows: Mapping[str, int], *, batch_size: int 
         for i in range(-(-n // batch_size)):
             batch = next(data)
             rng = jax.random.fold_in(jax.random.fold_in(key, zlib.crc32(split.encode()) % 2**31), i)
-            feats = np.asarray(features(state, {k: batch[k] for k in stage._BATCH_KEYS}, rng))
+            feats = np.asarray(features(state, {k: batch[k] for k in stage.FRAMES_BATCH_KEYS}, rng))
             take = min(len(feats), n - done)
             for r in range(take):
                 arrays = {"feats": feats[r]} | {k: np.asarray(batch[k][r]) for k in ("actions",) + TOKEN_KEYS}

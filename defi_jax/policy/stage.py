@@ -33,7 +33,7 @@ from defi_jax.policy.model import DeFIPolicyModel
 from defi_jax.stage import NumericBatches, Stage, Tokenize
 
 FINETUNE = ("gidm_adapter", "adapter_only", "all")
-_BATCH_KEYS = ("frames", "actions", "gfdm_ids", "gfdm_mask", "goal_ids", "goal_mask", "gidm_ids", "gidm_mask")
+FRAMES_BATCH_KEYS = ("frames", "actions", "gfdm_ids", "gfdm_mask", "goal_ids", "goal_mask", "gidm_ids", "gidm_mask")
 _STAGE_DATA_KEYS = ("source", "features_dir")
 
 
@@ -141,7 +141,7 @@ def _last_frame(sample: dict) -> dict:
 def batch_keys(config) -> tuple[str, ...]:
     """The batch's keys: ``frames`` + actions + tokens, or ``feats`` in place of ``frames`` (data.source)."""
     from defi_jax.policy import features
-    return features.BATCH_KEYS if config.data.get("source", "frames") == "features" else _BATCH_KEYS
+    return features.BATCH_KEYS if config.data.get("source", "frames") == "features" else FRAMES_BATCH_KEYS
 
 
 def loader_config(config):
@@ -160,7 +160,7 @@ def make_data(config, process_index: int, process_count: int, split: str):
     loader = data_pipelines.make_loader("policy_window", d, global_batch_size=config.train.batch_size,
                                         process_index=process_index, process_count=process_count, seed=seed,
                                         split=split, transform=Tokenize(config, _TOKENIZERS, prepare=_last_frame))
-    return NumericBatches(iter(loader), _BATCH_KEYS)
+    return NumericBatches(iter(loader), FRAMES_BATCH_KEYS)
 
 
 def stats_dataset(config) -> str:
