@@ -80,12 +80,17 @@ class _Renderer:
 
 def rollout_task(task: str, episodes: int, size: int, seed: int, *, wrist: bool = True,
                  max_steps: int = 200, extra_steps: int = 10, successful_only: bool = False,
-                 max_attempts: int | None = None) -> list[dict]:
+                 max_attempts: int | None = None, expert_noise: float = 0.0) -> list[dict]:
     """Scripted-expert episodes of one Meta-World v3 task: frames, raw 4-D actions, states.
 
     ``successful_only``: keep drawing episodes (at most ``max_attempts``, default 4 x ``episodes``) until
     ``episodes`` of them succeeded, and return only those (Meta-World v3's scripted experts fail on some
-    seeds). Every episode dict carries ``attempts``: the episodes run for this task in all."""
+    seeds). Every episode dict carries ``attempts``: the episodes run for this task in all.
+
+    ``expert_noise`` (DART, Laskey et al. 2017): the environment executes the expert's action plus Gaussian noise
+    of this standard deviation on the x, y, z hand deltas (clipped to [-1, 1]; the gripper's untouched), while the
+    episode records the expert's own action: states off the expert's path, each labelled with how the expert
+    recovers from it. Seeded per episode."""
     os.environ.setdefault("MUJOCO_GL", "egl")
     import gymnasium as gym
     import metaworld  # noqa: F401 - registers the Meta-World gymnasium envs
@@ -104,6 +109,7 @@ def rollout_task(task: str, episodes: int, size: int, seed: int, *, wrist: bool 
                 break
             attempts += 1
             obs, _ = env.reset(seed=seed * 1000 + e)
+            noise = np.random.default_rng([seed, e, 7]) if expert_noise > 0 else None
             frames, wrist_frames, actions, states = [], [], [], []
             success_at = None
             for t in range(max_steps):
@@ -113,6 +119,9 @@ def rollout_task(task: str, episodes: int, size: int, seed: int, *, wrist: bool 
                 a = np.clip(policy.get_action(obs), -1, 1).astype(np.float32)
                 states.append(np.asarray(obs, np.float32))
                 actions.append(a)
+                if noise is not None:
+                    a = a.copy()
+                    a[:3] = np.clip(a[:3] + expert_noise * noise.standard_normal(3), -1, 1)
                 obs, _, _, _, info = env.step(a)
                 if success_at is None and info.get("success"):
                     success_at = t
@@ -132,26 +141,31 @@ def rollout_task(task: str, episodes: int, size: int, seed: int, *, wrist: bool 
     return out
 
 
-def _rollouts(jobs: list[tuple], max_steps: int) -> list[list[dict]]:
+def _rollouts(jobs: list[tuple], max_steps: int, expert_noise: float = 0.0) -> list[list[dict]]:
     """``rollout_task`` for each (task, episodes, size, seed, wrist) in one fresh process: MuJoCo's EGL
     (Mesa llvmpipe) and TensorFlow crash when loaded into one process, in either order."""
     import concurrent.futures
     import multiprocessing
 
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_run_jobs, jobs, max_steps).result()
+        return pool.submit(_run_jobs, jobs, max_steps, expert_noise).result()
 
 
-def _run_jobs(jobs, max_steps):
+def _run_jobs(jobs, max_steps, expert_noise=0.0):
     # Robot tasks (with a wrist view) keep the expert's successful episodes only: the policy learns from them.
-    return [rollout_task(task, n, size, seed, wrist=wrist, max_steps=max_steps, successful_only=wrist)
+    # The human videos show the expert's own motion (no noise: nothing is labelled in them).
+    return [rollout_task(task, n, size, seed, wrist=wrist, max_steps=max_steps, successful_only=wrist,
+                         expert_noise=expert_noise if wrist else 0.0)
             for task, n, size, seed, wrist in jobs]
 
 
 def make_demo_data(out: str, *, tasks=ROBOT_TASKS, human_tasks=HUMAN_TASKS, episodes: int = EPISODES,
                    human_episodes: int | None = HUMAN_EPISODES, size: int = 128, seed: int = 0,
-                   max_steps: int = 200, relabelled: Sequence[str] = ()) -> str:
+                   max_steps: int = 200, relabelled: Sequence[str] = (), expert_noise: float = 0.0) -> str:
     """Write the demo data to ``out`` (see the module docstring) and convert the RLDS part. Returns ``out``.
+
+    ``expert_noise``: the robot episodes are recorded with noise injected into the executed actions (DART; see
+    :func:`rollout_task`), labelled with the expert's clean actions.
 
     ``relabelled``: folders of ``launch.evaluate --relabel_out`` (DAgger): their policy episodes, each state
     labelled with the scripted expert's action, join the expert episodes in the robot dataset (one dataset, so
@@ -164,6 +178,8 @@ def make_demo_data(out: str, *, tasks=ROBOT_TASKS, human_tasks=HUMAN_TASKS, epis
     tfds.disable_progress_bar()
     for folder in relabelled:     # before the rollouts: a bad folder fails in seconds, not after the rendering
         metaworld.relabelled_index(folder, size)
+    if expert_noise < 0:
+        raise ValueError(f"expert_noise={expert_noise}: a standard deviation, >= 0")
     human_episodes = episodes if human_episodes is None else human_episodes
     overlap = set(tasks) & set(human_tasks)
     if overlap:
@@ -171,7 +187,7 @@ def make_demo_data(out: str, *, tasks=ROBOT_TASKS, human_tasks=HUMAN_TASKS, epis
     os.makedirs(out, exist_ok=True)
     jobs = [(task, episodes, size, seed + k, True) for k, task in enumerate(tasks)]
     jobs += [(task, human_episodes, size, seed + 100 + k, False) for k, task in enumerate(human_tasks)]
-    rollouts = _rollouts(jobs, max_steps)
+    rollouts = _rollouts(jobs, max_steps, expert_noise)
     expert = {}
     for k, task in enumerate(tasks):
         got = rollouts[k]
@@ -228,7 +244,8 @@ def make_demo_data(out: str, *, tasks=ROBOT_TASKS, human_tasks=HUMAN_TASKS, epis
     with open(os.path.join(out, DONE), "w") as f:
         json.dump({"tasks": list(tasks), "human_tasks": list(human_tasks), "episodes": episodes,
                    "human_episodes": human_episodes, "size": size, "seed": seed,
-                   "expert_success": expert, "relabelled": added, "version": VERSION}, f)
+                   "expert_success": expert, "relabelled": added, "expert_noise": expert_noise,
+                   "version": VERSION}, f)
     return out
 
 

@@ -15,6 +15,7 @@ thread and worker process.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -264,11 +265,25 @@ class Sampler:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
+    def _read(self, i: int, rng: np.random.Generator) -> dict:
+        """The raw sample; an interpreter-internal error (SystemError: CPython 3.11's ``ast`` module raises "AST
+        constructor recursion depth mismatch" when two threads build ASTs at once) is retried once with the same
+        draws, so a transient fault never changes which samples a run reads."""
+        read = self._robot if self.source.kind == "robot" else self._video
+        draws = copy.deepcopy(rng.bit_generator.state)
+        try:
+            return read(i, rng)
+        except SystemError as e:
+            logging.warning("data: %s sample %s: %s: %s; retrying it once", self.source.name, self.source.describe(i),
+                            type(e).__name__, e)
+            rng.bit_generator.state = draws
+            return read(i, rng)
+
     def __call__(self, i, rng: np.random.Generator):
         i = int(i)
         self.attempts += 1
         try:
-            sample = self._robot(i, rng) if self.source.kind == "robot" else self._video(i, rng)
+            sample = self._read(i, rng)
             if self.normalize_instructions:
                 sample["instruction"] = normalize_instruction(sample["instruction"])
             if not sample["instruction"].strip():

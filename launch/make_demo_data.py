@@ -13,7 +13,12 @@ not use (``launch.evaluate``'s default is --seed=0), or the evaluation scores th
   python -m launch.train --config=configs/policy.py:demo --workdir=/tmp/policy_dagger1 \\
       --config.data.data_dir=/tmp/demo_dagger1
 
-Deterministic for --seed. Reads back with ``data.mixture="demo"`` and ``data.data_dir=<out>``.
+DART: ``--expert_noise 0.3`` records the robot episodes with Gaussian noise added to the executed hand motion while
+keeping the expert's clean action as the label, so the data shows how the expert recovers from states off its own
+path. (A saturated expert may override the noise: door-close's hand stays within a few cm of its clean path even
+at 1.0; BENCHMARKS.md, "Why door-close decides the ablation".)
+
+Deterministic for --seed (and --expert_noise). Reads back with ``data.mixture="demo"`` and ``data.data_dir=<out>``.
 """
 
 import argparse
@@ -37,7 +42,12 @@ def main(argv=None):
     p.add_argument("--relabelled", nargs="*", default=[],
                    help="launch.evaluate --relabel_out folders (DAgger): their policy episodes, labelled with the "
                         "scripted expert's actions, join the robot dataset")
+    p.add_argument("--expert_noise", type=float, default=0.0,
+                   help="DART: std of Gaussian noise added to the executed x, y, z actions of the robot episodes "
+                        "(labels stay the expert's clean actions); 0 = none")
     a = p.parse_args(argv)
+    if a.expert_noise < 0:
+        p.exit(2, f"launch.make_demo_data: --expert_noise={a.expert_noise}: a standard deviation, >= 0\n")
     os.environ.setdefault("MUJOCO_GL", "egl")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -50,7 +60,8 @@ def main(argv=None):
             p.exit(2, f"launch.make_demo_data: --relabelled: {e}\n")
     demo.make_demo_data(out, tasks=tuple(a.tasks), human_tasks=tuple(a.human_tasks), episodes=a.episodes,
                         human_episodes=demo.HUMAN_EPISODES if a.human_episodes is None else a.human_episodes,
-                        size=a.size, seed=a.seed, max_steps=a.max_steps, relabelled=tuple(a.relabelled))
+                        size=a.size, seed=a.seed, max_steps=a.max_steps, relabelled=tuple(a.relabelled),
+                        expert_noise=a.expert_noise)
     print(out)
 
 

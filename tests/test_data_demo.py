@@ -146,3 +146,29 @@ def test_default_demo_tasks_and_the_generation_knobs_reach_the_generator(monkeyp
         assert args[args.index("--episodes") + 1] == str(episodes), kwargs
         assert args[args.index("--human_episodes") + 1] == str(human), kwargs
     assert not os.path.exists(tmp_path / "demo")
+
+
+def test_expert_noise_perturbs_the_path_and_keeps_the_experts_labels(subprocess_env):
+    """DART: with ``expert_noise`` the executed actions are noisy, so the states leave the clean expert's path,
+    while every recorded action is the expert's own (clipped) action at the recorded state; seeded."""
+    import subprocess
+    import sys
+
+    code = r"""
+import numpy as np
+from metaworld.policies import ENV_POLICY_MAP
+from data_pipelines import demo
+run = lambda noise: demo.rollout_task("reach-v3", 1, 16, 0, wrist=False, max_steps=25, expert_noise=noise)[0]
+clean, noisy, again = run(0.0), run(0.5), run(0.5)
+expert = ENV_POLICY_MAP["reach-v3"]()
+labels = np.stack([np.clip(expert.get_action(s), -1, 1) for s in noisy["states"]]).astype(np.float32)
+np.testing.assert_allclose(noisy["actions"], labels, atol=1e-5)   # (states recorded as float32)
+np.testing.assert_array_equal(noisy["states"], again["states"])
+assert np.array_equal(clean["states"][0], noisy["states"][0])          # the same reset
+gap = np.abs(clean["states"][1:, :3] - noisy["states"][1:, :3]).max()
+assert gap > 1e-3, gap                                               # then another path
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], env=subprocess_env(devices=0, MUJOCO_GL="egl"),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-3000:]

@@ -170,3 +170,37 @@ def test_tools_say_what_is_missing(tmp_path, monkeypatch, capsys):
         shard = ep["source"].rsplit("[", 1)[0]
         assert not os.path.isabs(shard) and os.path.exists(tmp_path / "src" / "bridge" / shard)
     assert not glob.glob(str(tmp_path / "out" / "bridge" / ".arrayrecord*"))
+
+
+def test_an_interpreter_fault_is_retried_with_the_same_draws(tmp_path, monkeypatch, caplog):
+    """A SystemError while building a sample (CPython 3.11's ast module raises one when two threads build ASTs at
+    once: CI saw it skip a sample and shift a resumed run's data) is retried with the sample's own random draws:
+    the batches are the ones a clean run reads, nothing is counted as failed."""
+    convert.convert("bridge", _write_bridge(tmp_path / "src", episodes=3, length=8), str(tmp_path / "bridge"))
+    cfg = dp.default_data_config()
+    cfg.data_dir, cfg.mixture, cfg.resolution, cfg.eval_fraction = str(tmp_path), "bridge", 8, 0.0
+    cfg.pair_seconds = 0.6
+
+    def batches():
+        it = dp.make_loader("gidm_pair", cfg, global_batch_size=4, seed=3)
+        out = [next(it) for _ in range(3)]
+        failed = it.failures()["bridge"][0]
+        it.close()
+        return out, failed
+
+    clean, _ = batches()
+    real, calls = video.decode_image, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise SystemError("AST constructor recursion depth mismatch (before=54, after=50)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(video, "decode_image", flaky)
+    with caplog.at_level("WARNING"):
+        got, failed = batches()
+    assert len(calls) > 3 and failed == 0 and "retrying it once" in caplog.text
+    for a, b in zip(got, clean):
+        for k in ("item_id", "frames", "num_actions", "actions"):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
