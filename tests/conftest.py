@@ -190,22 +190,25 @@ def count_compiles():
 
 
 # ---------------------------------------------------------------------------------------------- scheduling
-# The slowest tests of `make test` (seconds, idle 2-core machine, before this ordering): a whole file where the
-# entry names one (its module fixtures are built once per worker that runs it).
+# The slowest tests of `make test`, with their seconds in a whole run (2 busy cores, fourteenth session): a whole
+# file where the entry names one (its module fixtures are built once per worker that runs it).
 SLOW = (
-    ("tests/test_policy_stage.py", 220),                                # module fine-tune fixture + its users
-    ("tests/test_gfdm_stage.py::test_tiny_training_run_learns_compiles_evaluation_once_and_writes_gif", 91),
-    ("tests/test_policy_features.py", 90),                              # precompute subprocess + a short fit
-    ("tests/test_packaging.py", 80),                                    # wheel + venv + stage steps
-    ("tests/test_import_stages.py::test_policy_export_round_trip_is_bitwise", 55),
-    ("tests/test_gidm_stage.py::test_tiny_pretraining_on_demo_data", 48),
-    ("tests/test_export_torch.py", 40),                                 # module export fixture
-    ("tests/test_ablate.py::test_dry_run_one_step_of_every_variant", 40),
+    ("tests/test_policy_stage.py", 340),                                # module fine-tune fixture + its users
+    ("tests/test_gfdm_stage.py::test_tiny_training_run_learns_compiles_evaluation_once_and_writes_gif", 165),
+    ("tests/test_policy_features.py", 110),                             # precompute subprocess + a short fit
+    ("tests/test_gidm_stage.py::test_tiny_pretraining_on_demo_data", 86),
+    ("tests/test_evaluate_metaworld.py::test_defi_policy_act_and_predict_acts_like_act_batch_and_decodes_the_features_step",
+     77),
+    ("tests/test_import_stages.py::test_policy_export_round_trip_is_bitwise", 69),
+    ("tests/test_ablate.py::test_dry_run_one_step_of_every_variant", 43),
+    ("tests/test_gfdm_quality.py::test_run_writes_json_csv_gif", 43),
+    ("tests/test_export_torch.py", 42),                                 # module export fixture
+    ("tests/test_packaging.py", 40),                                    # wheel + venv + two stages' steps
+    ("tests/test_policy_import.py::test_import_writes_a_policy_workdir_that_serves_resumes_and_matches", 35),
+    ("tests/test_import_stages.py::test_gfdm_from_a_diffusers_svd_folder_and_its_export_back", 28),
     ("tests/test_data_demo.py", 25),
-    ("tests/test_policy_import.py::test_import_writes_a_policy_workdir_that_serves_resumes_and_matches", 22),
-    ("tests/test_gidm_model.py::test_encoder_is_causal_in_time", 19),
-    ("tests/test_sweep.py::test_two_value_sweep_writes_csv_and_png_and_resumes", 18),
-    ("tests/test_gidm_stage.py::test_train_step_compiles_for_8_devices", 18),
+    ("tests/test_sweep.py::test_two_value_sweep_writes_csv_and_png_and_resumes", 20),
+    ("tests/test_gidm_stage.py::test_train_step_compiles_for_8_devices", 19),
 )
 
 
