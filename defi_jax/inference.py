@@ -141,8 +141,11 @@ class DeFIPolicy:
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, workdir: str, *, step: int | None = None, ema: bool = False, seed: int = 0,
-                        gfdm_steps: int | None = None, sample_steps: int | None = None) -> DeFIPolicy:
-        """Reads only the parameters of ``workdir``'s checkpoint (latest ``step``), its config and assets."""
+                        gfdm_steps: int | None = None, sample_steps: int | None = None,
+                        sample_sigma_min: float | None = None) -> DeFIPolicy:
+        """Reads only the parameters of ``workdir``'s checkpoint (latest ``step``), its config and assets.
+        ``gfdm_steps``, ``sample_steps`` and ``sample_sigma_min`` replace the checkpoint config's
+        ``model.gfdm_steps``, ``model.sample_steps`` and ``model.sample_sigma_min`` (inference only)."""
         from defi_jax import paths, trainer
 
         workdir = paths.abspath(workdir)
@@ -150,9 +153,19 @@ class DeFIPolicy:
         if config.get("stage") != "policy":
             raise ValueError(f"{workdir}: a {config.get('stage')!r} checkpoint, not a policy (configs/policy.py)")
         if gfdm_steps is not None:
+            if gfdm_steps < 1:
+                raise ValueError(f"gfdm_steps must be >= 1, got {gfdm_steps}")
             config.model.gfdm_steps = gfdm_steps
         if sample_steps is not None:
+            if sample_steps < 1:
+                raise ValueError(f"sample_steps must be >= 1, got {sample_steps}")
             config.model.sample_steps = sample_steps
+        if sample_sigma_min is not None:
+            sigma_max = float(config.model.head.sigma_max)
+            if not 0 < sample_sigma_min < sigma_max:
+                raise ValueError(f"sample_sigma_min must be in (0, model.head.sigma_max={sigma_max:g}), got "
+                                 f"{sample_sigma_min}")
+            config.model.sample_sigma_min = sample_sigma_min
         asset = paths.join(workdir, "assets", "action_stats.json")
         if not paths.exists(asset):
             raise FileNotFoundError(f"{asset}: the policy's action statistics are missing (written when training "

@@ -4,6 +4,7 @@
     python -m launch.evaluate --checkpoint=workdirs/demo/policy --tasks=mt10 --workers=8 --out=/tmp/eval_mt10
     python -m launch.evaluate --backend=exported --exported=workdirs/demo/exported --tasks=reach-v3,push-v3
     python -m launch.evaluate --backend=torch --torch_folder=/tmp/defi_torch --tasks=demo   # launch.export_torch's
+    python -m launch.evaluate --checkpoint=workdirs/demo/policy --sample_sigma_min=0.002 --out=/tmp/eval_sigma
 
 ``--tasks``: ``demo`` (the robot tasks of the demo data), ``mt10``, ``mt50`` or a comma-separated list. Each
 episode runs ``--horizon`` env steps at most, replanning every ``--steps_per_chunk`` steps; the scripted experts
@@ -13,7 +14,8 @@ episode by episode). Writes ``summary.json``, ``summary.csv`` (per-task success 
 protocol on every row), ``attribution.csv`` (failed episodes split into forward / inverse dynamics failures)
 and ``videos/<task>/*.gif`` (the real frames beside the GFDM's predicted future) under ``--out`` (default:
 ``<checkpoint, exported or torch folder>/eval_metaworld``; a ``gs://`` folder is written locally and uploaded at
-the end). ``--relabel_out=DIR`` (DAgger) also keeps each policy episode with the scripted expert's action at every
+the end). ``--sample_steps``, ``--sample_sigma_min`` and ``--gfdm_steps`` evaluate a JAX checkpoint with another
+sampler than its config's; the summary's ``policy`` records the values used. ``--relabel_out=DIR`` (DAgger) also keeps each policy episode with the scripted expert's action at every
 state the policy visited, for ``python -m launch.make_demo_data --relabelled DIR``. The predicted future and the
 attribution need the
 JAX policy (``--backend=jax``); with the exported or PyTorch backends the summary records them as unavailable.
@@ -51,6 +53,13 @@ _STEPS_PER_CHUNK = flags.DEFINE_integer("steps_per_chunk", 10, "Actions of each 
                                         "replanning.", lower_bound=1)
 _WORKERS = flags.DEFINE_integer("workers", min(8, os.cpu_count() or 1), "Env worker processes (= the policy's "
                                 "batch size).", lower_bound=1)
+_SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", None, "--backend=jax: the action head's sampler steps "
+                                     "(default: the checkpoint's model.sample_steps).", lower_bound=1)
+_SIGMA_MIN = flags.DEFINE_float("sample_sigma_min", None, "--backend=jax: the sampler's last sigma before 0 (default: "
+                                "the checkpoint's model.sample_sigma_min; the reference evaluates at 1.0, which "
+                                "leaves the chunk close to the head's conditional mean).")
+_GFDM_STEPS = flags.DEFINE_integer("gfdm_steps", None, "--backend=jax: GFDM denoising steps before the features "
+                                   "(default: the checkpoint's model.gfdm_steps).", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Evaluation seed (episode seeds and goals derive from it).")
 _RESOLUTION = flags.DEFINE_integer("resolution", 128, "Render size in pixels (the demo data's "
                                    "launch.make_demo_data --size); the policy resizes to its own.", lower_bound=8)
@@ -92,6 +101,12 @@ def main(argv):
     if backend == "jax" and not _CHECKPOINT.value:
         print("launch.evaluate: --checkpoint=DIR is required with --backend=jax", file=sys.stderr)
         return 2
+    overrides = {k: f.value for k, f in (("sample_steps", _SAMPLE_STEPS), ("sample_sigma_min", _SIGMA_MIN),
+                                          ("gfdm_steps", _GFDM_STEPS)) if f.value is not None}
+    if overrides and backend != "jax":
+        print(f"launch.evaluate: --{', --'.join(overrides)} change(s) a checkpoint's config: --backend=jax only (an "
+              f"exported or PyTorch policy has its sampler built in)", file=sys.stderr)
+        return 2
     if backend == "exported":
         source = paths.abspath(_EXPORTED.value)
         info = {"source": source, "backend": "exported"}
@@ -127,7 +142,10 @@ def main(argv):
             policy = inference.load_torch(source, seed=_SEED.value, device=_TORCH_DEVICE.value)
             info["device"] = policy.device
         else:
-            policy = inference.DeFIPolicy.from_checkpoint(source, step=_STEP.value, ema=_EMA.value, seed=_SEED.value)
+            policy = inference.DeFIPolicy.from_checkpoint(source, step=_STEP.value, ema=_EMA.value, seed=_SEED.value,
+                                                          **overrides)
+            info.update(gfdm_steps=int(policy.config.model.gfdm_steps), sample_steps=policy.num_steps,
+                        sample_sigma_min=policy.sigma_min, sampler_overrides=sorted(overrides))
     except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"launch.evaluate: {e}", file=sys.stderr)
         return 2

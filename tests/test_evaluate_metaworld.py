@@ -178,6 +178,7 @@ def test_stand_in_expert_matches_the_scripted_expert_and_runs_agree(tmp_path):
         assert (r["horizon"], r["steps_per_chunk"], r["chunk_length"], r["resolution"], r["seed"]) == (
             "60", "1", "10", str(RES), "0")
         assert r["cameras"] == "primary=corner;wrist=gripperPOV" and r["checkpoint"] == "stand-in"
+        assert (r["gfdm_steps"], r["sample_steps"], r["sample_sigma_min"]) == ("", "", "")   # a stand-in: no sampler
     assert float(rows[-1]["success"]) == saved["mean_success"] and rows[0]["expert_success"] == "1.0000"
 
     for r in episodes:
@@ -242,8 +243,12 @@ def test_relabel_out_keeps_policy_episodes_labelled_by_the_expert_for_the_demo_d
     summary = mw.evaluate(ConstantStandIn(), mw.Protocol(tasks=TASKS, episodes=1, horizon=12, steps_per_chunk=4,
                                                          workers=2, resolution=RES, expert=False,
                                                          videos_per_task=0),
-                          str(tmp_path / "eval"), policy_info={"source": "stand-in"}, progress=None,
-                          relabel_out=str(rel))
+                          str(tmp_path / "eval"), policy_info={"source": "stand-in", "gfdm_steps": 1,
+                                                               "sample_steps": 4, "sample_sigma_min": 0.002},
+                          progress=None, relabel_out=str(rel))
+    with open(tmp_path / "eval" / "summary.csv") as f:   # the sampler the policy reported, on every row
+        assert {(r["gfdm_steps"], r["sample_steps"], r["sample_sigma_min"]) for r in csv.DictReader(f)} == {
+            ("1", "4", "0.002")}
     index = json.loads((rel / mw.RELABEL_INDEX).read_text())
     assert index["episodes"] == {t: [f"{t}/ep000.npz"] for t in TASKS} and index["resolution"] == RES
     assert summary["relabelled"] == {"folder": str(rel), "episodes": 2, "steps": 24} == \

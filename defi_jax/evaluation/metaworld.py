@@ -960,14 +960,19 @@ CSV_PROTOCOL = ("horizon", "chunk_length", "steps_per_chunk", "seed", "episodes_
                 "policy_resolution", "workers")
 
 
+# The JAX policy's sampler (launch.evaluate records it in summary["policy"]; other backends leave it empty).
+SAMPLER = ("gfdm_steps", "sample_steps", "sample_sigma_min")
+
+
 def _write_csv(path: str, summary: dict):
     proto = summary["protocol"]
     cameras = ";".join(f"{v}={c}" for v, c in proto["cameras"].items())
     fields = ["task", "episodes", "successes", "success", "wilson95_low", "wilson95_high", "expert_successes",
               "expert_success", "expert_wilson95_low", "expert_wilson95_high", "suite", *CSV_PROTOCOL, "cameras",
-              "flip", "checkpoint"]
+              "flip", "checkpoint", *SAMPLER]
     common = {"suite": proto["suite"], **{k: proto[k] for k in CSV_PROTOCOL}, "cameras": cameras,
-              "flip": "rot180", "checkpoint": summary["policy"].get("source", "")}
+              "flip": "rot180", "checkpoint": summary["policy"].get("source", ""),
+              **{k: summary["policy"].get(k, "") for k in SAMPLER}}
     f = io.StringIO()
     w = csv.DictWriter(f, fieldnames=fields)
     w.writeheader()
