@@ -495,3 +495,28 @@ def test_compare_pairs_episodes_and_refuses_other_protocols(tmp_path, subprocess
     assert out.returncode == 1 and out.stderr.strip() == (f"launch.compare_evals: {tmp_path / 'missing'}/summary.json: "
                                                           f"no such file (give a launch.evaluate --out folder or its "
                                                           f"summary.json)")
+
+
+def test_sampler_overrides_and_the_evaluate_flags(tmp_path, subprocess_env):
+    """``with_sampler`` (``DeFIPolicy.from_checkpoint(sample_steps=, sample_sigma_min=, gfdm_steps=)``, ``launch.evaluate
+    --sample_steps / --sample_sigma_min / --gfdm_steps``) replaces the sampler keys; bad values and a backend that
+    cannot take them are refused by name."""
+    from configs import policy as policy_configs
+    from defi_jax.inference import with_sampler
+
+    c = policy_configs.get_config("tiny")
+    assert (c.model.sample_steps, c.model.sample_sigma_min, c.model.gfdm_steps) == (10, 1.0, 1)
+    c = with_sampler(c, sample_steps=4, sample_sigma_min=0.002, gfdm_steps=2)
+    assert (c.model.sample_steps, c.model.sample_sigma_min, c.model.gfdm_steps) == (4, 0.002, 2)
+    assert with_sampler(c).model.sample_sigma_min == 0.002          # None leaves a key as it is
+    for kwargs, message in ((dict(sample_sigma_min=0.0), "sample_sigma_min must be in"),
+                            (dict(sample_sigma_min=80.0), r"sigma_max=80"), (dict(sample_steps=0), "sample_steps"),
+                            (dict(gfdm_steps=0), "gfdm_steps must be >= 1")):
+        with pytest.raises(ValueError, match=message):
+            with_sampler(c, **kwargs)
+    proc = subprocess.run([sys.executable, "-m", "launch.evaluate", f"--exported={tmp_path}", "--sample_sigma_min=0.1",
+                           f"--out={tmp_path / 'eval'}"], cwd=REPO, env=subprocess_env(devices=0),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--sample_sigma_min change(s) a checkpoint's config: --backend=jax only" \
+        in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "eval").exists()

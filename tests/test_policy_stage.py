@@ -308,27 +308,3 @@ def test_tiny_policy_trains_its_missing_stage_workdirs_first(tmp_path, monkeypat
     policy_stage.prepare(c)
     assert calls == []
 
-
-def test_sampler_overrides_at_load_and_on_the_evaluate_command_line(finetuned, subprocess_env, tmp_path):
-    """``DeFIPolicy.from_checkpoint(sample_steps=, sample_sigma_min=, gfdm_steps=)`` (``launch.evaluate
-    --sample_steps / --sample_sigma_min / --gfdm_steps``) replace the checkpoint config's sampler for inference
-    only; bad values and a backend that cannot take them are refused by name."""
-    from defi_jax.inference import DeFIPolicy
-
-    workdir = finetuned["workdir"]
-    default = DeFIPolicy.from_checkpoint(workdir)
-    assert (default.num_steps, default.sigma_min) == (10, 1.0) and default.config.model.gfdm_steps == 1
-    p = DeFIPolicy.from_checkpoint(workdir, sample_steps=4, sample_sigma_min=0.002, gfdm_steps=2)
-    assert (p.num_steps, p.sigma_min, p.config.model.gfdm_steps) == (4, 0.002, 2)
-    assert json.load(open(os.path.join(workdir, "config.json")))["model"]["sample_sigma_min"] == 1.0   # untouched
-    for kwargs, message in ((dict(sample_sigma_min=0.0), "sample_sigma_min must be in"),
-                            (dict(sample_sigma_min=80.0), r"sigma_max=80"), (dict(sample_steps=0), "sample_steps"),
-                            (dict(gfdm_steps=0), "gfdm_steps must be >= 1")):
-        with pytest.raises(ValueError, match=message):
-            DeFIPolicy.from_checkpoint(workdir, **kwargs)
-    proc = subprocess.run([sys.executable, "-m", "launch.evaluate", f"--exported={tmp_path}", "--sample_sigma_min=0.1",
-                           f"--out={tmp_path / 'eval'}"], cwd=REPO, env=subprocess_env(devices=0),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "--sample_sigma_min change(s) a checkpoint's config: --backend=jax only" \
-        in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert not (tmp_path / "eval").exists()
