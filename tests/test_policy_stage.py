@@ -307,4 +307,3 @@ def test_tiny_policy_trains_its_missing_stage_workdirs_first(tmp_path, monkeypat
     calls.clear()
     policy_stage.prepare(c)
     assert calls == []
-
