@@ -108,22 +108,17 @@ def unnormalize(actions: np.ndarray, stats_asset: Mapping) -> np.ndarray:
 
 def with_sampler(config, *, gfdm_steps: int | None = None, sample_steps: int | None = None,
                  sample_sigma_min: float | None = None):
-    """``config`` with ``model.gfdm_steps`` / ``model.sample_steps`` / ``model.sample_sigma_min`` replaced where
-    given (inference only: the parameters do not depend on them); bad values raise ValueError naming the key."""
-    if gfdm_steps is not None:
-        if gfdm_steps < 1:
-            raise ValueError(f"gfdm_steps must be >= 1, got {gfdm_steps}")
-        config.model.gfdm_steps = gfdm_steps
-    if sample_steps is not None:
-        if sample_steps < 1:
-            raise ValueError(f"sample_steps must be >= 1, got {sample_steps}")
-        config.model.sample_steps = sample_steps
-    if sample_sigma_min is not None:
-        sigma_max = float(config.model.head.sigma_max)
-        if not 0 < sample_sigma_min < sigma_max:
-            raise ValueError(f"sample_sigma_min must be in (0, model.head.sigma_max={sigma_max:g}), got "
-                             f"{sample_sigma_min}")
-        config.model.sample_sigma_min = sample_sigma_min
+    """A copy of ``config`` with ``model.gfdm_steps`` / ``model.sample_steps`` / ``model.sample_sigma_min`` replaced
+    where given (inference only: the parameters do not depend on them), checked as training checks them
+    (ValueError naming the key)."""
+    from defi_jax.policy import stage as policy_stage
+
+    config = config.copy_and_resolve_references()
+    for key, value in (("gfdm_steps", gfdm_steps), ("sample_steps", sample_steps),
+                       ("sample_sigma_min", sample_sigma_min)):
+        if value is not None:
+            config.model[key] = value
+    policy_stage.validate_sampler(config.model)
     return config
 
 

@@ -15,10 +15,10 @@ protocol on every row), ``attribution.csv`` (failed episodes split into forward 
 and ``videos/<task>/*.gif`` (the real frames beside the GFDM's predicted future) under ``--out`` (default:
 ``<checkpoint, exported or torch folder>/eval_metaworld``; a ``gs://`` folder is written locally and uploaded at
 the end). ``--sample_steps``, ``--sample_sigma_min`` and ``--gfdm_steps`` evaluate a JAX checkpoint with another
-sampler than its config's; the summary's ``policy`` records the values used. ``--relabel_out=DIR`` (DAgger) also keeps each policy episode with the scripted expert's action at every
-state the policy visited, for ``python -m launch.make_demo_data --relabelled DIR``. The predicted future and the
-attribution need the
-JAX policy (``--backend=jax``); with the exported or PyTorch backends the summary records them as unavailable.
+sampler than its config's; the summary's ``policy`` records the values used. ``--relabel_out=DIR`` (DAgger) also
+keeps each policy episode with the scripted expert's action at every state the policy visited, for ``python -m
+launch.make_demo_data --relabelled DIR``. The predicted future and the attribution need the JAX policy
+(``--backend=jax``); with the exported or PyTorch backends the summary records them as unavailable.
 """
 
 import os

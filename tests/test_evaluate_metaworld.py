@@ -506,12 +506,17 @@ def test_sampler_overrides_and_the_evaluate_flags(tmp_path, subprocess_env):
 
     c = policy_configs.get_config("tiny")
     assert (c.model.sample_steps, c.model.sample_sigma_min, c.model.gfdm_steps) == (10, 1.0, 1)
-    c = with_sampler(c, sample_steps=4, sample_sigma_min=0.002, gfdm_steps=2)
+    changed = with_sampler(c, sample_steps=4, sample_sigma_min=0.002, gfdm_steps=2)
+    assert c.model.sample_sigma_min == 1.0                            # a copy: the given config is left alone
+    c = changed
     assert (c.model.sample_steps, c.model.sample_sigma_min, c.model.gfdm_steps) == (4, 0.002, 2)
     assert with_sampler(c).model.sample_sigma_min == 0.002          # None leaves a key as it is
-    for kwargs, message in ((dict(sample_sigma_min=0.0), "sample_sigma_min must be in"),
-                            (dict(sample_sigma_min=80.0), r"sigma_max=80"), (dict(sample_steps=0), "sample_steps"),
-                            (dict(gfdm_steps=0), "gfdm_steps must be >= 1")):
+    steps = c.model.gfdm.feature_steps
+    for kwargs, message in ((dict(sample_sigma_min=0.0), r"sample_sigma_min=0.0 must be in \(0, "),
+                            (dict(sample_sigma_min=80.0), r"sigma_max=80\)"),
+                            (dict(sample_steps=0), "sample_steps=0 must be >= 1"),
+                            (dict(gfdm_steps=0), r"gfdm_steps=0 must be in \[1, "),
+                            (dict(gfdm_steps=steps + 1), rf"model.gfdm.feature_steps={steps}\]")):
         with pytest.raises(ValueError, match=message):
             with_sampler(c, **kwargs)
     proc = subprocess.run([sys.executable, "-m", "launch.evaluate", f"--exported={tmp_path}", "--sample_sigma_min=0.1",

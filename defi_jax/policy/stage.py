@@ -294,6 +294,18 @@ def resolve_init(config) -> None:
         stats.path = config.data.features_dir   # centre with the store's own mean
 
 
+def validate_sampler(m) -> None:
+    """The inference-time keys of ``config.model`` (training and ``inference.with_sampler`` alike)."""
+    if not 1 <= m.gfdm_steps <= m.gfdm.feature_steps:
+        raise ValueError(f"config.model.gfdm_steps={m.gfdm_steps} must be in [1, model.gfdm.feature_steps="
+                         f"{m.gfdm.feature_steps}]")
+    if m.sample_steps < 1:
+        raise ValueError(f"config.model.sample_steps={m.sample_steps} must be >= 1")
+    if not 0 < m.sample_sigma_min < m.head.sigma_max:
+        raise ValueError(f"config.model.sample_sigma_min={m.sample_sigma_min} must be in (0, model.head.sigma_max="
+                         f"{m.head.sigma_max:g})")
+
+
 def validate(config) -> None:
     from defi_jax import weights
     from defi_jax.policy.model import LATENT_ACTIONS
@@ -302,9 +314,7 @@ def validate(config) -> None:
     frozen_patterns(config)
     if m.latent_action not in LATENT_ACTIONS:
         raise ValueError(f"config.model.latent_action={m.latent_action!r} must be one of {LATENT_ACTIONS}")
-    if not 1 <= m.gfdm_steps <= m.gfdm.feature_steps:
-        raise ValueError(f"config.model.gfdm_steps={m.gfdm_steps} must be in [1, model.gfdm.feature_steps="
-                         f"{m.gfdm.feature_steps}]")
+    validate_sampler(m)
     if max(m.latent_action_frames) >= m.gfdm.num_frames:
         raise ValueError(f"config.model.latent_action_frames={tuple(m.latent_action_frames)} must be < "
                          f"model.gfdm.num_frames={m.gfdm.num_frames}")
