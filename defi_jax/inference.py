@@ -158,10 +158,12 @@ class DeFIPolicy:
     @classmethod
     def from_checkpoint(cls, workdir: str, *, step: int | None = None, ema: bool = False, seed: int = 0,
                         gfdm_steps: int | None = None, sample_steps: int | None = None,
-                        sample_sigma_min: float | None = None) -> DeFIPolicy:
+                        sample_sigma_min: float | None = None,
+                        compiler_options: Mapping | None = None) -> DeFIPolicy:
         """Reads only the parameters of ``workdir``'s checkpoint (latest ``step``), its config and assets.
         ``gfdm_steps``, ``sample_steps`` and ``sample_sigma_min`` replace the checkpoint config's
-        ``model.gfdm_steps``, ``model.sample_steps`` and ``model.sample_sigma_min`` (inference only)."""
+        ``model.gfdm_steps``, ``model.sample_steps`` and ``model.sample_sigma_min`` (inference only).
+        ``compiler_options``: XLA options of the compiled act (default XLA's own; tests pass fast CPU compiles)."""
         from defi_jax import paths, trainer
 
         workdir = paths.abspath(workdir)
@@ -182,7 +184,7 @@ class DeFIPolicy:
         from defi_jax import sharding
         mesh = sharding.make_mesh(ml_collections.ConfigDict({"shape": (1, 1, 1)}), devices=jax.devices()[:1])
         model = trainer.restore_model(config, workdir, step=step, ema=ema, mesh=mesh)
-        return cls(config, model, stats, seed=seed)
+        return cls(config, model, stats, seed=seed, compiler_options=compiler_options)
 
     # ---- acting ---------------------------------------------------------------------------------
     def encode_instructions(self, instructions: Sequence[str]) -> dict:

@@ -7,10 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import save_random_workdir
 from flax import nnx
 
 from configs.gfdm import get_config
-from defi_jax import stage as stage_lib, trainer
+from defi_jax import stage as stage_lib, trainer, weights
 from defi_jax.gfdm import evaluation, latents, stage
 from defi_jax.models import byte_tokenizer
 
@@ -112,7 +113,11 @@ def test_tiny_training_run_learns_compiles_evaluation_once_and_writes_gif(demo_d
                                                                           monkeypatch):
     """``configs/gfdm.py:tiny`` on the demo data through the real trainer (in this process, on one device; the
     entry point ``launch.train`` is covered by test_entry_points): the validation loss falls, the evaluation
-    compiles at its first call only, and the sampled clips are written as a GIF."""
+    compiles at its first call only, and the sampled clips are written as a GIF.
+
+    The run starts from weights, as the released recipe starts from SVD's and CLIP's: a host-drawn tiny GFDM saved
+    as a workdir (``config.init``). A random init compiled by XLA would cost ~40 s of CPU here; ``make demo`` (and
+    CI's smoke of it) trains the tiny GFDM from its own random init."""
     compiles = []
 
     def counted_evaluate(*args, **kwargs):
@@ -124,6 +129,8 @@ def test_tiny_training_run_learns_compiles_evaluation_once_and_writes_gif(demo_d
     monkeypatch.setattr(stage, "STAGE", dataclasses.replace(stage.STAGE, evaluate=counted_evaluate))
     config = tiny_config("gfdm", num_steps=8, eval_every=4, save_every=8, batch_size=4, log_every=1)
     config.data.data_dir = demo_data_dir
+    save_random_workdir("gfdm", config, str(tmp_path / "start"))
+    config.init.sources.start = weights.source("^", "workdir", str(tmp_path / "start"))
     config.eval.batches = 1
     config.model.sample_steps = 4
     workdir = tmp_path / "run"

@@ -154,7 +154,8 @@ def test_finetune_modes_train_exactly_their_parameters(finetuned, demo_data_dir,
     assert any(m.endswith("head/inner_model/action_pred/kernel") for m in moment_paths)
 
 
-def test_all_mode_lets_the_gradient_reach_the_unet(finetuned, demo_data_dir, tiny_config, one_device_mesh):
+def test_all_mode_lets_the_gradient_reach_the_unet(finetuned, demo_data_dir, tiny_config, one_device_mesh,
+                                                  fast_compile):
     """``finetune=all`` backpropagates through the GFDM features into the UNet; the other modes stop the gradient
     there. (The gradient is what is checked: AdamW's weight decay alone would move a UNet that gets none.)"""
     batch = next(policy_stage.make_data(finetuned["config"], 0, 1, "train"))
@@ -162,8 +163,13 @@ def test_all_mode_lets_the_gradient_reach_the_unet(finetuned, demo_data_dir, tin
         c = _policy_config(tiny_config, demo_data_dir, finetuned["tmp"], finetune=mode)
         model = trainer.restore_model(c, finetuned["workdir"], mesh=one_device_mesh)
         text = policy_stage.encode_instruction(model, batch)
-        grads = nnx.jit(nnx.grad(
-            lambda m: jax.numpy.sum(m.features(batch["frames"], text["gfdm"], jax.random.key(0)) ** 2)))(model)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def energy(params):
+            m = nnx.merge(graphdef, params, rest)
+            return jax.numpy.sum(m.features(batch["frames"], text["gfdm"], jax.random.key(0)) ** 2)
+
+        grads = jax.jit(jax.grad(energy), compiler_options=fast_compile)(params)
         unet = [np.abs(np.asarray(g)).max() for k, g in trainer._flat(nnx.to_pure_dict(grads)).items()
                 if k.startswith("gfdm/unet/")]
         assert unet and (max(unet) > 0) == reaches, (mode, max(unet))
@@ -188,7 +194,7 @@ def test_ablation_variants_build_and_trace_their_loss(finetuned, demo_data_dir, 
         assert (loss.shape, loss.dtype) == ((), np.float32) and metrics["action_loss"].shape == (), variant
 
 
-def test_latent_action_bottlenecks_and_multi_step_features_run_finite(finetuned, one_device_mesh):
+def test_latent_action_bottlenecks_and_multi_step_features_run_finite(finetuned, one_device_mesh, fast_compile):
     """The fine-tuned model's adapter through each latent-action bottleneck, and its GFDM features after two
     denoising steps: finite, shaped as the VQ path's, binning on its grid, two steps unlike one."""
     c = finetuned["config"]
@@ -196,18 +202,19 @@ def test_latent_action_bottlenecks_and_multi_step_features_run_finite(finetuned,
     batch = {k: jax.numpy.asarray(v) for k, v in next(policy_stage.make_data(c, 0, 1, "train")).items()}
     text = policy_stage.encode_instruction(model, batch)
 
-    features = nnx.jit(lambda m, frames: m.features(frames, text["gfdm"], jax.random.key(1)))
-    one = features(model, batch["frames"])
-    model.gfdm_steps = 2                  # a static attribute: retraced
-    two = features(model, batch["frames"])
+    def run(fn):   # fn(model) compiled for the model's static attributes now (fast CPU compiles)
+        graphdef, state = nnx.split(model)
+        return jax.jit(lambda state: fn(nnx.merge(graphdef, state)), compiler_options=fast_compile)(state)
+
+    one = run(lambda m: m.features(batch["frames"], text["gfdm"], jax.random.key(1)))
+    model.gfdm_steps = 2                  # a static attribute: another program
+    two = run(lambda m: m.features(batch["frames"], text["gfdm"], jax.random.key(1)))
     assert one.shape == two.shape and np.isfinite(np.asarray(two)).all()
     assert not np.allclose(np.asarray(one), np.asarray(two))
 
-    tokens = nnx.jit(lambda m: m._latent_tokens(one[:, 0], text["gidm"], text["gidm_mask"], train=False, rng=None))
-
     def bottleneck(kind):
         model.latent_action = kind
-        return tokens(model)
+        return run(lambda m: m._latent_tokens(one[:, 0], text["gidm"], text["gidm_mask"], train=False, rng=None))
 
     vq = bottleneck("vq")
     for kind in ("continuous", "binning", "gmm"):
@@ -235,13 +242,13 @@ def test_validation_names_missing_pretrained_stages(demo_data_dir, tiny_config, 
         config_validation.validate(c, num_devices=1)
 
 
-def test_act_and_the_exported_artifact_in_a_fresh_process(finetuned, tmp_path):
+def test_act_and_the_exported_artifact_in_a_fresh_process(finetuned, tmp_path, fast_compile, subprocess_env):
     from defi_jax.inference import DeFIPolicy
 
     rs = np.random.default_rng(0)
     obs = {"primary": rs.integers(0, 256, (48, 48, 3), dtype=np.uint8),
            "wrist": rs.integers(0, 256, (32, 32, 3), dtype=np.uint8)}
-    policy = DeFIPolicy.from_checkpoint(finetuned["workdir"], seed=3)
+    policy = DeFIPolicy.from_checkpoint(finetuned["workdir"], seed=3, compiler_options=fast_compile)
     a = policy.act(obs, "push the puck to the goal")
     assert a.shape == (10, 7) and a.dtype == np.float32 and np.isfinite(a).all()
     batch = policy.act_batch([obs, obs], ["push the puck to the goal", "press the button"])
@@ -264,9 +271,8 @@ bad = sorted(m for m in sys.modules if m.startswith(("defi_jax.policy", "defi_ja
              "defi_jax.gidm", "defi_jax.trainer", "data_pipelines")))
 assert not bad, bad
 """
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "exported"), str(tmp_path)], cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=600)
+                         env=subprocess_env(devices=0), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     # Deterministic for a seed: a fresh process, from the exported artifact, draws the same actions for seed 3.
     np.testing.assert_allclose(np.load(tmp_path / "exported_act.npy"), a, rtol=1e-5, atol=1e-5)
@@ -278,14 +284,33 @@ assert not bad, bad
         load_exported(str(tmp_path / "broken"))
 
 
-def test_export_to_gs_and_serve_from_it(finetuned, gcs):
+def test_from_checkpoint_applies_the_sampler_overrides(finetuned):
+    """``DeFIPolicy.from_checkpoint(gfdm_steps=, sample_steps=, sample_sigma_min=)`` (``launch.evaluate`` / ``serve``
+    flags) reach the restored policy's sampler and model; without them the checkpoint's own values act; a bad value
+    is refused naming its key. (Nothing is compiled here.)"""
+    from defi_jax.inference import DeFIPolicy
+
+    m = finetuned["config"].model
+    plain = DeFIPolicy.from_checkpoint(finetuned["workdir"])
+    assert (plain.num_steps, plain.sigma_min) == (m.sample_steps, m.sample_sigma_min)
+    assert nnx.merge(plain._graphdef, plain._state).gfdm_steps == m.gfdm_steps
+    policy = DeFIPolicy.from_checkpoint(finetuned["workdir"], gfdm_steps=m.gfdm_steps + 1,
+                                        sample_steps=m.sample_steps + 2, sample_sigma_min=0.5 * m.sample_sigma_min)
+    assert (policy.num_steps, policy.sigma_min) == (m.sample_steps + 2, 0.5 * m.sample_sigma_min)
+    assert nnx.merge(policy._graphdef, policy._state).gfdm_steps == m.gfdm_steps + 1
+    assert policy.config.model.sample_steps == m.sample_steps + 2 and m.sample_steps == plain.num_steps  # a copy
+    with pytest.raises(ValueError, match=r"config.model.sample_steps=0 must be >= 1"):
+        DeFIPolicy.from_checkpoint(finetuned["workdir"], sample_steps=0)
+
+
+def test_export_to_gs_and_serve_from_it(finetuned, gcs, fast_compile):
     """A pod run exports next to its checkpoints: ``DeFIPolicy.export("gs://...")`` stages locally, uploads the
     folder (manifest last), and ``load_exported`` reads it back from the bucket; nothing lands in a local ``gs:``."""
     from defi_jax import paths
     from defi_jax.inference import DeFIPolicy, load_exported
 
     obs = {"primary": np.full((48, 48, 3), 90, np.uint8), "wrist": np.full((32, 32, 3), 30, np.uint8)}
-    policy = DeFIPolicy.from_checkpoint(finetuned["workdir"], seed=1)
+    policy = DeFIPolicy.from_checkpoint(finetuned["workdir"], seed=1, compiler_options=fast_compile)
     policy.export("gs://bucket/runs/policy/exported", platforms=["cpu"])
     assert paths.listdir("gs://bucket/runs/policy/exported")[:2] == ["act.jax", "encode.jax"]
     served = load_exported("gs://bucket/runs/policy/exported")
