@@ -6,10 +6,10 @@ import json
 import os
 import shutil
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from _helpers import random_model, save_model
 from flax import nnx
 
 from configs import gidm as gidm_configs
@@ -34,6 +34,16 @@ def _imported(workdir: str) -> dict:
     return checkpoint.restore_params(workdir, 0)
 
 
+def _host_model(stage: str, config, seed: int):
+    """``stage``'s model of ``config`` with weights drawn on the host (``_helpers.random_model``: no constant tensor
+    that a swap would leave unchanged, and no random init compiled) and its other variables (the VQ's usage and
+    dead-code restart shift) at a new model's zeros: an export folds that shift into the codebook."""
+    model = random_model(stage, config, seed)
+    for _, v in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.Param))):
+        v.set_value(np.zeros_like(v.get_value()))
+    return model
+
+
 def _gidm_model_config():
     """configs/gidm.py:tiny with the reference's frozen towers, tiny: DINOv2 (torch-hub names in the file) and T5."""
     m = gidm_configs.model_config("tiny")
@@ -56,6 +66,9 @@ def _gidm_config(fast_compile):
 # ---------------------------------------------------------------------------------------------------
 # Published PyTorch weights, and our export of the workdir made from them back (JAX -> torch -> JAX, bitwise)
 # ---------------------------------------------------------------------------------------------------
+# The imports write on one device: orbax saves an array sharded over the 8 fake devices slice by slice, one
+# compile per slice shape (sources placed into shardings and sharded import writes: test_weights.py and
+# test_checkpoint.py).
 
 def _svd_folder(root) -> None:
     """A tiny random diffusers SVD folder with a CLIP text tower (two UNet levels, cross attention 16 = 2 x 8)."""
@@ -71,11 +84,12 @@ def _svd_folder(root) -> None:
         root / "text_encoder")
 
 
-def test_gfdm_from_a_diffusers_svd_folder_and_its_export_back(tmp_path, tiny_config):
+def test_gfdm_from_a_diffusers_svd_folder_and_its_export_back(tmp_path, tiny_config, one_device_mesh):
     from defi_jax.interop import diffusers_svd, hf_clip
 
     _svd_folder(tmp_path / "svd")
-    config = import_stages.import_gfdm(str(tmp_path / "svd"), str(tmp_path / "gfdm"), tiny_config("gfdm"))
+    config = import_stages.import_gfdm(str(tmp_path / "svd"), str(tmp_path / "gfdm"), tiny_config("gfdm"),
+                                       mesh=one_device_mesh)
     assert tuple(config.model.unet["block_out_channels"]) == (32, 64) and config.model.text_encoder["hidden_size"] == 8
     got = _imported(str(tmp_path / "gfdm"))
     want = {}
@@ -93,7 +107,8 @@ def test_gfdm_from_a_diffusers_svd_folder_and_its_export_back(tmp_path, tiny_con
     assert meta["model"] == json.loads(config.model.to_json_best_effort())
     base = tiny_config("gfdm")
     base.model.num_frames, base.data.num_frames = 6, 5
-    again, note = import_stages.import_export(str(tmp_path / "out"), str(tmp_path / "again"), base)
+    again, note = import_stages.import_export(str(tmp_path / "out"), str(tmp_path / "again"), base,
+                                              mesh=one_device_mesh)
     assert note == "" and again.stage == "gfdm" and again.data.num_frames == config.model.num_frames - 1
     assert json.loads(again.model.to_json_best_effort()) == meta["model"]
     _assert_bitwise(_imported(str(tmp_path / "again")), got)
@@ -101,7 +116,8 @@ def test_gfdm_from_a_diffusers_svd_folder_and_its_export_back(tmp_path, tiny_con
     # An export without it (older ones): the networks' sizes from the folders, the rest from the base config.
     shutil.copytree(tmp_path / "out", tmp_path / "older")
     (tmp_path / "older" / "config.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "model"}))
-    older, _ = import_stages.import_export(str(tmp_path / "older"), str(tmp_path / "from_older"), base)
+    older, _ = import_stages.import_export(str(tmp_path / "older"), str(tmp_path / "from_older"), base,
+                                           mesh=one_device_mesh)
     assert older.model.num_frames == 6 and older.model.unet == again.model.unet
     _assert_bitwise(_imported(str(tmp_path / "from_older")), got)
 
@@ -181,16 +197,10 @@ def test_streamed_reader_reads_object_store_uris(tmp_path, monkeypatch):
 
 def _reference_stage2(c, path, drop: str = "", reshape: str = "") -> dict:
     """A reference-layout stage-2 Lightning checkpoint of a random GIDM (``lam.``-prefixed, with torch-hub DINOv2
-    and T5 towers, hyper-parameters naming a class); returns the model's parameters by our paths. Every float
-    parameter is perturbed (0.05 N(0, 1)), so that no tensor is a constant a swap would leave unchanged."""
-    from defi_jax.gidm.model import LatentActionModel
-    model = LatentActionModel(c.model, rngs=nnx.Rngs(1))
-    rs = np.random.default_rng(1)
+    and T5 towers, hyper-parameters naming a class); returns the model's parameters by our paths."""
+    model = _host_model("gidm", c, seed=1)
     params = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in
               nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    params = {k: (v + 0.05 * rs.standard_normal(v.shape)).astype(v.dtype) for k, v in params.items()}
-    for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        v.set_value(jnp.asarray(params["/".join(map(str, p))]))
     sd = {"lam." + k: torch.from_numpy(np.array(v)) for k, v in defi_torch.gidm_state_dict(model).items()
           if k != drop}
     if reshape:
@@ -199,28 +209,29 @@ def _reference_stage2(c, path, drop: str = "", reshape: str = "") -> dict:
     return params
 
 
-def test_gidm_from_the_reference_stage2_checkpoint_and_its_export_back(tmp_path, fast_compile):
+def test_gidm_from_the_reference_stage2_checkpoint_and_its_export_back(tmp_path, fast_compile, one_device_mesh):
     import ml_dtypes
 
     c = _gidm_config(fast_compile)
     want = _reference_stage2(c, tmp_path / "last.ckpt")
     base = _gidm_config(fast_compile)
     base.model.num_latents = 99   # sizes come from the file
-    config = import_stages.import_gidm(str(tmp_path / "last.ckpt"), str(tmp_path / "gidm"), base)
+    config = import_stages.import_gidm(str(tmp_path / "last.ckpt"), str(tmp_path / "gidm"), base,
+                                       mesh=one_device_mesh)
     assert config.model.num_latents == 6 and config.model.reference_mask_order
     assert config.init.sources.dinov2.kind == "torch_hub_dinov2" and config.init.sources.t5.prefix == "text_encoder."
     _assert_bitwise(_imported(str(tmp_path / "gidm")), want)   # the towers too: from torch-hub / T5 names
 
     export_torch.export(str(tmp_path / "gidm"), str(tmp_path / "out"))
     config, note = import_stages.import_export(str(tmp_path / "out"), str(tmp_path / "again"),
-                                               gidm_configs.get_config("tiny"))
+                                               gidm_configs.get_config("tiny"), mesh=one_device_mesh)
     assert note == "" and config.model.visual_encoder == "dinov2" and config.model.reference_mask_order
     _assert_bitwise(_imported(str(tmp_path / "again")), want)
 
     # bfloat16: imported (each weight widened exactly), with a note that it is not bitwise.
     export_torch.export(str(tmp_path / "gidm"), str(tmp_path / "bf16"), dtype="bfloat16")
     _, note = import_stages.import_export(str(tmp_path / "bf16"), str(tmp_path / "from_bf16"),
-                                          gidm_configs.get_config("tiny"))
+                                          gidm_configs.get_config("tiny"), mesh=one_device_mesh)
     assert "bfloat16" in note and "not bitwise" in note
     got = _imported(str(tmp_path / "from_bf16"))
     assert sorted(got) == sorted(want)
@@ -228,23 +239,25 @@ def test_gidm_from_the_reference_stage2_checkpoint_and_its_export_back(tmp_path,
         np.testing.assert_array_equal(got[k], v.astype(ml_dtypes.bfloat16).astype(np.float32), err_msg=k)
 
 
-def test_policy_export_round_trip_is_bitwise(tmp_path, fast_compile):
+def test_policy_export_round_trip_is_bitwise(tmp_path, fast_compile, one_device_mesh):
     c = policy_configs.get_config("tiny")
-    c.init.sources.gfdm.path = c.init.sources.gidm.path = ""
-    c.policy.gfdm_init, c.policy.gidm_init = "initial", "random"
     g = c.model.gfdm   # a smaller GFDM than the tiny one (same 64 + 64 feature channels, 4 frames): quicker builds
     g.unet = dict(g.unet, down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
                   up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
                   block_out_channels=(64, 64), num_attention_heads=(2, 2))
     g.vae = dict(g.vae, down_block_types=("DownEncoderBlock2D",), block_out_channels=(32,))
-    c.train.compiler_options = fast_compile
-    import_stages.write_workdir(c, str(tmp_path / "policy"), assets={"action_stats.json": json.dumps(STATS)})
+    # The workdir exported: a params-only step 0 (as an import writes) of host-drawn weights, which the round trip
+    # must hold for as for any (a random init of this policy compiled by XLA takes ~50 s).
+    save_model(c, str(tmp_path / "policy"), _host_model("policy", c, seed=0))
+    (tmp_path / "policy" / "assets").mkdir()
+    (tmp_path / "policy" / "assets" / "action_stats.json").write_text(json.dumps(STATS))
     original = _imported(str(tmp_path / "policy"))
     export_torch.export(str(tmp_path / "policy"), str(tmp_path / "out"))
 
     base = policy_configs.get_config("defi")    # what the folder cannot tell comes from here, not one size
     base.train.compiler_options = fast_compile
-    config, note = import_stages.import_export(str(tmp_path / "out"), str(tmp_path / "again"), base)
+    config, note = import_stages.import_export(str(tmp_path / "out"), str(tmp_path / "again"), base,
+                                               mesh=one_device_mesh)
     assert note == ""
     _assert_bitwise(_imported(str(tmp_path / "again")), original)
     assert json.loads((tmp_path / "again" / "assets" / "action_stats.json").read_text()) == STATS

@@ -19,8 +19,10 @@ import pytest
 import torch
 import torch.nn as tnn
 import transformers
+from _helpers import save_random_workdir
 from flax import nnx
 
+from configs import gfdm as gfdm_configs
 from configs import policy as policy_configs
 from defi_jax.interop import defi_policy
 from defi_jax.models.t5 import T5Config
@@ -426,8 +428,15 @@ def test_import_writes_a_policy_workdir_that_serves_resumes_and_matches(tmp_path
     ref = _reference(c, seed=5)
     src = _save(ref["state_dict"], tmp_path / "last.pt")
     base = c.base_config()
-    base.init.allow_random = True        # the GFDM's UNet / VAE are not in the file and no GFDM is given here
-    base.init.sources.gfdm.path = ""
+    # The GFDM's UNet / VAE are not in the file: from a GFDM workdir of host-drawn weights (the text tower is the
+    # file's), so that every parameter is loaded and the init program draws nothing (a random UNet / VAE init
+    # compiles for ~35 s).
+    gfdm = gfdm_configs.get_config("tiny")
+    gfdm.model = base.model.gfdm.copy_and_resolve_references()
+    save_random_workdir("gfdm", gfdm, str(tmp_path / "gfdm"), seed=4)
+    base.init.allow_random = False
+    base.init.sources.gfdm.path = str(tmp_path / "gfdm")
+    base.init.sources.gfdm.target = r"^gfdm/(?=(unet|vae)/)"
     base.model.gidm.tokenizer_path = _spiece(tmp_path)
     mesh = sharding.make_mesh(base.mesh, devices=jax.devices()[:1])
     workdir = str(tmp_path / "policy")
