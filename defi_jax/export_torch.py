@@ -291,7 +291,7 @@ def verify(path: str):
 
     with open(os.path.join(path, "gidm", "config.json")) as f:
         cfg = ml_collections.ConfigDict(json.load(f))
-    model = LatentActionModel(cfg, rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: LatentActionModel(cfg, rngs=nnx.Rngs(0)))   # shapes only: every tensor is read
     tensors = {k: v.float().numpy() for k, v in tpolicy.read_safetensors(
         os.path.join(path, "gidm", "model.safetensors")).items()}
     defi_torch.load_gidm_state_dict(model, tensors)
