@@ -3,6 +3,7 @@ the windows, the trainer reads them (data.source=features), model.center_feature
 the checkpoint still takes raw features (test_export_torch: a centred policy served from frames and exported to
 PyTorch with the mean folded in acts the same)."""
 
+import functools
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from _helpers import save_random_workdir
+from _helpers import random_model, save_random_workdir
 from flax import nnx
 
 from defi_jax import checkpoint, config_validation, records, trainer
@@ -57,18 +58,22 @@ def _records(out, split):
         reader.close()
 
 
-def test_the_store_holds_the_frozen_gfdms_features_of_the_windows(store, one_device_mesh):
+def test_the_store_holds_the_frozen_gfdms_features_of_the_windows(store, one_device_mesh, fast_compile):
     c, out = store["config"], store["out"]
     assert "train 12 / 12 windows" in store["stdout"] and f"--config.data.features_dir={out}" in store["stdout"]
     got = _records(out, "train")
     assert len(got) == 12 and len(_records(out, "eval")) == 8
     # The same windows (the loader is seeded) through the GFDM of the run's sources, with the store's draws.
-    tr = trainer.Trainer(c, mesh=one_device_mesh)
-    parts = tr.init_params()
-    model = nnx.merge(tr.graphdef, parts["params"], parts["frozen"], parts["extra"])
+    # The run's source weights over host-drawn ones (the policy's own layers do not enter the features): the
+    # trainer's random init would compile a program of its own.
+    loaded = trainer.Trainer(c, mesh=one_device_mesh).load_init_params()
+    model = random_model("policy", c)
+    variables = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(model))}
+    for path, value in loaded.items():
+        variables[path].set_value(value)
     graphdef, state = nnx.split(model)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=fast_compile)   # one batch shape, three calls
     def gfdm_features(state, batch, rng):
         m = nnx.merge(graphdef, state)
         return m.features(batch["frames"], policy_stage.encode_instruction(m, batch)["gfdm"], rng)
@@ -92,7 +97,7 @@ def test_the_store_holds_the_frozen_gfdms_features_of_the_windows(store, one_dev
     assert meta["assets"] == policy_stage.assets(c) and meta["fingerprint"] == features.fingerprint(c)
 
 
-def test_training_on_the_store_centres_the_features_with_the_stores_mean(store, one_device_mesh):
+def test_training_on_the_store_centres_the_features_with_the_stores_mean(store, one_device_mesh, fast_compile):
     c = store["config"].copy_and_resolve_references()
     c.data.source, c.data.features_dir, c.model.center_features = "features", store["out"], True
     config_validation.resolve(c)
@@ -113,14 +118,22 @@ def test_training_on_the_store_centres_the_features_with_the_stores_mean(store, 
     model = trainer.restore_model(c, workdir, mesh=one_device_mesh)
     rec = _records(store["out"], "eval")[:2]
     feats = np.stack([r["feats"] for r in rec])
-    text = policy_stage.encode_instruction(model, {k: np.stack([r[k] for r in rec]) for k in features.TOKEN_KEYS})
-    centred, _ = model.context(feats, text)
+    tokens = {k: np.stack([r[k] for r in rec]) for k in features.TOKEN_KEYS}
+
+    def context(model):
+        """``feats -> context`` of ``model``, one program (op by op, the eager calls compiled hundreds)."""
+        graphdef, state = nnx.split(model)
+        fn = jax.jit(lambda state, feats, tokens: (m := nnx.merge(graphdef, state)).context(
+            feats, policy_stage.encode_instruction(m, tokens))[0], compiler_options=fast_compile)
+        return lambda feats: np.asarray(fn(state, feats, tokens))
+
+    centred = context(model)(feats)
     model.fold_feature_stats()
     assert model.feature_stats is None
-    folded, _ = model.context(feats, text)
-    np.testing.assert_allclose(np.asarray(folded), np.asarray(centred), rtol=1e-4, atol=1e-4)
-    raw, _ = model.context(feats + mean, text)                        # without centring, another context
-    assert np.abs(np.asarray(raw) - np.asarray(centred)).max() > 1e-3
+    folded = context(model)
+    np.testing.assert_allclose(folded(feats), centred, rtol=1e-4, atol=1e-4)
+    raw = folded(feats + mean)                                        # without centring, another context
+    assert np.abs(raw - centred).max() > 1e-3
 
 
 
