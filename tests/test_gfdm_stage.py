@@ -117,7 +117,7 @@ def test_tiny_training_run_learns_compiles_evaluation_once_and_writes_gif(demo_d
 
     The run starts from weights, as the released recipe starts from SVD's and CLIP's: a host-drawn tiny GFDM saved
     as a workdir (``config.init``). A random init compiled by XLA would cost ~40 s of CPU here; ``make demo`` (and
-    CI's smoke of it) trains the tiny GFDM from its own random init."""
+    CI's smoke of it) trains the tiny GFDM from a random UNet and text tower (its VAE from the VAE stage)."""
     compiles = []
 
     def counted_evaluate(*args, **kwargs):
