@@ -188,24 +188,28 @@ def test_stand_in_expert_matches_the_scripted_expert_and_runs_agree(tmp_path):
             assert gif.size == (RES, RES) and gif.n_frames == r["steps"] + 1
             assert gif.info["duration"] == 30
 
-    again = _run(tmp_path / "b", ExpertStandIn())
-    assert again["episodes"] == episodes
+    # the second run on one worker (each episode depends on its job alone; one worker spawn and two env builds
+    # fewer): the same episodes, the same GIFs to the byte
+    again = _run(tmp_path / "b", ExpertStandIn(), workers=1)
+    assert again["episodes"] == episodes and again["protocol"]["workers"] == 1
     for r in episodes:
         assert (tmp_path / "a" / r["video"]).read_bytes() == (tmp_path / "b" / r["video"]).read_bytes()
 
 
 def test_chunks_run_steps_per_chunk_actions(tmp_path):
     policy = ConstantStandIn()
-    summary = _run(tmp_path, policy, horizon=25, steps_per_chunk=10, expert=False, videos_per_task=0)
+    # one episode per task: one pair of episodes (rolling over to the next jobs is checked in the tests above and
+    # below; a second pair would cost two more env builds)
+    summary = _run(tmp_path, policy, episodes=1, horizon=25, steps_per_chunk=10, expert=False, videos_per_task=0)
     # 2 episodes live at a time (2 workers), each asking at steps 0, 10 and 20: 3 calls per pair of episodes
-    assert [len(c) for c in policy.calls] == [2] * 6
+    assert [len(c) for c in policy.calls] == [2] * 3 and len(summary["episodes"]) == 2
     for r in summary["episodes"]:
         assert r["video"] is None and r["expert_success"] is None
         assert r["steps"] == 25 or r["success"]
     # between two calls of one episode the hand moved +x (the chunk's 10 actions ran)
     first, second = policy.calls[0][0], policy.calls[1][0]
     assert second[0] > first[0] + 0.02 and abs(second[1] - first[1]) < 0.02
-    assert summary["throughput"]["policy_calls"] == 6 and "expert" not in summary["tasks"]["reach-v3"]
+    assert summary["throughput"]["policy_calls"] == 3 and "expert" not in summary["tasks"]["reach-v3"]
     assert summary["protocol"]["policy_noise"].startswith("the policy's own (its act_batch takes no seeds)")
     assert not (tmp_path / "videos").exists()
     # a policy without act_and_predict_batch: no prediction, no attribution, and the summary says why
@@ -223,13 +227,16 @@ def test_chunks_run_steps_per_chunk_actions(tmp_path):
 def test_policy_noise_is_seeded_per_episode_whatever_else_runs(tmp_path):
     """Each row's noise seed is noise_seed(episode seed, replanning step): a task's episodes play alike alone on
     one worker and beside another task on two."""
-    kw = dict(episodes=2, horizon=20, steps_per_chunk=5, expert=False, videos_per_task=0)
+    kw = dict(horizon=20, steps_per_chunk=5, expert=False, videos_per_task=0)
     alone, beside = SeededStandIn(), SeededStandIn()
-    summary = _run(tmp_path / "alone", alone, tasks=("reach-v3",), workers=1, **kw)
-    _run(tmp_path / "beside", beside, tasks=TASKS, workers=2, **kw)
+    summary = _run(tmp_path / "alone", alone, tasks=("reach-v3",), episodes=2, workers=1, **kw)
+    # one episode per task: reach-v3's first episode shares every call with handle-press-v3's (with two each, it
+    # would share them with reach-v3's second)
+    _run(tmp_path / "beside", beside, tasks=TASKS, episodes=1, workers=2, **kw)
     expected = {mw.noise_seed(mw.episode_seed(0, "reach-v3", e), c) for e in range(2) for c in range(4)}
-    assert set(alone.hand_at) == expected and expected <= set(beside.hand_at)
-    for seed in expected:   # the same seed met the hand where it was in the other run: same trajectories
+    assert set(alone.hand_at) == expected
+    assert set(beside.hand_at) == {mw.noise_seed(mw.episode_seed(0, t, 0), c) for t in TASKS for c in range(4)}
+    for seed in expected & set(beside.hand_at):   # the same seed met the hand where it was in the other run
         np.testing.assert_allclose(beside.hand_at[seed], alone.hand_at[seed], atol=1e-6)
     moved = [alone.hand_at[mw.noise_seed(mw.episode_seed(0, "reach-v3", 0), c)] for c in range(4)]
     assert np.linalg.norm(moved[3] - moved[0]) > 0.01   # the draws steer the hand
@@ -240,8 +247,9 @@ def test_relabel_out_keeps_policy_episodes_labelled_by_the_expert_for_the_demo_d
     """DAgger: the states the policy visits (a constant +x push, not the expert's) carry the scripted expert's
     action there; launch.make_demo_data --relabelled adds those episodes, labels as actions, to the RLDS."""
     rel = tmp_path / "relabelled"
+    # one worker (the worker count is not the point here): one env process spawned, not two
     summary = mw.evaluate(ConstantStandIn(), mw.Protocol(tasks=TASKS, episodes=1, horizon=12, steps_per_chunk=4,
-                                                         workers=2, resolution=RES, expert=False,
+                                                         workers=1, resolution=RES, expert=False,
                                                          videos_per_task=0),
                           str(tmp_path / "eval"), policy_info={"source": "stand-in", "gfdm_steps": 1,
                                                                "sample_steps": 4, "sample_sigma_min": 0.002},
@@ -377,23 +385,25 @@ def test_defi_policy_act_and_predict_acts_like_act_batch_and_decodes_the_feature
     c.policy.gfdm_init, c.policy.gidm_init = "initial", "random"
     rs = np.random.default_rng(0)
     model = random_model("policy", c)
-    obs = {v: rs.integers(0, 256, (RES, RES, 3), dtype=np.uint8) for v in ("primary", "wrist")}
+    obs, other = ({v: rs.integers(0, 256, (RES, RES, 3), dtype=np.uint8) for v in ("primary", "wrist")}
+                  for _ in range(2))
     text = demo.instruction("reach-v3")
+    # One batch size and view for act_and_predict (~15 CPU-s a compile): three rows, the first and last alike but
+    # for their noise, another observation and instruction between them.
+    batch, texts = [obs, other, obs], [text, demo.instruction("push-v3"), text]
 
     plain = DeFIPolicy(c, model, {"normalized": False}, seed=5, compiler_options=fast_compile)
     predicting = DeFIPolicy(c, model, {"normalized": False}, seed=5, compiler_options=fast_compile)
-    actions = plain.act_batch([obs], [text])
     for _ in range(2):   # the i-th call of either draws the same noise: the same actions
-        both, future = predicting.act_and_predict_batch([obs], [text], "wrist")
+        actions = plain.act_batch(batch, texts)
+        both, future = predicting.act_and_predict_batch(batch, texts, "wrist")
         np.testing.assert_allclose(both, actions, rtol=1e-4, atol=1e-5)
-        actions = plain.act_batch([obs], [text])
     T = c.model.gfdm.num_frames
-    assert future.dtype == np.uint8 and future.shape == (1, T, RES, RES, 3)
-    assert len(predicting._predict_fns) == 1 and not predicting._act_fns   # compiled once, apart from act
+    assert future.dtype == np.uint8 and future.shape == (3, T, RES, RES, 3)
 
     # the prediction is the decoded x0 estimate of the GFDM step the features came from (DeFIPolicyModel.act
-    # draws them with the first half of the row's key), for the wrist view (row 1 of the stacked views)
-    key = jax.random.split(jax.random.key(inference.call_seeds(5, 1, 1)[0]))[0]
+    # draws them with the first half of the row's key), for the wrist view (row 1 of the stacked views); rows 0
+    # and 2 (one observation, two seeds) each from their own key
     frames_VHW3 = jnp.asarray(stack_views([obs], plain.views, RES)[0], jnp.float32) / 127.5 - 1.0
     gfdm_text = jnp.repeat(predicting.encode_instructions([text])["gfdm"], 2, axis=0)
     graphdef, state = nnx.split(model)
@@ -403,22 +413,30 @@ def test_defi_policy_act_and_predict_acts_like_act_batch_and_decodes_the_feature
         _, latents = gfdm.one_step_features(frames_VHW3, gfdm_text, key, denoise_steps=model.gfdm_steps)
         return gfdm.decode(latents[1:])
 
-    args = (state, frames_VHW3, gfdm_text, key)
-    expected = to_uint8(jax.jit(wrist_prediction).lower(*args).compile(fast_compile)(*args))
-    assert np.abs(future.astype(int) - expected.astype(int)).max() <= 1
+    keys = [jax.random.split(jax.random.key(s))[0] for s in inference.call_seeds(5, 1, 3)]
+    reference = jax.jit(wrist_prediction).lower(state, frames_VHW3, gfdm_text, keys[0]).compile(fast_compile)
+    for row in (0, 2):
+        got = to_uint8(reference(state, frames_VHW3, gfdm_text, keys[row]))[0]
+        assert np.abs(future[row].astype(int) - got.astype(int)).max() <= 1, row
     with pytest.raises(ValueError, match=r"view 'side': the policy reads \['primary', 'wrist'\]"):
         predicting.act_and_predict_batch([obs], [text], "side")
 
     # noise per row: a row acts on its own seed alone, whatever shares its call; another seed, other actions
-    other = {v: rs.integers(0, 256, (RES, RES, 3), dtype=np.uint8) for v in ("primary", "wrist")}
-    texts = [text, demo.instruction("push-v3"), text]
-    rows = plain.act_batch([obs, other, obs], texts, seeds=[7, 8, 2**32 - 1])
+    rows = plain.act_batch(batch, texts, seeds=[7, 8, 2**32 - 1])
     single = plain.act_batch([obs], [text], seeds=[7])
     np.testing.assert_allclose(rows[0], single[0], rtol=1e-4, atol=1e-5)
     assert np.abs(rows[2] - rows[0]).max() > 1e-3
-    rows_p, future_p = predicting.act_and_predict_batch([obs, other, obs], texts, seeds=[7, 8, 2**32 - 1])
+    rows_p, future_p = predicting.act_and_predict_batch(batch, texts, "wrist", seeds=[7, 8, 2**32 - 1])
     np.testing.assert_allclose(rows_p, rows, rtol=1e-4, atol=1e-5)
     assert future_p.shape == (3, T, RES, RES, 3)
+    assert len(predicting._predict_fns) == 1 and not predicting._act_fns   # compiled once, apart from act
+    # without a view: the first (primary), seen where the program is picked rather than compiled a second time
+    picked = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(predicting, "_predict_fn", lambda b, v: picked.append((b, v)) or {}[(b, v)])
+        with pytest.raises(KeyError):
+            predicting.act_and_predict_batch(batch, texts)
+    assert picked == [(3, 0)]
     with pytest.raises(ValueError, match=r"seeds: expected 1 integers \(one per row\)"):
         plain.act_batch([obs], [text], seeds=[1, 2])
     with pytest.raises(ValueError, match=r"seeds: each must be in \[0, 2\*\*32\)"):
