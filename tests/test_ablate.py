@@ -3,6 +3,7 @@
 
 import csv
 import dataclasses
+import gc
 import io
 import json
 import math
@@ -22,6 +23,17 @@ def _flat(config, prefix: str = "") -> dict:
     for k, v in config.items():
         out |= _flat(v, f"{prefix}{k}.") if hasattr(v, "items") else {f"{prefix}{k}": v}
     return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _rare_gc():
+    """Tracing and lowering the variants' train steps (this file's CPU) allocates millions of short-lived objects;
+    Python's default thresholds then rescan every live object (jax's, flax's) in a full collection again and
+    again: ~15% of the dry run's CPU. Collections stay, only rarer."""
+    old = gc.get_threshold()
+    gc.set_threshold(100_000, 50, 1000)
+    yield
+    gc.set_threshold(*old)
 
 
 @pytest.fixture(scope="module")
