@@ -38,6 +38,8 @@ Keys beyond the stage configs':
   model.center_features  True: the policy subtracts the features' per-channel mean (a frozen parameter read from
                          init.sources.feature_stats, which data.source=features points at its store) before the
                          adapter; the adapter learns to read the scene with fewer windows (BENCHMARKS.md)
+  model.scale_features   True (with center_features): also divides them by the store's per-channel standard
+                         deviation, so the adapter sees one input scale whichever GFDM made the features
   train.schedule         constant (the released run) | tri_stage (the configured but unused schedule)
   eval.obs_info_gap      True: evaluations also report eval_obs_info_gap (each sample sees another sample's images
                          of the same instruction), at about twice the evaluation's cost; False leaves it out
@@ -94,6 +96,7 @@ def get_config(arg: str | None = None):
     m.sample_steps = 10                     # DDIM (DPM-Solver-1) steps at inference
     m.sample_sigma_min = 1.0                # the released evaluation's sigma_min (training draws from 1e-3)
     m.center_features = False               # subtract the GFDM features' mean (init.sources.feature_stats)
+    m.scale_features = False                # and divide by their standard deviation (needs center_features)
 
     c.policy = ml_collections.ConfigDict()
     c.policy.finetune = "gidm_adapter"

@@ -6,6 +6,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -29,11 +30,14 @@ def exported(tmp_path_factory):
     c = policy_configs.get_config("tiny")
     c.init.sources.gfdm.path = c.init.sources.gidm.path = ""
     c.policy.gfdm_init, c.policy.gidm_init = "initial", "random"
-    # Centred features (model.center_features): the export folds the mean into the input layers' biases.
-    c.model.center_features, c.init.sources.feature_stats.path = True, str(tmp / "features")
+    # Standardized features (model.center_features + scale_features): the export folds the mean and the standard
+    # deviation into the input layers' weights and biases.
+    c.model.center_features, c.model.scale_features = True, True
+    c.init.sources.feature_stats.path = str(tmp / "features")
     workdir = str(tmp / "policy")
     model = random_model("policy", c, seed=0)            # a stand-in fine-tuned run: random weights, no compile
     model.feature_stats.mean[...] = jax.random.normal(jax.random.key(5), model.feature_stats.mean.shape) * 2.0
+    model.feature_stats.std[...] = jnp.exp(jax.random.normal(jax.random.key(6), model.feature_stats.std.shape))
     save_model(c, workdir, model)
     os.makedirs(os.path.join(workdir, "assets"))
     with open(os.path.join(workdir, "assets", "action_stats.json"), "w") as f:

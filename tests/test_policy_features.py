@@ -88,10 +88,12 @@ def test_the_store_holds_the_frozen_gfdms_features_of_the_windows(store, one_dev
             np.testing.assert_allclose(rec["feats"], want[r], rtol=1e-4, atol=1e-4)
             for k in ("actions",) + features.TOKEN_KEYS:
                 np.testing.assert_array_equal(rec[k], batch[k][r], err_msg=k)
-    # The per-channel mean of the train windows, written last; the run's action statistics travel with the store.
-    mean = features.read_stats(out)["mean"]
-    all_feats = np.stack([g["feats"] for g in got]).astype(np.float64)
-    np.testing.assert_allclose(mean, all_feats.reshape(-1, all_feats.shape[-1]).mean(0), rtol=1e-5, atol=1e-6)
+    # The per-channel mean and standard deviation of the train windows, written last; the run's action statistics
+    # travel with the store.
+    stats = features.read_stats(out)
+    all_feats = np.stack([g["feats"] for g in got]).astype(np.float64).reshape(-1, want.shape[-1])
+    np.testing.assert_allclose(stats["mean"], all_feats.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["std"], all_feats.std(0), rtol=1e-4, atol=1e-6)
     meta = features.read_meta(out, "train")
     assert meta["feature_shape"] == list(policy_stage.feature_shape(c)) == list(want.shape[1:])
     assert meta["assets"] == policy_stage.assets(c) and meta["fingerprint"] == features.fingerprint(c)
@@ -164,6 +166,8 @@ def test_a_store_for_another_config_an_unfinished_one_or_a_mix_is_refused(store,
     bad.policy.finetune = "all"
     assert "finetune='all'" in error_message(policy_stage.validate, bad, exc=ValueError)
     bad = store["config"].copy_and_resolve_references()
+    bad.model.scale_features = True                                  # scaled but not centred
+    assert "config.model.scale_features=True needs" in error_message(policy_stage.validate, bad, exc=ValueError)
     bad.model.center_features, bad.init.allow_random = True, False   # frames, and no store to take a mean from
     assert "init.sources.feature_stats.path is empty" in error_message(policy_stage.validate, bad, exc=ValueError)
     bad.data.source = "latents"

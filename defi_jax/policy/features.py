@@ -19,12 +19,14 @@ Layout of a features directory (local or ``gs://``; :mod:`defi_jax.records` shar
     eval-00000-of-00001.array_record      [horizon, action_dim], {gfdm,goal,gidm}_{ids,mask} int32
     <split>-....json                      count, feature_shape, run id, the config keys the features depend on
                                           (FINGERPRINT), the policy's action statistics (its assets)
-    feature_stats.safetensors             {"mean": float32 [C]}: the train windows' per-channel mean, written last
+    feature_stats.safetensors             {"mean", "std": float32 [C]}: the train windows' per-channel mean and
+                                          standard deviation (over windows and tokens), written last
 
 The run reading it (``config.data.source=features``) refuses a store written for another GFDM, resolution, views,
 action normalization or tokenizer (naming the key), an unfinished store and a mix of two runs' splits. With
 ``model.center_features`` the policy subtracts the store's mean from the features (a frozen parameter loaded through
-``config.init.sources.feature_stats``, which defaults to the store) and so keeps taking raw features at inference.
+``config.init.sources.feature_stats``, which defaults to the store) and so keeps taking raw features at inference;
+``model.scale_features`` also divides them by the store's standard deviation.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import numpy as np
 from defi_jax import paths, records
 
 STATS_FILE = "feature_stats.safetensors"
+STD_FLOOR = 1e-6   # a channel constant over the train windows is divided by this, not by zero
 _KEY, _WRITER = "config.data.features_dir", "python -m launch.precompute_features"
 TOKEN_KEYS = ("gfdm_ids", "gfdm_mask", "goal_ids", "goal_mask", "gidm_ids", "gidm_mask")
 BATCH_KEYS = ("feats", "actions") + TOKEN_KEYS
@@ -118,7 +121,7 @@ def precompute(config, out: str, windows: Mapping[str, int], *, batch_size: int 
     meta = {"run": run, "fingerprint": fingerprint(config), "assets": stage.assets(c), "seed": int(c.seed),
             "batch_size": batch_size}
     key = jax.random.key(c.seed + 29)   # per split (crc32 of its name), then per batch
-    metas, total_C, count = {}, None, 0
+    metas, total_C, total_sq_C, count = {}, None, None, 0
     for split, n in windows.items():
         if n < 1:
             continue
@@ -136,6 +139,7 @@ def precompute(config, out: str, windows: Mapping[str, int], *, batch_size: int 
             if split == "train":
                 s = feats[:take].astype(np.float64).reshape(-1, feats.shape[-1])
                 total_C = s.sum(0) if total_C is None else total_C + s.sum(0)
+                total_sq_C = (s * s).sum(0) if total_sq_C is None else total_sq_C + (s * s).sum(0)
                 count += len(s)
             done += take
             if done == n or time.time() - t0 >= next_log:
@@ -150,8 +154,10 @@ def precompute(config, out: str, windows: Mapping[str, int], *, batch_size: int 
     if total_C is None:
         raise ValueError("precompute_features: no train windows (the feature mean comes from the train split)")
     from safetensors.numpy import save
-    mean = (total_C / count).astype(np.float32)
-    paths.write_bytes(stats_path, save({"mean": mean}, metadata={"run": run, "windows": str(metas["train"]
+    mean = total_C / count
+    std = np.sqrt(np.maximum(total_sq_C / count - mean * mean, 0.0))
+    stats = {"mean": mean.astype(np.float32), "std": np.maximum(std, STD_FLOOR).astype(np.float32)}
+    paths.write_bytes(stats_path, save(stats, metadata={"run": run, "windows": str(metas["train"]
                                                                                           ["num_records"])}))
     return metas
 
@@ -179,7 +185,8 @@ def _read_stats_file(features_dir: str) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def read_stats(features_dir: str, prefix: str = "") -> dict[str, np.ndarray]:
-    """``{"mean": float32 [C]}`` of a store (the ``feature_stats`` init source kind)."""
+    """``{"mean": float32 [C], "std": float32 [C]}`` of a store (the ``feature_stats`` init source kind; a store
+    written before ``std`` existed has ``mean`` only, which ``model.scale_features`` names as missing)."""
     del prefix
     return _read_stats_file(features_dir)[0]
 

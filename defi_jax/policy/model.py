@@ -19,7 +19,8 @@ Parameter tree: ``gfdm/`` (UNet, VAE, CLIP text of stage 1), ``goal_text/`` (CLI
 ``latent_actions/`` (``goal_emb``, ``time_pos_emb``, ``lam/``: the stage-2 encoder, VQ, ``action_up``,
 ``lang_proj`` and ``text_encoder``, the GIDM's instruction tower: frozen T5 or the tiny byte embedding),
 ``video_former/``, ``head/inner_model/``; with ``model.center_features``, ``feature_stats/mean`` (frozen: the GFDM
-features' per-channel mean, subtracted before the adapter reads them; see :class:`FeatureStats`).
+features' per-channel mean, subtracted before the adapter reads them; with ``model.scale_features`` also
+``feature_stats/std``, divided by; see :class:`FeatureStats`).
 
 Latent-action bottlenecks (``model.latent_action``, the paper's ablation): ``vq`` (the reference),
 ``continuous`` (the pre-quantization latents, no VQ losses), ``binning`` (each latent dimension squashed by
@@ -53,16 +54,23 @@ def _gidm_text_tower(gidm_cfg, rngs: nnx.Rngs):
 
 
 class FeatureStats(nnx.Module):
-    """The GFDM features' per-channel mean over training windows (``model.center_features``), frozen.
+    """The GFDM features' per-channel mean (``model.center_features``) and standard deviation
+    (``model.scale_features``) over training windows, frozen.
 
-    Subtracted from the features before the Video Former and the latent actions read them: the adapter then learns
-    from centred inputs (it reads the scene with about a third fewer training windows in the demo, BENCHMARKS.md)
-    while the checkpoint keeps taking raw features, so inference needs nothing else. Filled from
+    The features are centred (and scaled) before the Video Former and the latent actions read them: the adapter then
+    learns from centred inputs (it reads the scene with about a third fewer training windows in the demo,
+    BENCHMARKS.md) of one scale whichever GFDM made them (a pretrained GFDM's features are about twice as large as an
+    initial one's), while the checkpoint keeps taking raw features, so inference needs nothing else. Filled from
     ``config.init.sources.feature_stats`` (a ``launch.precompute_features`` folder). An export folds it into the two
-    input layers' biases (:meth:`DeFIPolicyModel.fold_feature_stats`)."""
+    input layers' weights (:meth:`DeFIPolicyModel.fold_feature_stats`)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, *, scale: bool = False):
         self.mean = nnx.Param(jnp.zeros((dim,), jnp.float32), out_sharding=(None,))
+        self.std = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=(None,)) if scale else None
+
+    def __call__(self, x):
+        x = x - self.mean[...].astype(x.dtype)
+        return x if self.std is None else x / self.std[...].astype(x.dtype)
 
 
 class DeFIPolicyModel(nnx.Module):
@@ -99,7 +107,10 @@ class DeFIPolicyModel(nnx.Module):
         self.head = ActionHead(rngs=rngs, goal_dim=int(dict(c.goal_text).get("projection_dim", 512)),
                                video_dim=vf.get("dim", 384), latent_action_dim=c.gidm.model_dim,
                                action_dim=c.action_dim, horizon=c.horizon, **dict(c.head))
-        self.feature_stats = FeatureStats(feat_dim) if c.get("center_features", False) else None
+        if c.get("scale_features", False) and not c.get("center_features", False):
+            raise ValueError("config.model.scale_features=True needs config.model.center_features=True")
+        self.feature_stats = (FeatureStats(feat_dim, scale=c.get("scale_features", False))
+                              if c.get("center_features", False) else None)
 
     # ---- instruction ------------------------------------------------------------------------------
     def encode_instruction(self, gfdm_ids_BL, gfdm_mask_BL, goal_ids_BL, goal_mask_BL, gidm_ids_BL,
@@ -169,7 +180,7 @@ class DeFIPolicyModel(nnx.Module):
         inference computes it once per observation and reuses it at every sampler step."""
         B, V, T, N, C = feats_BVTNC.shape
         if self.feature_stats is not None:
-            feats_BVTNC = feats_BVTNC - self.feature_stats.mean[...].astype(feats_BVTNC.dtype)
+            feats_BVTNC = self.feature_stats(feats_BVTNC)
         # Video Former input per frame: every view's tokens side by side (static 256 + wrist 256 in the reference).
         vf_in_BTNC = feats_BVTNC.transpose(0, 2, 1, 3, 4).reshape(B, T, V * N, C)
         video_BVD = self.video_former(vf_in_BTNC)
@@ -178,14 +189,18 @@ class DeFIPolicyModel(nnx.Module):
         return context_BSD, la
 
     def fold_feature_stats(self) -> None:
-        """Moves :class:`FeatureStats` centring into the biases of the two layers that read the features
-        (``W (x - m) + b = W x + (b - m W)``) and removes it: the same function, in the reference's parameters
-        (what a PyTorch export writes). In place."""
+        """Moves :class:`FeatureStats` into the two layers that read the features (``W (x - m) / s + b =
+        (W / s) x + (b - (m / s) W)``, ``s`` = 1 without ``std``) and removes it: the same function, in the
+        reference's parameters (what a PyTorch export writes). In place."""
         if self.feature_stats is None:
             return
         mean_C = self.feature_stats.mean[...].astype(jnp.float32)
+        std = self.feature_stats.std
+        inv_C = jnp.ones_like(mean_C) if std is None else 1.0 / std[...].astype(jnp.float32)
         for lin in (self.video_former.goal_emb.layers[0], self.latent_actions.goal_emb.layers[0]):
-            lin.bias[...] = (lin.bias[...] - mean_C @ lin.kernel[...].astype(jnp.float32)).astype(lin.bias.dtype)
+            kernel_CD = lin.kernel[...].astype(jnp.float32) * inv_C[:, None]
+            lin.bias[...] = (lin.bias[...] - mean_C @ kernel_CD).astype(lin.bias.dtype)
+            lin.kernel[...] = kernel_CD.astype(lin.kernel.dtype)
         self.feature_stats = None
 
     def act(self, frames_BVHW3, text: dict, rng: jax.Array, *, num_steps: int, sigma_min: float) -> jax.Array:

@@ -337,6 +337,9 @@ def validate(config) -> None:
     if source == "features" and p.finetune == "all":
         raise ValueError("config.data.source='features' with config.policy.finetune='all': the GFDM is trained, so "
                          "precomputed features would be stale")
+    if m.get("scale_features", False) and not m.get("center_features", False):
+        raise ValueError("config.model.scale_features=True needs config.model.center_features=True (the features "
+                         "are centred, then scaled)")
     stats = config.init.sources.get("feature_stats")
     if m.get("center_features", False) and (stats is None or not stats.path) and not config.init.allow_random:
         raise ValueError("config.model.center_features=True but config.init.sources.feature_stats.path is empty: "
