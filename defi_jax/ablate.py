@@ -183,6 +183,13 @@ def _features_run(store: str, keys: Sequence[tuple[str, str]], train_windows: in
     return sweep.Run(value="features", seed=0, workdir=store, argv=argv, num_steps=0)
 
 
+def _centred(keys: Sequence[tuple[str, str]]) -> bool:
+    """Whether the policy config with ``keys`` centres the GFDM features (``model.center_features``)."""
+    config = config_validation.load_config(POLICY_CONFIG)
+    config_validation.apply_overrides(config, list(keys))
+    return bool(config.model.get("center_features", False))
+
+
 def _steps_overrides(steps: int | None, config) -> list[tuple[str, str]]:
     if steps is None:
         return []
@@ -286,6 +293,9 @@ def plan(workdir: str, variants: Sequence[str], seeds: Sequence[int], *, data_di
                     *_steps_overrides(steps, defaults),
                     *((("data.data_fraction", repr(float(data_fraction))),) if data_fraction is not None else ()),
                     *cached, *user]
+            if not features and _centred(keys):   # on frames: the variant's own GFDM's statistics, computed once
+                keys.insert(len(keys) - len(user), ("init.sources.feature_stats.path",
+                                                    os.path.join(workdir, name, "feature_stats")))
             runs[name, seed] = _run(POLICY_CONFIG, os.path.join(workdir, name, f"seed={seed}"), keys, configs)
             if features and name not in stores:   # the first seed's keys: the windows are drawn with its seed
                 stores[name] = _features_run(store, keys, features, feature_eval_windows)

@@ -33,7 +33,8 @@ An entry with an empty ``path`` is inactive. Kinds (what ``path`` points at):
                                    full paths; the GFDM and goal towers come from the folder's diffusers /
                                    transformers sub-folders)
   feature_stats                    a ``launch.precompute_features`` folder: the GFDM features' per-channel
-                                   ``mean`` (its ``feature_stats.safetensors``), for ``model.center_features``
+                                   ``mean`` and ``std`` (its ``feature_stats.safetensors``), for
+                                   ``model.center_features`` / ``scale_features``
   workdir                          another stage's workdir: its parameters at ``step`` (-1 = latest), the
                                    EMA with ``ema=True``; ``prefix`` is the sub-tree of that model read
                                    (the part of our path matched by ``target`` is replaced by ``prefix``)
@@ -373,7 +374,7 @@ KINDS: dict[str, Kind | None] = {
     "reference_policy": Kind(read=_whole_file(_read_reference_policy, "reference_policy")),   # our names already
     "reference_gidm": Kind(read=_read_reference_gidm, rules=_gidm_rules),
     "torch_export": Kind(read=_whole_file(_read_torch_export, "torch_export"), key=_torch_export_key),
-    "feature_stats": Kind(read=_read_feature_stats),   # a launch.precompute_features folder: {"mean": [C]}
+    "feature_stats": Kind(read=_read_feature_stats),   # a launch.precompute_features folder: {"mean", "std": [C]}
     "workdir": None,   # read through defi_jax.checkpoint.restore_params
 }
 

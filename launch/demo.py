@@ -109,6 +109,10 @@ def _config(name: str, root: str, data_dir: str | None):
     if name == "policy":
         config.init.sources.gfdm.path = os.path.join(root, "gfdm")
         config.init.sources.gidm.path = os.path.join(root, "gidm")
+        if config.model.center_features:   # the GFDM's feature statistics, computed before the policy's first step
+            config.init.sources.feature_stats.path = os.path.join(root, "feature_stats")
+            if _STEPS.value is not None:
+                config.policy.feature_stats_windows = min(config.policy.feature_stats_windows, 16 * _STEPS.value)
         gfdm_config = os.path.join(root, "gfdm", "config.json")
         if os.path.exists(gfdm_config):   # the latent scale the GFDM it starts from was trained with
             with open(gfdm_config) as f:

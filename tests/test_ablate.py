@@ -3,7 +3,6 @@
 
 import csv
 import dataclasses
-import gc
 import io
 import json
 import math
@@ -23,17 +22,6 @@ def _flat(config, prefix: str = "") -> dict:
     for k, v in config.items():
         out |= _flat(v, f"{prefix}{k}.") if hasattr(v, "items") else {f"{prefix}{k}": v}
     return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _rare_gc():
-    """Tracing and lowering the variants' train steps (this file's CPU) allocates millions of short-lived objects;
-    Python's default thresholds then rescan every live object (jax's, flax's) in a full collection again and
-    again: ~15% of the dry run's CPU. Collections stay, only rarer."""
-    old = gc.get_threshold()
-    gc.set_threshold(100_000, 50, 1000)
-    yield
-    gc.set_threshold(*old)
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +47,15 @@ def test_variants_differ_from_defi_exactly_as_intended(plan):
         "gfdm_5_steps": {"model.gfdm_steps": 5},
         "continuous_latent": {"model.latent_action": "continuous"},
     }
+    stats = "init.sources.feature_stats.path"   # the demo recipe centres and scales: each variant its own GFDM's
+    assert base["model.center_features"] and base[stats] == os.path.join(plan.workdir, "defi", "feature_stats")
     for name, want in expected.items():
         for seed in (0, 1):
             got = _flat(plan.configs[plan.runs[name, seed].workdir])
             diff = {k: got[k] for k in got if got[k] != base.get(k)}
-            assert diff == dict(want, **({"seed": 1} if seed else {})), name
+            want = dict(want, **{stats: os.path.join(plan.workdir, name, "feature_stats")}, **({"seed": 1} if seed
+                                                                                                 else {}))
+            assert diff == want, name
     seed1 = _flat(plan.configs[plan.runs["defi", 1].workdir])
     assert {k for k in seed1 if seed1[k] != base[k]} == {"seed"}
     # The no-human-video pretraining differs from the standard one only in the mixture's human share.

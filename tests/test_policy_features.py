@@ -194,3 +194,32 @@ def test_the_loader_reads_ahead_a_few_batches_not_the_whole_store(store):
     assert first["feats"].shape[0] == 2
     time.sleep(1.0)                       # the read-ahead threads fill their buffer
     assert 2 <= count.n <= 2 + 2 * 2 + 4, count.n   # this batch + two ahead + the threads' in-flight records
+
+
+def test_a_run_on_frames_computes_its_gfdms_statistics_once_and_refuses_another_gfdms(store, error_message):
+    """``model.center_features`` on frames (the demo recipe): the run's ``prepare`` computes the statistics of its
+    own GFDM into ``init.sources.feature_stats.path`` when none are there, checks them when they are, and refuses
+    statistics of another GFDM or other inputs, naming what differs."""
+    c = store["config"].copy_and_resolve_references()
+    c.model.center_features = c.model.scale_features = True
+    c.init.sources.feature_stats.path = str(store["tmp"] / "stats")
+    c.policy.feature_stats_windows = 4
+    config_validation.resolve(c)
+    assert c.init.sources.feature_stats.path == str(store["tmp"] / "stats")   # frames: the path stays
+    policy_stage.prepare(c)
+    stats = features.read_stats(c.init.sources.feature_stats.path)
+    assert stats["mean"].shape == stats["std"].shape == (policy_stage.feature_shape(c)[-1],)
+    assert (stats["std"] > 0).all() and not os.path.exists(os.path.join(c.init.sources.feature_stats.path,
+                                                                         "train-00000-of-00001.array_record"))
+    written = os.path.getmtime(os.path.join(c.init.sources.feature_stats.path, features.STATS_FILE))
+    policy_stage.prepare(c)                                            # found and checked, not recomputed
+    assert os.path.getmtime(os.path.join(c.init.sources.feature_stats.path, features.STATS_FILE)) == written
+
+    other = c.copy_and_resolve_references()
+    other.policy.gfdm_init = "initial"                                 # another GFDM: the initial weights
+    config_validation.resolve(other)
+    msg = error_message(policy_stage.prepare, other, exc=ValueError)
+    assert "config.init.sources.feature_stats.path" in msg and "GFDM weights" in msg and "initial:" in msg
+    other = c.copy_and_resolve_references()
+    other.data.resolution = 16                                         # other inputs
+    assert "data.resolution: statistics 32, this run 16" in error_message(policy_stage.prepare, other, exc=ValueError)

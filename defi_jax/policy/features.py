@@ -68,6 +68,24 @@ def fingerprint(config) -> dict:
     return json.loads(json.dumps({k: _get(config, k) for k in FINGERPRINT}, sort_keys=True, default=list))
 
 
+def gfdm_identity(config) -> str:
+    """Which GFDM weights make the features: ``<workdir>@<step>`` of a pretrained source (the latest step when
+    ``init.sources.gfdm.step`` is -1), else ``initial`` with the ``svd_unet`` source's path."""
+    src = config.init.sources.get("gfdm")
+    if config.policy.gfdm_init == "pretrained" and src is not None and src.path:
+        from defi_jax.checkpoint import Checkpointer
+        step = src.step
+        if step < 0:
+            ckpt = Checkpointer(src.path, read_only=True)
+            try:
+                step = ckpt.latest_step()
+            finally:
+                ckpt.close()
+        return f"{src.path}@{step}"
+    unet = config.init.sources.get("svd_unet")
+    return "initial:" + (unet.path if unet is not None and unet.path else "random")
+
+
 # ---- writing ------------------------------------------------------------------------------------------
 def one_device_mesh(config):
     """The config's mesh axes over the first local device."""
@@ -80,13 +98,14 @@ def one_device_mesh(config):
                               devices=jax.local_devices()[:1])
 
 
-def precompute(config, out: str, windows: Mapping[str, int], *, batch_size: int = 64,
+def precompute(config, out: str, windows: Mapping[str, int], *, batch_size: int = 64, stats_only: bool = False,
                log: Callable[[str], None] = print) -> dict[str, dict]:
     """Writes ``windows[split]`` windows of each split's GFDM features into ``out``; returns each split's sidecar.
 
     ``config``: a resolved policy config (``config_validation.resolve``) whose GFDM sources are the ones the
     policy will train with. Its ``data.source`` / ``model.center_features`` are ignored (the features are raw and
-    drawn from the windows). One process."""
+    drawn from the windows). ``stats_only``: only ``feature_stats.safetensors`` of the train windows (what a policy
+    training on frames with ``model.center_features`` reads), no records. One process."""
     import jax
     from flax import nnx
 
@@ -98,7 +117,7 @@ def precompute(config, out: str, windows: Mapping[str, int], *, batch_size: int 
     if config.policy.finetune == "all":
         raise ValueError("config.policy.finetune='all' trains the GFDM: its features cannot be precomputed")
     c = config.copy_and_resolve_references()
-    c.data.source, c.model.center_features = "frames", False
+    c.data.source, c.model.center_features, c.model.scale_features = "frames", False, False
     if c.init.sources.get("feature_stats") is not None:
         c.init.sources.feature_stats.path = ""
     c.train.batch_size = batch_size
@@ -125,15 +144,17 @@ def precompute(config, out: str, windows: Mapping[str, int], *, batch_size: int 
     for split, n in windows.items():
         if n < 1:
             continue
+        if stats_only and split != "train":
+            continue
         data = stage.make_data(c, 0, 1, split)
-        writer = records.ShardWriter(out, split, 0, 1, shape_key="feature_shape", meta=meta)
+        writer = None if stats_only else records.ShardWriter(out, split, 0, 1, shape_key="feature_shape", meta=meta)
         done, t0, next_log = 0, time.time(), 0.0
         for i in range(-(-n // batch_size)):
             batch = next(data)
             rng = jax.random.fold_in(jax.random.fold_in(key, zlib.crc32(split.encode()) % 2**31), i)
             feats = np.asarray(features(state, {k: batch[k] for k in stage.FRAMES_BATCH_KEYS}, rng))
             take = min(len(feats), n - done)
-            for r in range(take):
+            for r in range(take if writer is not None else 0):
                 arrays = {"feats": feats[r]} | {k: np.asarray(batch[k][r]) for k in ("actions",) + TOKEN_KEYS}
                 writer.add(records.encode_arrays(arrays), feats.shape[1:])
             if split == "train":
@@ -149,16 +170,20 @@ def precompute(config, out: str, windows: Mapping[str, int], *, batch_size: int 
         close = getattr(data, "close", None)
         if callable(close):
             close()
-        writer.close()
-        metas[split] = writer.meta
+        if writer is not None:
+            writer.close()
+            metas[split] = writer.meta
+        else:
+            metas[split] = dict(meta, num_records=done, feature_shape=list(feats.shape[1:]))
     if total_C is None:
         raise ValueError("precompute_features: no train windows (the feature mean comes from the train split)")
     from safetensors.numpy import save
     mean = total_C / count
     std = np.sqrt(np.maximum(total_sq_C / count - mean * mean, 0.0))
     stats = {"mean": mean.astype(np.float32), "std": np.maximum(std, STD_FLOOR).astype(np.float32)}
-    paths.write_bytes(stats_path, save(stats, metadata={"run": run, "windows": str(metas["train"]
-                                                                                          ["num_records"])}))
+    paths.write_bytes(stats_path, save(stats, metadata={
+        "run": run, "windows": str(metas["train"]["num_records"]), "gfdm": gfdm_identity(c),
+        "fingerprint": json.dumps(fingerprint(config), sort_keys=True)}))
     return metas
 
 
@@ -189,6 +214,24 @@ def read_stats(features_dir: str, prefix: str = "") -> dict[str, np.ndarray]:
     written before ``std`` existed has ``mean`` only, which ``model.scale_features`` names as missing)."""
     del prefix
     return _read_stats_file(features_dir)[0]
+
+
+def check_stats(config) -> None:
+    """The statistics in ``init.sources.feature_stats.path`` (a policy centring features of frames) were computed
+    from this run's GFDM weights and inputs; raises naming every disagreeing key otherwise."""
+    root = config.init.sources.feature_stats.path
+    _, meta = _read_stats_file(root)
+    bad = []
+    if "gfdm" in meta and meta["gfdm"] != gfdm_identity(config):
+        bad.append(f"GFDM weights: statistics of {meta['gfdm']}, this run {gfdm_identity(config)}")
+    if "fingerprint" in meta:
+        want, got = fingerprint(config), json.loads(meta["fingerprint"])
+        bad += [f"{k}: statistics {json.dumps(got.get(k))}, this run {json.dumps(want[k])}" for k in FINGERPRINT
+                if not k.startswith("init.sources.gfdm.") and got.get(k) != want[k]]
+    if bad:
+        raise ValueError(f"config.init.sources.feature_stats.path={root!r} holds another GFDM's feature statistics; "
+                         "remove that folder (the run then recomputes them, config.policy.feature_stats_windows) or "
+                         "point the key elsewhere; differing:\n  " + "\n  ".join(bad))
 
 
 def check(config) -> dict:

@@ -281,7 +281,7 @@ def resolve_init(config) -> None:
     ``policy.gfdm_init=initial``: a config that names a pretrained workdir (``tiny`` names the demo's) then
     starts from random / initial weights, as the switch says, instead of silently loading that workdir.
     ``gfdm_init=initial`` keeps the ``svd_*`` sources (the un-fine-tuned weights). With ``model.center_features``
-    and ``data.source=features``, an empty ``init.sources.feature_stats.path`` becomes ``data.features_dir``. The
+    and ``data.source=features``, ``init.sources.feature_stats.path`` becomes ``data.features_dir``. The
     stage's ``resolve`` hook (``config_validation.resolve``: the trainer and launch.ablate call it before
     validating), so every run and the ``config.json`` it records see the resolved sources."""
     for key, (value, name) in _NOT_PRETRAINED.items():
@@ -289,9 +289,9 @@ def resolve_init(config) -> None:
         if config.policy[key] == value and source is not None and source.path:
             source.path = ""
     stats = config.init.sources.get("feature_stats")
-    if (config.model.get("center_features", False) and stats is not None and not stats.path
+    if (config.model.get("center_features", False) and stats is not None
             and config.data.get("source", "frames") == "features"):
-        stats.path = config.data.features_dir   # centre with the store's own mean
+        stats.path = config.data.features_dir   # the store's own statistics: the features it holds are its GFDM's
 
 
 def validate_sampler(m) -> None:
@@ -406,23 +406,43 @@ def check_data(config) -> None:
 
 
 def prepare(config) -> None:
-    """With ``policy.pretrain_missing`` (the tiny variant): trains the tiny GFDM / GIDM into their source workdirs
-    first when those hold no checkpoint yet, on this run's data (the demo's by default)."""
-    if not config.policy.get("pretrain_missing", False):
+    """Before training: with ``policy.pretrain_missing`` (the small variants) trains the tiny GFDM / GIDM into their
+    source workdirs when those hold no checkpoint yet, on this run's data (the demo's by default); then, with
+    ``model.center_features`` on frames and ``policy.feature_stats_windows`` > 0, computes the GFDM features'
+    statistics into ``init.sources.feature_stats.path`` when that folder has none yet (statistics found there must be
+    this run's GFDM's: :func:`features.check_stats`)."""
+    from defi_jax import paths
+
+    if config.policy.get("pretrain_missing", False):
+        import importlib
+
+        from defi_jax import trainer
+
+        for name in ("gidm", "gfdm"):
+            path = config.init.sources[name].path
+            if (config.policy[f"{name}_init"] != "pretrained" or not path
+                    or paths.isdir(paths.join(path, "checkpoints"))):
+                continue
+            stage_config = importlib.import_module(f"configs.{name}").get_config("tiny")
+            stage_config.data.data_dir = config.data.data_dir
+            print(f"policy: no {name.upper()} checkpoint in {path} (config.init.sources.{name}.path): training "
+                  f"configs/{name}.py:tiny there first", flush=True)
+            trainer.train(stage_config, path)
+    stats = config.init.sources.get("feature_stats")
+    windows = int(config.policy.get("feature_stats_windows", 0))
+    if (not config.model.get("center_features", False) or config.data.get("source", "frames") != "frames"
+            or stats is None or not stats.path):
         return
-    import importlib
+    from defi_jax.policy import features
 
-    from defi_jax import paths, trainer
-
-    for name in ("gidm", "gfdm"):
-        path = config.init.sources[name].path
-        if config.policy[f"{name}_init"] != "pretrained" or not path or paths.isdir(paths.join(path, "checkpoints")):
-            continue
-        stage_config = importlib.import_module(f"configs.{name}").get_config("tiny")
-        stage_config.data.data_dir = config.data.data_dir
-        print(f"policy: no {name.upper()} checkpoint in {path} (config.init.sources.{name}.path): training "
-              f"configs/{name}.py:tiny there first", flush=True)
-        trainer.train(stage_config, path)
+    if paths.exists(paths.join(stats.path, features.STATS_FILE)):
+        features.check_stats(config)   # this GFDM's, of these inputs
+        return
+    if windows < 1:
+        return   # the weights loader names the missing file
+    print(f"policy: no GFDM feature statistics in {stats.path} (config.init.sources.feature_stats.path): computing "
+          f"them from {windows} training windows (config.policy.feature_stats_windows) first", flush=True)
+    features.precompute(config, stats.path, {"train": windows}, batch_size=min(32, windows), stats_only=True)
 
 
 STAGE = Stage(build_model=build_model, loss_fn=loss_fn, make_data=make_data, evaluate=evaluate, validate=validate,
