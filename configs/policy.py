@@ -14,8 +14,9 @@ Variants:
   tiny  minutes on a CPU: the demo's tiny GFDM and GIDM (``configs/gfdm.py:tiny``, ``configs/gidm.py:tiny``)
         loaded from ``workdirs/demo/{gfdm,gidm}`` (trained there first when missing: ``policy.pretrain_missing``),
         a small adapter and head, the embedded Meta-World demo data.
-  demo  ``make demo``'s policy: tiny's model and data, trained long enough to act in Meta-World closed loop
-        (tiny stays minute-scale: the tests build it).
+  demo  ``make demo``'s policy: tiny's model and data, trained long enough to act in Meta-World closed loop, its
+        GFDM features standardized with the statistics in ``workdirs/demo/feature_stats`` (computed on its first
+        run); tiny stays minute-scale: the tests build it.
 
 Keys beyond the stage configs':
   policy.finetune        gidm_adapter (default) | adapter_only | all      (what is trained: paper Table 9)
@@ -174,7 +175,7 @@ def get_config(arg: str | None = None):
         t.save_every = 100
     if variant == "demo":
         # Standardized features (the pretrained GFDM's are about twice as large as an initial one's, their per-channel
-        # means as large as their spread): 0.555 -> 0.65 closed loop at 50 episodes per task (BENCHMARKS.md).
+        # means as large as their spread): 0.555 -> 0.655 closed loop at 50 episodes per task (BENCHMARKS.md).
         m.center_features = m.scale_features = True
         s.feature_stats.path = os.path.join(demo, "feature_stats")   # computed there on the first run
         # At tiny's constant 1e-3 the closed-loop success swings between checkpoints (0.50 at step 250, 0.25 at

@@ -31,6 +31,7 @@ action normalization or tokenizer (naming the key), an unfinished store and a mi
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -127,7 +128,9 @@ def precompute(config, out: str, windows: Mapping[str, int], *, batch_size: int 
     parts = trainer.init_params()
     graphdef, state = nnx.split(nnx.merge(trainer.graphdef, parts["params"], parts["frozen"], parts["extra"]))
 
-    @jax.jit
+    from defi_jax.stage import jit_kwargs
+
+    @functools.partial(jax.jit, **jit_kwargs(c))   # the run's XLA options (config.train.compiler_options)
     def features(state, batch, rng):
         model = nnx.merge(graphdef, state)
         return model.features(batch["frames"], stage.encode_instruction(model, batch)["gfdm"], rng)
