@@ -224,9 +224,9 @@ def check_stats(config) -> None:
     from this run's GFDM weights and inputs; raises naming every disagreeing key otherwise."""
     root = config.init.sources.feature_stats.path
     _, meta = _read_stats_file(root)
-    bad = []
-    if "gfdm" in meta and meta["gfdm"] != gfdm_identity(config):
-        bad.append(f"GFDM weights: statistics of {meta['gfdm']}, this run {gfdm_identity(config)}")
+    bad, gfdm = [], gfdm_identity(config)
+    if "gfdm" in meta and meta["gfdm"] != gfdm:
+        bad.append(f"GFDM weights: statistics of {meta['gfdm']}, this run {gfdm}")
     if "fingerprint" in meta:
         want, got = fingerprint(config), json.loads(meta["fingerprint"])
         bad += [f"{k}: statistics {json.dumps(got.get(k))}, this run {json.dumps(want[k])}" for k in FINGERPRINT
