@@ -332,3 +332,24 @@ def test_tiny_policy_trains_its_missing_stage_workdirs_first(tmp_path, monkeypat
     calls.clear()
     policy_stage.prepare(c)
     assert calls == []
+
+
+def test_a_random_gfdm_is_one_draw_for_every_seed(tiny_config):
+    """Without published weights (policy.gfdm_init=initial) the frozen GFDM's random weights are the same for every
+    config.seed (one features store / statistics file serves all seeds); every other network is drawn from the
+    seed as if the GFDM had drawn from it first (so seed 0 builds what it built before the GFDM had its own key)."""
+    from defi_jax.gfdm.model import GFDM, GFDMOptions
+    from defi_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
+
+    c = tiny_config("policy")
+    model = policy_stage.build_model(c, nnx.Rngs(1))   # eager: a jitted init rounds differently
+    options, goal_config = GFDMOptions.from_config(c.model.gfdm), CLIPTextConfig(**dict(c.model.goal_text))
+    want_gfdm = GFDM(options, rngs=nnx.Rngs(0))
+    rngs = nnx.Rngs(1)   # the draws before the GFDM had its own key: GFDM first, then the goal tower
+    seed1_gfdm = GFDM(options, rngs=rngs)
+    want_goal = CLIPTextEncoder(goal_config, rngs=rngs, with_projection=True)
+    for want, got in ((want_gfdm, model.gfdm), (want_goal, model.goal_text)):
+        jax.tree.map(np.testing.assert_array_equal, nnx.state(want, nnx.Param), nnx.state(got, nnx.Param))
+    differ = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), nnx.state(seed1_gfdm, nnx.Param),
+                                          nnx.state(model.gfdm, nnx.Param)))
+    assert any(differ)   # seed 1 would have drawn another GFDM

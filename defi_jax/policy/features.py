@@ -71,7 +71,9 @@ def fingerprint(config) -> dict:
 
 def gfdm_identity(config) -> str:
     """Which GFDM weights make the features: ``<workdir>@<step>`` of a pretrained source (the latest step when
-    ``init.sources.gfdm.step`` is -1), else ``initial`` with the ``svd_unet`` source's path."""
+    ``init.sources.gfdm.step`` is -1), else ``initial`` with the ``svd_unet`` source's path (``random``: drawn from
+    ``model.INITIAL_GFDM_SEED``, the same weights for every ``config.seed``; the VAE / CLIP paths are FINGERPRINT
+    keys)."""
     src = config.init.sources.get("gfdm")
     if config.policy.gfdm_init == "pretrained" and src is not None and src.path:
         from defi_jax.checkpoint import Checkpointer

@@ -42,6 +42,9 @@ from defi_jax.policy.latent_action import PolicyLatentActions
 from defi_jax.policy.video_former import VideoFormer
 
 LATENT_ACTIONS = ("vq", "continuous", "binning", "gmm")
+# The key of the GFDM's random initial weights, whatever the model's ``rngs``: where no published weights are
+# loaded (the demo's ``policy.gfdm_init=initial``) they stand in for them, one draw for every fine-tuning seed.
+INITIAL_GFDM_SEED = 0
 
 
 def _gidm_text_tower(gidm_cfg, rngs: nnx.Rngs):
@@ -90,8 +93,15 @@ class DeFIPolicyModel(nnx.Module):
         self.latent_bins = int(c.latent_bins)
         self.latent_gmm_temperature = float(c.latent_gmm_temperature)
         self.gidm_text_kind = c.gidm.text_encoder
-        self.gfdm = GFDM(GFDMOptions.from_config(c.gfdm), rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+        # The GFDM draws from INITIAL_GFDM_SEED, not ``rngs``: a frozen random GFDM is then the same function for
+        # every config.seed, so one features store / statistics file (defi_jax.policy.features) serves all of
+        # them. ``rngs`` advances as if it had made those draws: the other networks' weights do not change (and
+        # with seed 0, whose stream starts with the GFDM, nothing does).
+        gfdm_rngs = nnx.Rngs(**{name: INITIAL_GFDM_SEED for name, _ in rngs.items()})
+        self.gfdm = GFDM(GFDMOptions.from_config(c.gfdm), rngs=gfdm_rngs, dtype=dtype, param_dtype=param_dtype,
                          attention_impl=c.get("attention_impl", None) or None)
+        for name, stream in gfdm_rngs.items():
+            getattr(rngs, name).count.value += stream.count.value
         self.goal_text = CLIPTextEncoder(CLIPTextConfig(**dict(c.goal_text)), rngs=rngs, with_projection=True)
         # GFDM feature width: up_blocks[0..k-1] outputs concatenated (2560 for SVD, k = 2).
         unet = dict(c.gfdm.unet)
