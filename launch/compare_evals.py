@@ -3,7 +3,12 @@
     python -m launch.compare_evals --a=/tmp/eval_full --b=/tmp/eval_no_gfdm
     python -m launch.compare_evals --a=gs://bucket/eval_a/summary.json --b=/tmp/eval_b --out=/tmp/a_vs_b.csv
 
-``--a`` / ``--b``: an evaluation's ``--out`` folder or its ``summary.json`` (local or ``gs://``). Episode e of a task
+    # one pair per fine-tuning seed, pooled (seed 0's evaluations, then seed 1's, ...):
+    python -m launch.compare_evals --a=/tmp/full_s0,/tmp/full_s1 --b=/tmp/no_gfdm_s0,/tmp/no_gfdm_s1
+
+``--a`` / ``--b``: an evaluation's ``--out`` folder or its ``summary.json`` (local or ``gs://``); several,
+comma-separated, pair up in order: each pair is compared as below and its overall row printed, then the table
+pooled over the pairs (a discordant episode of any pair counts once). Episode e of a task
 has the same env seed and goal in both, and, with the policy's noise seeded per episode (every evaluation since
 per-row seeds; ``protocol.policy_noise``), the same noise, so the episodes only one policy solved carry the
 comparison: per task and overall it prints both success counts, those discordant episodes and the exact McNemar
@@ -19,8 +24,9 @@ from absl import app, flags
 
 from defi_jax import paths
 
-_A = flags.DEFINE_string("a", None, "First evaluation: its output folder or summary.json (local or gs://).")
-_B = flags.DEFINE_string("b", None, "Second evaluation, the same protocol.")
+_A = flags.DEFINE_list("a", None, "First evaluation: its output folder or summary.json (local or gs://); several, "
+                       "comma-separated, pair up in order with --b's and are pooled.")
+_B = flags.DEFINE_list("b", None, "Second evaluation, the same protocol (as many as --a).")
 _OUT = flags.DEFINE_string("out", None, "Also write the table as CSV here (local or gs://).")
 flags.mark_flags_as_required(["a", "b"])
 
@@ -39,24 +45,47 @@ def _load(path: str) -> dict:
     return summary
 
 
+def _table(rows: dict, label=None) -> list[tuple]:
+    return [((label,) if label else ()) + (t, r["episodes"], r["a_successes"], r["b_successes"], r["only_a"],
+                                           r["only_b"], f"{r['mcnemar_p']:.3g}") for t, r in rows.items()]
+
+
+def _print(head: tuple, rows: list[tuple]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    for row in (head, *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+
+
 def main(argv):
     del argv
     from defi_jax.evaluation import metaworld
 
-    a, b = _load(_A.value), _load(_B.value)
+    if len(_A.value) != len(_B.value):
+        raise SystemExit(f"launch.compare_evals: --a names {len(_A.value)} evaluation(s), --b {len(_B.value)}: "
+                         "they pair up in order")
+    pairs = [(_load(a), _load(b)) for a, b in zip(_A.value, _B.value)]
     try:
-        result = metaworld.compare(a, b)
+        result = metaworld.compare(*pairs[0]) if len(pairs) == 1 else metaworld.compare_pooled(pairs)
     except ValueError as e:
         raise SystemExit(f"launch.compare_evals: {e}") from e
-    print(f"a: {_A.value}\nb: {_B.value}")
+    head = ("task", "episodes", "a", "b", "only_a", "only_b", "mcnemar_p")
+    if len(pairs) == 1:
+        print(f"a: {_A.value[0]}\nb: {_B.value[0]}")
+    else:
+        for i, (a, b) in enumerate(zip(_A.value, _B.value)):
+            print(f"pair {i + 1}: a: {a}\n        b: {b}")
     print("policy noise: " + ("shared per episode" if result["shared_noise"] else
                               "NOT shared (an evaluation before per-row seeds): only env seeds and goals are paired"))
-    head = ("task", "episodes", "a", "b", "only_a", "only_b", "mcnemar_p")
-    rows = [(t, r["episodes"], r["a_successes"], r["b_successes"], r["only_a"], r["only_b"], f"{r['mcnemar_p']:.3g}")
-            for t, r in result["tasks"].items()]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    for row in (head, *rows):
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+    rows = _table(result["tasks"])
+    if len(pairs) > 1:
+        _print(("pair",) + head, [_table(r, str(i + 1))[-1] for i, r in enumerate(result["pairs"])])
+        print(f"pooled over the {len(pairs)} pairs:")
+        rows = [r for i, pair in enumerate(result["pairs"]) for r in _table(pair, str(i + 1))] + _table(
+            result["tasks"], "pooled")
+        head = ("pair",) + head
+        _print(head, rows[-len(result["tasks"]):])
+    else:
+        _print(head, rows)
     if _OUT.value:
         text = "\n".join(",".join(str(x) for x in row) for row in (head, *rows)) + "\n"
         paths.write_text(_OUT.value, text)

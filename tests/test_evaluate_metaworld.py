@@ -514,6 +514,23 @@ def test_compare_pairs_episodes_and_refuses_other_protocols(tmp_path, subprocess
                                                           f"no such file (give a launch.evaluate --out folder or its "
                                                           f"summary.json)")
 
+    # several pairs (e.g. one per fine-tuning seed), pooled: a discordant episode of any pair counts once
+    c = _eval_summary(["push-v3"], {"push-v3": {7, 8}})
+    pooled = mw.compare_pooled([(a, b), (c, a)])
+    assert [r["all"]["only_a"] for r in pooled["pairs"]] == [0, 2] and pooled["pairs"][0] == got["tasks"]
+    assert pooled["tasks"]["push-v3"] == {"episodes": 20, "a_successes": 4, "b_successes": 7, "only_a": 2,
+                                          "only_b": 5, "mcnemar_p": pytest.approx(0.453125)}
+    with pytest.raises(ValueError, match=r"pair 2: the two evaluations ran different protocols: horizon"):
+        mw.compare_pooled([(a, b), (a, dict(b, protocol=dict(b["protocol"], horizon=100)))])
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "summary.json").write_text(json.dumps(c))
+    out = subprocess.run(cmd[:3] + [f"--a={tmp_path / 'a'},{tmp_path / 'c'}", f"--b={tmp_path / 'b'},{tmp_path / 'a'}",
+                                    f"--out={tmp_path / 'pooled.csv'}"],
+                         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "pooled over the 2 pairs" in out.stdout
+    assert (tmp_path / "pooled.csv").read_text().splitlines()[-1] == "pooled,all,20,4,7,2,5,0.453"
+
 
 def test_sampler_overrides_and_the_evaluate_flags(tmp_path, subprocess_env):
     """``with_sampler`` (``DeFIPolicy.from_checkpoint(sample_steps=, sample_sigma_min=, gfdm_steps=)``, ``launch.evaluate

@@ -261,6 +261,33 @@ def compare(a: Mapping, b: Mapping) -> dict:
     env seed and goal in both; with per-row policy noise (``protocol.policy_noise``) the same noise too, whatever
     the task lists and worker counts (``shared_noise``; without it the task list, episode count and workers must
     match). Raises ValueError naming the protocol keys that differ."""
+    shared_noise, tasks, a_o, b_o = _paired(a, b)
+    return {"shared_noise": shared_noise, "tasks": _paired_rows(tasks, a_o, b_o)}
+
+
+def compare_pooled(pairs: Sequence[tuple[Mapping, Mapping]]) -> dict:
+    """Several (a, b) pairs of evaluation summaries (e.g. two variants, one pair per fine-tuning seed), each paired
+    as :func:`compare` (``pairs``: its rows), pooled: the ``tasks`` rows count every pair's shared episodes, a
+    discordant episode of any pair counting once. Raises ValueError naming the pair (1-based) that cannot be
+    paired."""
+    if not pairs:
+        raise ValueError("no pair of evaluations to compare")
+    tasks, a_all, b_all, noise, per_pair = [], {}, {}, True, []
+    for i, (a, b) in enumerate(pairs):
+        try:
+            shared_noise, pair_tasks, a_o, b_o = _paired(a, b)
+            per_pair.append(_paired_rows(pair_tasks, a_o, b_o))
+        except ValueError as e:
+            raise ValueError(f"pair {i + 1}: {e}") from e
+        noise = noise and shared_noise
+        tasks += [t for t in pair_tasks if t not in tasks]
+        a_all |= {(i, *k): v for k, v in a_o.items()}
+        b_all |= {(i, *k): v for k, v in b_o.items()}
+    return {"shared_noise": noise, "pairs": per_pair, "tasks": _paired_rows(tasks, a_all, b_all)}
+
+
+def _paired(a: Mapping, b: Mapping) -> tuple[bool, list[str], dict, dict]:
+    """(shared noise, the shared tasks, each summary's {(task, episode): success} on them)."""
     pa, pb = a["protocol"], b["protocol"]
     shared_noise = all(str(p.get("policy_noise", "")).startswith("per row") for p in (pa, pb))
     keys = COMPARE_KEYS if shared_noise else (*COMPARE_KEYS, "tasks", "episodes_per_task", "workers")
@@ -271,10 +298,17 @@ def compare(a: Mapping, b: Mapping) -> dict:
     tasks = [t for t in pa["tasks"] if t in pb["tasks"]]
     if not tasks:
         raise ValueError(f"the two evaluations share no task ({pa['tasks']} vs {pb['tasks']})")
-    outcome = [{(e["task"], int(e["episode"])): bool(e["success"]) for e in s.get("episodes", ())} for s in (a, b)]
+    a_o, b_o = ({(e["task"], int(e["episode"])): bool(e["success"]) for e in s.get("episodes", ()) if e["task"] in tasks}
+                for s in (a, b))
+    return shared_noise, tasks, a_o, b_o
+
+
+def _paired_rows(tasks: Sequence[str], a_o: Mapping, b_o: Mapping) -> dict:
+    """Per task and ``all``: episodes both played, successes, discordant episodes, McNemar p (keys end in
+    (task, episode))."""
     rows = {}
     for task in [*tasks, "all"]:
-        a_t, b_t = ({k: v for k, v in o.items() if k[0] in tasks and task in ("all", k[0])} for o in outcome)
+        a_t, b_t = ({k: v for k, v in o.items() if task in ("all", k[-2])} for o in (a_o, b_o))
         shared = a_t.keys() & b_t.keys()
         n, only_a, only_b = discordant(a_t, b_t)
         rows[task] = {"episodes": n, "a_successes": sum(a_t[k] for k in shared),
@@ -282,7 +316,7 @@ def compare(a: Mapping, b: Mapping) -> dict:
                       "mcnemar_p": mcnemar_exact(only_a, only_b)}
     if not rows["all"]["episodes"]:
         raise ValueError("the two evaluations share no episode (summary.json 'episodes' missing or disjoint)")
-    return {"shared_noise": shared_noise, "tasks": rows}
+    return rows
 
 
 # ---- the worker process --------------------------------------------------------------------------
