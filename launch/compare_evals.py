@@ -76,16 +76,16 @@ def main(argv):
             print(f"pair {i + 1}: a: {a}\n        b: {b}")
     print("policy noise: " + ("shared per episode" if result["shared_noise"] else
                               "NOT shared (an evaluation before per-row seeds): only env seeds and goals are paired"))
-    rows = _table(result["tasks"])
-    if len(pairs) > 1:
-        _print(("pair",) + head, [_table(r, str(i + 1))[-1] for i, r in enumerate(result["pairs"])])
-        print(f"pooled over the {len(pairs)} pairs:")
-        rows = [r for i, pair in enumerate(result["pairs"]) for r in _table(pair, str(i + 1))] + _table(
-            result["tasks"], "pooled")
-        head = ("pair",) + head
-        _print(head, rows[-len(result["tasks"]):])
-    else:
+    if len(pairs) == 1:
+        rows = _table(result["tasks"])
         _print(head, rows)
+    else:   # each pair's overall row, then the pooled table; the CSV holds every pair's rows and the pooled ones
+        head = ("pair",) + head
+        _print(head, [_table(r, str(i + 1))[-1] for i, r in enumerate(result["pairs"])])
+        print(f"pooled over the {len(pairs)} pairs:")
+        pooled = _table(result["tasks"], "pooled")
+        _print(head, pooled)
+        rows = [row for i, r in enumerate(result["pairs"]) for row in _table(r, str(i + 1))] + pooled
     if _OUT.value:
         text = "\n".join(",".join(str(x) for x in row) for row in (head, *rows)) + "\n"
         paths.write_text(_OUT.value, text)
