@@ -101,7 +101,7 @@ class DeFIPolicyModel(nnx.Module):
         self.gfdm = GFDM(GFDMOptions.from_config(c.gfdm), rngs=gfdm_rngs, dtype=dtype, param_dtype=param_dtype,
                          attention_impl=c.get("attention_impl", None) or None)
         for name, stream in gfdm_rngs.items():
-            getattr(rngs, name).count.value += stream.count.value
+            getattr(rngs, name).count[...] += stream.count[...]
         self.goal_text = CLIPTextEncoder(CLIPTextConfig(**dict(c.goal_text)), rngs=rngs, with_projection=True)
         # GFDM feature width: up_blocks[0..k-1] outputs concatenated (2560 for SVD, k = 2).
         unet = dict(c.gfdm.unet)
