@@ -69,17 +69,16 @@ def main(argv):
     except ValueError as e:
         raise SystemExit(f"launch.compare_evals: {e}") from e
     head = ("task", "episodes", "a", "b", "only_a", "only_b", "mcnemar_p")
+    noise = "policy noise: " + ("shared per episode" if result["shared_noise"] else
+                                "NOT shared (an evaluation before per-row seeds): only env seeds and goals are paired")
     if len(pairs) == 1:
-        print(f"a: {_A.value[0]}\nb: {_B.value[0]}")
-    else:
-        for i, (a, b) in enumerate(zip(_A.value, _B.value)):
-            print(f"pair {i + 1}: a: {a}\n        b: {b}")
-    print("policy noise: " + ("shared per episode" if result["shared_noise"] else
-                              "NOT shared (an evaluation before per-row seeds): only env seeds and goals are paired"))
-    if len(pairs) == 1:
+        print(f"a: {_A.value[0]}\nb: {_B.value[0]}\n{noise}")
         rows = _table(result["tasks"])
         _print(head, rows)
     else:   # each pair's overall row, then the pooled table; the CSV holds every pair's rows and the pooled ones
+        for i, (a, b) in enumerate(zip(_A.value, _B.value)):
+            print(f"pair {i + 1}: a: {a}\n        b: {b}")
+        print(noise)
         head = ("pair",) + head
         _print(head, [_table(r, str(i + 1))[-1] for i, r in enumerate(result["pairs"])])
         print(f"pooled over the {len(pairs)} pairs:")
