@@ -21,8 +21,9 @@ Variants:
 Keys beyond the stage configs':
   policy.finetune        gidm_adapter (default) | adapter_only | all      (what is trained: paper Table 9)
   policy.gfdm_init       pretrained (init.sources.gfdm: a GFDM workdir) | initial (the un-fine-tuned weights:
-                         init.sources.svd_unet / svd_vae / svd_clip, or random in tiny: one draw, from a
-                         fixed key, for every config.seed)
+                         init.sources.svd_unet / svd_vae / svd_clip; an empty svd_vae / svd_clip reads the frozen
+                         VAE / text tower of init.sources.gfdm's workdir, which its pretraining never changed; a
+                         missing UNet is random in tiny: one draw, from a fixed key, for every config.seed)
   policy.gidm_init       pretrained (init.sources.gidm: a GIDM workdir) | random
   model.latent_action    vq (default) | continuous | binning | gmm        (the latent-action ablation)
   model.gfdm_steps       GFDM denoising steps before the features (1 = the paper's default; 5 = its ablation)

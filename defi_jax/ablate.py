@@ -48,7 +48,7 @@ class Variant:
     overrides: tuple[tuple[str, str], ...] = ()   # on POLICY_CONFIG (command-line text)
     pretraining: str = "standard"                  # key of PRETRAININGS: the GIDM / GFDM workdirs it starts from
     gidm: bool = True                              # fine-tunes from a pretrained GIDM workdir
-    gfdm: bool = True                              # ... and from a pretrained GFDM workdir
+    gfdm: bool = True                              # ... and reads a pretrained GFDM workdir
 
 
 # Overrides of both pretraining stages (configs/gidm.py:tiny and configs/gfdm.py:tiny).
@@ -57,7 +57,9 @@ PRETRAININGS = {"standard": (), "no_human_video": (("data.human_video_fraction",
 VARIANTS = {v.name: v for v in (
     Variant("defi"),
     Variant("no_gidm_pretrain", (("policy.gidm_init", "random"),), gidm=False),
-    Variant("no_gfdm_pretrain", (("policy.gfdm_init", "initial"),), gfdm=False),
+    # A random UNet with the pretrained GFDM's frozen VAE / text tower, which its pretraining never changed (the
+    # paper's variant keeps SVD's): defi_jax.policy.stage.resolve_init.
+    Variant("no_gfdm_pretrain", (("policy.gfdm_init", "initial"),)),
     Variant("no_human_video", pretraining="no_human_video"),
     Variant("adapter_only", (("policy.finetune", "adapter_only"),)),
     Variant("all_train", (("policy.finetune", "all"),)),
@@ -281,8 +283,8 @@ def plan(workdir: str, variants: Sequence[str], seeds: Sequence[int], *, data_di
         raise ValueError(f"--features={features!r} must be a positive number of windows")
     for name in variants:
         v = VARIANTS[name]
-        # A stage the variant does not pretrain keeps the config's path: policy.gidm_init=random /
-        # gfdm_init=initial empty it (config_validation.resolve: defi_jax.policy.stage.resolve_init).
+        # A stage the variant does not pretrain keeps the config's path: policy.gidm_init=random empties it,
+        # gfdm_init=initial keeps only its frozen towers (config_validation.resolve: policy.stage.resolve_init).
         sources = {stage: pretrain[v.pretraining][stage].workdir for stage in ("gidm", "gfdm") if getattr(v, stage)}
         store = os.path.join(workdir, name, "features")
         cached = (*FEATURE_KEYS, ("data.features_dir", store)) if features else ()

@@ -187,8 +187,9 @@ def test_rerun_with_other_flags_is_refused(tmp_path):
 
 def test_init_switches_empty_the_pretrained_source(demo_data_dir):
     """policy.gidm_init=random / gfdm_init=initial on a config that names pretrained workdirs (tiny names the
-    demo's) leave those workdirs unread: resolving the config empties their paths (defi_jax.policy.stage.resolve_init),
-    validation only reads (an unresolved config is refused, naming the key)."""
+    demo's) leave those workdirs unread: resolving the config empties their paths (defi_jax.policy.stage.resolve_init;
+    the GFDM workdir then gives only its frozen VAE / text tower), validation only reads (an unresolved config is
+    refused, naming the key)."""
     from defi_jax import config_validation
 
     for key, value, emptied, kept in (("gidm_init", "random", "gidm", "gfdm"), ("gfdm_init", "initial", "gfdm", "gidm")):
@@ -199,9 +200,16 @@ def test_init_switches_empty_the_pretrained_source(demo_data_dir):
         with pytest.raises(config_validation.ConfigError, match=f"config.init.sources.{emptied}.path"):
             config_validation.validate(config, num_devices=1)
         assert config.init.sources[emptied].path, key              # validation wrote nothing
+        pretrained = config.init.sources[emptied].path
         config_validation.resolve(config)
         config_validation.validate(config, num_devices=1)
         assert config.init.sources[emptied].path == "" and config.init.sources[kept].path, key
+        towers = {n: (s.kind, s.path, s.prefix) for n, s in config.init.sources.items() if n.startswith("svd_")}
+        if emptied == "gfdm":   # the un-pretrained GFDM keeps the workdir's frozen VAE / text tower, not its UNet
+            assert towers == {"svd_unet": ("diffusers_unet", "", ""), "svd_vae": ("workdir", pretrained, "vae/"),
+                              "svd_clip": ("workdir", pretrained, "text_encoder/")}
+        else:
+            assert not any(path for _, path, _ in towers.values())
 
 
 def _finished_workdir(path, scale=None) -> str:

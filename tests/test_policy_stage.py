@@ -179,6 +179,22 @@ def test_all_mode_lets_the_gradient_reach_the_unet(finetuned, demo_data_dir, tin
 ABLATION_VARIANTS = (dict(latent_action="binning"), dict(latent_action="gmm"), dict(head=dict(cross_attention="full")))
 
 
+def test_an_initial_gfdm_loads_only_the_gfdm_workdirs_frozen_towers(finetuned, demo_data_dir, tiny_config):
+    """policy.gfdm_init=initial (the no-GFDM-pretraining ablation): the GFDM workdir's VAE and text tower, which its
+    pretraining froze, load bitwise; its pretrained UNet does not (the random initial one stays)."""
+    from defi_jax import config_validation, weights
+
+    c = _policy_config(tiny_config, demo_data_dir, finetuned["tmp"], gfdm_init="initial")
+    config_validation.resolve(c)
+    loaded = weights.load_init_params(c, finetuned["trainer"].layout.abstract_params())
+    gfdm = {k[len("gfdm/"):]: v for k, v in loaded.items() if k.startswith("gfdm/")}
+    towers = {k for k in finetuned["gfdm"] if k.startswith(("vae/", "text_encoder/"))}
+    assert towers and gfdm.keys() == towers
+    for k in towers:
+        np.testing.assert_array_equal(np.asarray(gfdm[k]), np.asarray(finetuned["gfdm"][k]), err_msg=k)
+    assert any(k.startswith("latent_actions/") for k in loaded)   # the GIDM still from its workdir
+
+
 def test_ablation_variants_build_and_trace_their_loss(finetuned, demo_data_dir, tiny_config):
     """The other variants' models build and their training loss traces to a float32 scalar on a batch of their data
     (no compile here: the bottlenecks run below)."""

@@ -276,14 +276,28 @@ def evaluate(model: DeFIPolicyModel, config, workdir: str, step: int, eval_iter)
 _NOT_PRETRAINED = {"gidm_init": ("random", "gidm"), "gfdm_init": ("initial", "gfdm")}
 
 
+# The GFDM stage trains only its UNet (configs/gfdm.py freezes vae/ and text_encoder/): a GFDM workdir's VAE and
+# text tower are the weights its pretraining started from. svd_* source -> its sub-tree in a GFDM workdir.
+_GFDM_FROZEN_TOWERS = {"svd_vae": "vae/", "svd_clip": "text_encoder/"}
+
+
 def resolve_init(config) -> None:
     """Empties ``config.init.sources.gidm.path`` under ``policy.gidm_init=random`` and ``.gfdm.path`` under
     ``policy.gfdm_init=initial``: a config that names a pretrained workdir (``tiny`` names the demo's) then
     starts from random / initial weights, as the switch says, instead of silently loading that workdir.
-    ``gfdm_init=initial`` keeps the ``svd_*`` sources (the un-fine-tuned weights). With ``model.center_features``
-    and ``data.source=features``, ``init.sources.feature_stats.path`` becomes ``data.features_dir``. The
-    stage's ``resolve`` hook (``config_validation.resolve``: the trainer and launch.ablate call it before
-    validating), so every run and the ``config.json`` it records see the resolved sources."""
+    ``gfdm_init=initial`` keeps the ``svd_*`` sources (the un-fine-tuned weights); the ones without a path
+    (``svd_vae``, ``svd_clip``) then read the frozen VAE / text tower of the GFDM workdir the pretrained variant
+    would load, which its pretraining never changed: only the UNet starts un-pretrained, as in the paper's
+    ablation (SVD's own VAE and CLIP kept). With ``model.center_features`` and ``data.source=features``,
+    ``init.sources.feature_stats.path`` becomes ``data.features_dir``. The stage's ``resolve`` hook
+    (``config_validation.resolve``: the trainer and launch.ablate call it before validating), so every run and
+    the ``config.json`` it records see the resolved sources."""
+    gfdm = config.init.sources.get("gfdm")
+    if config.policy.gfdm_init == "initial" and gfdm is not None and gfdm.path:
+        for name, prefix in _GFDM_FROZEN_TOWERS.items():
+            tower = config.init.sources.get(name)
+            if tower is not None and not tower.path:
+                tower.kind, tower.path, tower.prefix, tower.step = "workdir", gfdm.path, prefix, gfdm.step
     for key, (value, name) in _NOT_PRETRAINED.items():
         source = config.init.sources.get(name)
         if config.policy[key] == value and source is not None and source.path:
@@ -407,7 +421,8 @@ def check_data(config) -> None:
 
 def prepare(config) -> None:
     """Before training: with ``policy.pretrain_missing`` (the small variants) trains the tiny GFDM / GIDM into their
-    source workdirs when those hold no checkpoint yet, on this run's data (the demo's by default); then, with
+    source workdirs when those hold no checkpoint yet, on this run's data (the demo's by default; under
+    ``gfdm_init=initial`` the GFDM workdir its frozen VAE / text tower come from); then, with
     ``model.center_features`` on frames and ``policy.feature_stats_windows`` > 0, computes the GFDM features'
     statistics into ``init.sources.feature_stats.path`` when that folder has none yet (statistics found there must be
     this run's GFDM's: :func:`features.check_stats`)."""
@@ -419,9 +434,11 @@ def prepare(config) -> None:
         from defi_jax import trainer
 
         for name in ("gidm", "gfdm"):
-            path = config.init.sources[name].path
-            if (config.policy[f"{name}_init"] != "pretrained" or not path
-                    or paths.isdir(paths.join(path, "checkpoints"))):
+            path = config.init.sources[name].path if config.policy[f"{name}_init"] == "pretrained" else ""
+            if name == "gfdm" and not path:   # gfdm_init=initial: the workdir its frozen towers come from
+                towers = [config.init.sources.get(n) for n in _GFDM_FROZEN_TOWERS]
+                path = next((t.path for t in towers if t is not None and t.kind == "workdir" and t.path), "")
+            if not path or paths.isdir(paths.join(path, "checkpoints")):
                 continue
             stage_config = importlib.import_module(f"configs.{name}").get_config("tiny")
             stage_config.data.data_dir = config.data.data_dir
