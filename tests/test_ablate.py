@@ -39,7 +39,12 @@ def test_variants_differ_from_defi_exactly_as_intended(plan):
     assert base["policy.pretrain_missing"] is False and base["train.num_steps"] == 3
     expected = {
         "no_gidm_pretrain": {"policy.gidm_init": "random", "init.sources.gidm.path": ""},
-        "no_gfdm_pretrain": {"policy.gfdm_init": "initial", "init.sources.gfdm.path": ""},
+        # The pretrained GFDM's frozen VAE / text tower with an initial UNet.
+        "no_gfdm_pretrain": {"policy.gfdm_init": "initial", "init.sources.gfdm.path": "",
+                             **{f"init.sources.{name}.{k}": v for name, prefix in (("svd_vae", "vae/"),
+                                                                                   ("svd_clip", "text_encoder/"))
+                                for k, v in (("kind", "workdir"), ("path", pre["standard"]["gfdm"]),
+                                             ("prefix", prefix))}},
         "no_human_video": {"init.sources.gidm.path": pre["no_human_video"]["gidm"],
                            "init.sources.gfdm.path": pre["no_human_video"]["gfdm"]},
         "adapter_only": {"policy.finetune": "adapter_only"},
