@@ -18,7 +18,7 @@ import pytest
 from _helpers import save_random_workdir
 from flax import nnx
 
-from defi_jax import checkpoint, sharding, trainer
+from defi_jax import checkpoint, config_validation, sharding, trainer, weights
 from defi_jax.policy import stage as policy_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,8 +182,6 @@ ABLATION_VARIANTS = (dict(latent_action="binning"), dict(latent_action="gmm"), d
 def test_an_initial_gfdm_loads_only_the_gfdm_workdirs_frozen_towers(finetuned, demo_data_dir, tiny_config):
     """policy.gfdm_init=initial (the no-GFDM-pretraining ablation): the GFDM workdir's VAE and text tower, which its
     pretraining froze, load bitwise; its pretrained UNet does not (the random initial one stays)."""
-    from defi_jax import config_validation, weights
-
     c = _policy_config(tiny_config, demo_data_dir, finetuned["tmp"], gfdm_init="initial")
     config_validation.resolve(c)
     loaded = weights.load_init_params(c, finetuned["trainer"].layout.abstract_params())
@@ -242,7 +240,6 @@ def test_latent_action_bottlenecks_and_multi_step_features_run_finite(finetuned,
 
 
 def test_validation_names_missing_pretrained_stages(demo_data_dir, tiny_config, tmp_path):
-    from defi_jax import config_validation
     c = _policy_config(tiny_config, demo_data_dir, tmp_path)
     c.init.sources.gidm.path = ""
     c.init.allow_random = False
@@ -344,6 +341,11 @@ def test_tiny_policy_trains_its_missing_stage_workdirs_first(tmp_path, monkeypat
     monkeypatch.setattr(trainer, "train", lambda config, workdir: calls.append((config.stage, workdir)))
     policy_stage.prepare(c)
     assert calls == [("gfdm", str(tmp_path / "gfdm"))]
+    calls.clear()
+    c.policy.gfdm_init = "initial"   # resolved: the missing workdir is still the one its frozen VAE / text come from
+    config_validation.resolve(c)
+    policy_stage.prepare(c)
+    assert c.init.sources.gfdm.path == "" and calls == [("gfdm", str(tmp_path / "gfdm"))]
     c.policy.pretrain_missing = False                            # the defi variant's default
     calls.clear()
     policy_stage.prepare(c)
