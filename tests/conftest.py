@@ -71,15 +71,23 @@ def gcs(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def demo_data_dir(tmp_path_factory):
+def demo_data_dir(tmp_path_factory, worker_id):
     """Small Meta-World demo data (3 robot tasks x 3 episodes + 1 human-video task x 3 videos, 64 px),
-    generated once per test session. Use it as ``data_cfg.data_dir`` with ``data_cfg.mixture = "demo"``
-    (robot + human video) or ``"demo_robot"``; set ``data_cfg.resolution`` <= 64."""
+    generated once per test run: xdist's workers share one copy (~20 CPU-s), the first to ask generates it while
+    the others wait on a lock. Use it as ``data_cfg.data_dir`` with ``data_cfg.mixture = "demo"`` (robot + human
+    video) or ``"demo_robot"``; set ``data_cfg.resolution`` <= 64. Tests only read it."""
+    import fcntl
+
     from data_pipelines import demo
 
-    root = tmp_path_factory.mktemp("demo_data") / "demo"
-    return demo.ensure_demo_data(str(root), tasks=("reach-v3", "push-v3", "button-press-v3"),
-                                 human_tasks=("drawer-close-v3",), episodes=3, human_episodes=3, size=64)
+    base = tmp_path_factory.getbasetemp()
+    if worker_id != "master":   # xdist: each worker's basetemp is a folder of the run's own
+        base = base.parent
+    with open(base / "demo_data.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return demo.ensure_demo_data(str(base / "demo_data" / "demo"),
+                                     tasks=("reach-v3", "push-v3", "button-press-v3"), human_tasks=("drawer-close-v3",),
+                                     episodes=3, human_episodes=3, size=64)
 
 
 import importlib  # noqa: E402

@@ -255,8 +255,14 @@ def test_validation_names_missing_pretrained_stages(demo_data_dir, tiny_config, 
         config_validation.validate(c, num_devices=1)
 
 
-def test_act_and_the_exported_artifact_in_a_fresh_process(finetuned, tmp_path, fast_compile, subprocess_env):
-    from defi_jax.inference import DeFIPolicy
+def test_act_then_export_to_gs_and_act_alike_in_a_fresh_process(finetuned, gcs, tmp_path, fast_compile,
+                                                                  subprocess_env):
+    """The restored policy acts; a pod run exports next to its checkpoints: ``DeFIPolicy.export("gs://...")`` stages
+    locally, uploads the folder (manifest last), ``load_exported`` reads it back from the bucket, and a fresh
+    process with jax and numpy only, given the uploaded bytes, draws the same actions for the seed. (One export,
+    one act compile per process: ~50 CPU-s.)"""
+    from defi_jax import paths
+    from defi_jax.inference import DeFIPolicy, load_exported
 
     rs = np.random.default_rng(0)
     obs = {"primary": rs.integers(0, 256, (48, 48, 3), dtype=np.uint8),
@@ -269,9 +275,14 @@ def test_act_and_the_exported_artifact_in_a_fresh_process(finetuned, tmp_path, f
     with pytest.raises(KeyError, match="wrist"):
         policy.act({"primary": obs["primary"]}, "x")
 
-    policy.export(str(tmp_path / "exported"), platforms=["cpu"])
-    manifest = json.load(open(tmp_path / "exported" / "manifest.json"))
-    assert manifest["views"] == ["primary", "wrist"] and manifest["horizon"] == 10
+    policy.export("gs://bucket/runs/policy/exported", platforms=["cpu"])
+    assert paths.listdir("gs://bucket/runs/policy/exported")[:2] == ["act.jax", "encode.jax"]
+    served = load_exported("gs://bucket/runs/policy/exported")   # reads the computations and weights back
+    assert served.views == ("primary", "wrist") and served.manifest["horizon"] == 10
+    with pytest.raises(FileNotFoundError, match="gs://bucket/nothing/manifest.json: not a defi-jax exported"):
+        load_exported("gs://bucket/nothing")
+
+    uploaded = os.path.join(gcs.root, "bucket/runs/policy/exported")   # its bytes, for a process without the fake
     np.save(tmp_path / "obs_primary.npy", obs["primary"])
     np.save(tmp_path / "obs_wrist.npy", obs["wrist"])
     code = r"""
@@ -284,14 +295,14 @@ bad = sorted(m for m in sys.modules if m.startswith(("defi_jax.policy", "defi_ja
              "defi_jax.gidm", "defi_jax.trainer", "data_pipelines")))
 assert not bad, bad
 """
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "exported"), str(tmp_path)], cwd=REPO,
+    out = subprocess.run([sys.executable, "-c", code, uploaded, str(tmp_path)], cwd=REPO,
                          env=subprocess_env(devices=0), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     # Deterministic for a seed: a fresh process, from the exported artifact, draws the same actions for seed 3.
     np.testing.assert_allclose(np.load(tmp_path / "exported_act.npy"), a, rtol=1e-5, atol=1e-5)
 
-    from defi_jax.inference import load_exported
     (tmp_path / "broken").mkdir()
+    manifest = json.load(open(os.path.join(uploaded, "manifest.json")))
     (tmp_path / "broken" / "manifest.json").write_text(json.dumps(dict(manifest, format=99)))
     with pytest.raises(ValueError, match="format"):
         load_exported(str(tmp_path / "broken"))
@@ -314,23 +325,6 @@ def test_from_checkpoint_applies_the_sampler_overrides(finetuned):
     assert policy.config.model.sample_steps == m.sample_steps + 2 and m.sample_steps == plain.num_steps  # a copy
     with pytest.raises(ValueError, match=r"config.model.sample_steps=0 must be >= 1"):
         DeFIPolicy.from_checkpoint(finetuned["workdir"], sample_steps=0)
-
-
-def test_export_to_gs_and_serve_from_it(finetuned, gcs, fast_compile):
-    """A pod run exports next to its checkpoints: ``DeFIPolicy.export("gs://...")`` stages locally, uploads the
-    folder (manifest last), and ``load_exported`` reads it back from the bucket; nothing lands in a local ``gs:``."""
-    from defi_jax import paths
-    from defi_jax.inference import DeFIPolicy, load_exported
-
-    obs = {"primary": np.full((48, 48, 3), 90, np.uint8), "wrist": np.full((32, 32, 3), 30, np.uint8)}
-    policy = DeFIPolicy.from_checkpoint(finetuned["workdir"], seed=1, compiler_options=fast_compile)
-    policy.export("gs://bucket/runs/policy/exported", platforms=["cpu"])
-    assert paths.listdir("gs://bucket/runs/policy/exported")[:2] == ["act.jax", "encode.jax"]
-    served = load_exported("gs://bucket/runs/policy/exported")
-    np.testing.assert_allclose(served.act_batch([obs], ["press the button"], seed=1)[0],   # the same draw
-                               policy.act(obs, "press the button"), rtol=1e-5, atol=1e-5)
-    with pytest.raises(FileNotFoundError, match="gs://bucket/nothing/manifest.json: not a defi-jax exported"):
-        load_exported("gs://bucket/nothing")
 
 
 def test_tiny_policy_trains_its_missing_stage_workdirs_first(tmp_path, monkeypatch, finetuned, tiny_config):
