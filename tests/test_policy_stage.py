@@ -340,6 +340,11 @@ def test_tiny_policy_trains_its_missing_stage_workdirs_first(tmp_path, monkeypat
     config_validation.resolve(c)
     policy_stage.prepare(c)
     assert c.init.sources.gfdm.path == "" and calls == [("gfdm", str(tmp_path / "gfdm"))]
+    calls.clear()
+    for name in ("svd_vae", "svd_clip"):   # a user's own towers (a VAE-stage workdir, say): never trained over
+        c.init.sources[name] = weights.source("^", "workdir", str(tmp_path / "own_vae"))
+    policy_stage.prepare(c)
+    assert calls == []
     c.policy.pretrain_missing = False                            # the defi variant's default
     calls.clear()
     policy_stage.prepare(c)

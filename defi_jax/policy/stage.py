@@ -434,15 +434,19 @@ def prepare(config) -> None:
         from defi_jax import trainer
 
         for name in ("gidm", "gfdm"):
+            key = name
             path = config.init.sources[name].path if config.policy[f"{name}_init"] == "pretrained" else ""
-            if name == "gfdm" and not path:   # gfdm_init=initial: the workdir its frozen towers come from
-                towers = [config.init.sources.get(n) for n in _GFDM_FROZEN_TOWERS]
-                path = next((t.path for t in towers if t is not None and t.kind == "workdir" and t.path), "")
+            if name == "gfdm" and not path:   # gfdm_init=initial: the GFDM workdir its frozen towers come from
+                for key, prefix in _GFDM_FROZEN_TOWERS.items():   # as resolve_init set them, not a user's own
+                    tower = config.init.sources.get(key)
+                    if tower is not None and (tower.kind, tower.prefix) == ("workdir", prefix) and tower.path:
+                        path = tower.path
+                        break
             if not path or paths.isdir(paths.join(path, "checkpoints")):
                 continue
             stage_config = importlib.import_module(f"configs.{name}").get_config("tiny")
             stage_config.data.data_dir = config.data.data_dir
-            print(f"policy: no {name.upper()} checkpoint in {path} (config.init.sources.{name}.path): training "
+            print(f"policy: no {name.upper()} checkpoint in {path} (config.init.sources.{key}.path): training "
                   f"configs/{name}.py:tiny there first", flush=True)
             trainer.train(stage_config, path)
     stats = config.init.sources.get("feature_stats")
