@@ -65,10 +65,11 @@ def test_policy_starts_from_the_stage_workdirs_and_keeps_the_gfdm_frozen(finetun
 
 
 def test_short_finetune_lowers_the_action_loss(finetuned, one_device_mesh):
-    """The action loss on one training batch at 8 fixed (sigma, noise) draws, before and after the fine-tune,
-    through the stage's own evaluation (compiled by the fine-tune: another eval.batches only traces it again)."""
+    """The action loss on one training batch at 4 fixed (sigma, noise) draws, before and after the fine-tune,
+    through the stage's own evaluation (compiled by the fine-tune: another eval.batches only traces it again).
+    After / before is ~0.69-0.71 whether 2, 4 or 8 draws are averaged (twenty-second session)."""
     c = finetuned["config"].copy_and_resolve_references()
-    c.eval.batches = 8
+    c.eval.batches = 4
     initial = finetuned["trainer"]      # the fine-tune's own trainer: its initial state, already compiled
     batch = initial.global_batch(next(policy_stage.make_data(c, 0, 1, "train")))   # laid out as in its evaluation
     models = (initial.model(initial.init_state()), trainer.restore_model(c, finetuned["workdir"], mesh=one_device_mesh))
