@@ -71,7 +71,7 @@ def gcs(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def demo_data_dir(tmp_path_factory, worker_id):
+def demo_data_dir(tmp_path_factory):
     """Small Meta-World demo data (3 robot tasks x 3 episodes + 1 human-video task x 3 videos, 64 px),
     generated once per test run: xdist's workers share one copy (~20 CPU-s), the first to ask generates it while
     the others wait on a lock. Use it as ``data_cfg.data_dir`` with ``data_cfg.mixture = "demo"`` (robot + human
@@ -81,7 +81,7 @@ def demo_data_dir(tmp_path_factory, worker_id):
     from data_pipelines import demo
 
     base = tmp_path_factory.getbasetemp()
-    if worker_id != "master":   # xdist: each worker's basetemp is a folder of the run's own
+    if os.environ.get("PYTEST_XDIST_WORKER"):   # xdist: each worker's basetemp is a folder of the run's own
         base = base.parent
     with open(base / "demo_data.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
