@@ -96,13 +96,17 @@ def test_evaluation_compiles_once_per_run(finetuned, one_device_mesh, count_comp
         runs.append((metrics, n[0]))
     (first, _), (again, recompiles) = runs
     assert recompiles == 0
-    assert again == first and np.isfinite(first["eval_action_mse"])   # the same fixed draws
+    np.testing.assert_equal(again, first)   # the same fixed draws (NaN equal to NaN)
+    assert np.isfinite(first["eval_action_mse"])
 
 
 def test_same_instruction_partner():
     ids = jnp.asarray([[1, 2], [3, 4], [1, 2], [5, 6], [1, 2], [3, 4]])
     assert policy_stage.same_instruction_partner(ids).tolist() == [2, 5, 4, 3, 0, 1]   # row 3: alone, itself
     assert policy_stage.same_instruction_partner(ids[:1]).tolist() == [0]
+    assert policy_stage.other_instruction_partner(ids).tolist() == [1, 2, 3, 4, 5, 0]
+    assert policy_stage.other_instruction_partner(ids[jnp.asarray([0, 2, 4, 1])]).tolist() == [3, 3, 3, 0]
+    assert policy_stage.other_instruction_partner(ids[jnp.asarray([0, 2])]).tolist() == [0, 1]   # one instruction
 
 
 def test_observation_swap_measures_what_the_images_add(finetuned, one_device_mesh):
@@ -129,7 +133,47 @@ def test_observation_swap_measures_what_the_images_add(finetuned, one_device_mes
     with sharding.use_rules(tr.mesh, tr.rules):
         lean = policy_stage.evaluate(model, off, None, 0, iter([tr.global_batch(local)]))
     assert "eval_obs_info_gap" not in lean and "eval_obs_swap_rows" not in lean
-    assert lean == {k: v for k, v in distinct.items() if k not in ("eval_obs_info_gap", "eval_obs_swap_rows")}
+    np.testing.assert_equal(lean, {k: v for k, v in distinct.items()          # NaN equal to NaN
+                                   if k not in ("eval_obs_info_gap", "eval_obs_swap_rows")})
+
+
+def test_latent_swap_measures_what_the_gidm_tokens_move(finetuned, one_device_mesh):
+    """eval_latent_swap_change gives each sample the latent-action tokens of a sample of another instruction:
+    the sampled chunk moves; with the head's token embedding zeroed (tokens unread) it moves exactly 0; with
+    one instruction in the batch nothing is swapped and it is NaN."""
+    c = finetuned["config"]
+    model = trainer.restore_model(c, finetuned["workdir"], mesh=one_device_mesh)
+    tr = finetuned["trainer"]
+    local = next(policy_stage.make_data(c, 0, 1, "eval"))
+    unique = dict(local, goal_ids=local["goal_ids"].copy())
+    unique["goal_ids"][:, -1] = 3 + np.arange(len(unique["goal_ids"]))   # a different last (padding) token per row
+    one_task = dict(local, goal_ids=np.broadcast_to(local["goal_ids"][:1], local["goal_ids"].shape).copy())
+    with sharding.use_rules(tr.mesh, tr.rules):
+        # The short fine-tune's VQ sends every sample to one code (equal tokens: nothing to swap). Each (sample,
+        # query) gets its own code: the codebook's first rows become the encoder outputs under the evaluation's
+        # draws (policy_stage.evaluate: key(seed + 23), batch 0).
+        k_ctx = jax.random.split(jax.random.fold_in(jax.random.key(c.seed + 23), 0), 3)[0]
+        graphdef = nnx.graphdef(model)
+
+        @jax.jit
+        def encoder_outputs(state, batch):
+            m = nnx.merge(graphdef, state)
+            text, feats, k_vq, _ = policy_stage._encoded(m, batch, k_ctx)
+            return m.context(feats, text, rng=k_vq)[1]["z_e"]
+
+        z_e = np.asarray(encoder_outputs(nnx.state(model), tr.global_batch(unique)), np.float32)
+        z_e = z_e.reshape(-1, z_e.shape[-1])
+        vq = model.latent_actions.lam.vq
+        codebook = vq.effective_codebook().at[:len(z_e)].set(z_e)
+        vq.codebook[...], vq.codebook_shift[...] = codebook.astype(vq.codebook.dtype), jnp.zeros_like(codebook)
+        read, alone = (policy_stage.evaluate(model, c, None, 0, iter([tr.global_batch(b)])) for b in (unique, one_task))
+        embed = model.head.inner_model.tok_emb_token
+        embed.kernel[...] = jnp.zeros_like(embed.kernel[...])
+        unread = policy_stage.evaluate(model, c, None, 0, iter([tr.global_batch(unique)]))
+    assert read["eval_latent_swap_rows"] == len(unique["goal_ids"]) == unread["eval_latent_swap_rows"]
+    assert np.isfinite(read["eval_latent_swap_change"]) and read["eval_latent_swap_change"] > 0.0
+    assert unread["eval_latent_swap_change"] == 0.0
+    assert alone["eval_latent_swap_rows"] == 0 and np.isnan(alone["eval_latent_swap_change"])
 
 
 @pytest.mark.parametrize("mode", ["gidm_adapter", "adapter_only", "all"])

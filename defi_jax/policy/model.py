@@ -183,11 +183,12 @@ class DeFIPolicyModel(nnx.Module):
                     codebook_loss=zero, commitment_loss=zero)
 
     def context(self, feats_BVTNC, text: dict, *, train: bool = False, rng: jax.Array | None = None,
-                dropout_rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                dropout_rng: jax.Array | None = None, latent_rows: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """Context tokens [B, 1 + T*Q + 4, D] for the head, and the latent-action outputs (VQ losses).
 
         ``text``: :meth:`encode_instruction`'s output. Independent of the noisy actions and of sigma, so
-        inference computes it once per observation and reuses it at every sampler step."""
+        inference computes it once per observation and reuses it at every sampler step. ``latent_rows`` [B]
+        (evaluation probes): sample b's head reads the latent-action tokens of sample ``latent_rows[b]``."""
         B, V, T, N, C = feats_BVTNC.shape
         if self.feature_stats is not None:
             feats_BVTNC = self.feature_stats(feats_BVTNC)
@@ -195,7 +196,8 @@ class DeFIPolicyModel(nnx.Module):
         vf_in_BTNC = feats_BVTNC.transpose(0, 2, 1, 3, 4).reshape(B, T, V * N, C)
         video_BVD = self.video_former(vf_in_BTNC)
         la = self._latent_tokens(feats_BVTNC[:, 0], text["gidm"], text["gidm_mask"], train=train, rng=rng)
-        context_BSD = self.head.encode(text["goal"], video_BVD, la["tokens"], dropout_rng=dropout_rng)
+        tokens_BQE = la["tokens"] if latent_rows is None else la["tokens"][latent_rows]
+        context_BSD = self.head.encode(text["goal"], video_BVD, tokens_BQE, dropout_rng=dropout_rng)
         return context_BSD, la
 
     def fold_feature_stats(self) -> None:

@@ -192,15 +192,24 @@ def assets(config) -> dict[str, str]:
 
 
 # ---- evaluation -------------------------------------------------------------------------------------
-def same_instruction_partner(ids_BL: jax.Array) -> jax.Array:
-    """[B] int32: for each row, the next row (cyclically) with the same instruction tokens, itself when none."""
+def _cyclic_partner(ids_BL: jax.Array, same: bool) -> jax.Array:
     B = ids_BL.shape[0]
     rows = jnp.arange(B)
     if B == 1:
         return rows
     cand_BK = (rows[:, None] + jnp.arange(1, B)[None]) % B                 # the other rows, nearest first
-    same_BK = jnp.all(ids_BL[cand_BK] == ids_BL[:, None], axis=-1)
-    return jnp.where(same_BK.any(-1), cand_BK[rows, jnp.argmax(same_BK, axis=-1)], rows).astype(jnp.int32)
+    hit_BK = jnp.all(ids_BL[cand_BK] == ids_BL[:, None], axis=-1) == same
+    return jnp.where(hit_BK.any(-1), cand_BK[rows, jnp.argmax(hit_BK, axis=-1)], rows).astype(jnp.int32)
+
+
+def same_instruction_partner(ids_BL: jax.Array) -> jax.Array:
+    """[B] int32: for each row, the next row (cyclically) with the same instruction tokens, itself when none."""
+    return _cyclic_partner(ids_BL, True)
+
+
+def other_instruction_partner(ids_BL: jax.Array) -> jax.Array:
+    """[B] int32: for each row, the next row (cyclically) with other instruction tokens, itself when none."""
+    return _cyclic_partner(ids_BL, False)
 
 
 def _eval_fns(graphdef, config):
@@ -219,23 +228,34 @@ def _eval_fns(graphdef, config):
         actions = batch["actions"].astype(jnp.float32)
         noise = model.head.initial_noise(k_noise, actions.shape[0])
 
-        def chunk_err_B(ctx):   # per sample: the sampled chunk's squared error, from the same initial noise
-            return jnp.mean((model.head.sample(ctx, noise, num_steps=steps, sigma_min=sigma_min) - actions) ** 2,
-                            axis=(1, 2))
+        def sample(ctx):   # the sampled chunk, from the same initial noise for every probe
+            return model.head.sample(ctx, noise, num_steps=steps, sigma_min=sigma_min)
 
-        err_B = chunk_err_B(context)
-        if not swap_images:   # config.eval.obs_info_gap=False: one GFDM forward and one sampler run per batch
-            return loss, metrics, err_B.mean(), {}
+        chunk_BAC = sample(context)
+        err_B = jnp.mean((chunk_BAC - actions) ** 2, axis=(1, 2))
+        # Does the head read the GIDM's latent actions? Each sample's head sees the latent-action tokens of a
+        # sample of another instruction (its goal, video tokens and noise stay): the chunk's relative change.
+        # Near 0, the latent actions' content never reaches the actions, nor can the GIDM's pretraining.
+        other_B = other_instruction_partner(batch["goal_ids"])
+        chunk_lat_BAC = sample(model.context(feats, text, train=False, rng=k_vq, latent_rows=other_B)[0])
+        B = actions.shape[0]
+        change_B = (jnp.linalg.norm((chunk_lat_BAC - chunk_BAC).reshape(B, -1), axis=-1)
+                    / jnp.maximum(jnp.linalg.norm(chunk_BAC.reshape(B, -1), axis=-1), 1e-12))
+        lat_B = other_B != jnp.arange(other_B.shape[0])
+        probes = {"latent_swap_rows": lat_B.sum(), "latent_swap_change_sum": jnp.sum(jnp.where(lat_B, change_B, 0.0))}
+        if not swap_images:   # config.eval.obs_info_gap=False: one GFDM forward per batch
+            return loss, metrics, err_B.mean(), probes
         # Does the policy read its observation beyond the task? Each sample sees the images of another sample
         # with the same instruction (another episode or moment of the task) under the same draws; its
         # instruction, noise and actions stay. A policy that acts on the instruction alone loses nothing.
         partner_B = same_instruction_partner(batch["goal_ids"])
         _, feats_other, _, _ = _encoded(model, batch, k_ctx, rows=partner_B)
-        err_other_B = chunk_err_B(model.context(feats_other, text, train=False, rng=k_vq)[0])
+        err_other_B = jnp.mean((sample(model.context(feats_other, text, train=False, rng=k_vq)[0]) - actions) ** 2,
+                               axis=(1, 2))
         swapped_B = partner_B != jnp.arange(partner_B.shape[0])
-        swap = {"obs_swap_rows": swapped_B.sum(), "obs_swap_err_sum": jnp.sum(jnp.where(swapped_B, err_B, 0.0)),
-                "obs_swap_err_other_sum": jnp.sum(jnp.where(swapped_B, err_other_B, 0.0))}
-        return loss, metrics, err_B.mean(), swap
+        probes |= {"obs_swap_rows": swapped_B.sum(), "obs_swap_err_sum": jnp.sum(jnp.where(swapped_B, err_B, 0.0)),
+                   "obs_swap_err_other_sum": jnp.sum(jnp.where(swapped_B, err_other_B, 0.0))}
+        return loss, metrics, err_B.mean(), probes
 
     return one
 
@@ -247,7 +267,13 @@ def evaluate(model: DeFIPolicyModel, config, workdir: str, step: int, eval_iter)
     sample of the same instruction in their batch, when each sees that other sample's images (same draws).
     Near 0, the policy acts on its instruction alone: it does not read where things are. NaN when no batch
     held two samples of one instruction. It costs a second GFDM forward and sampler run per batch, about
-    doubling the evaluation: ``config.eval.obs_info_gap=False`` leaves it (and ``eval_obs_swap_rows``) out."""
+    doubling the evaluation: ``config.eval.obs_info_gap=False`` leaves it (and ``eval_obs_swap_rows``) out.
+
+    ``eval_latent_swap_change``: the sampled chunk's relative change ``|a' - a| / |a|`` (same draws), over the
+    ``eval_latent_swap_rows`` samples that have a sample of another instruction in their batch, when the head
+    reads that sample's latent-action tokens instead of its own. Near 0, the head ignores what the GIDM's
+    latent actions say, and no GIDM pretraining can reach the actions. NaN when every sample of every batch
+    had one instruction. A second sampler run per batch, no second GFDM forward."""
     del workdir, step
     graphdef, state = nnx.split(model)
     one = stage_lib.eval_fns("policy", config, graphdef, _eval_fns)
@@ -264,7 +290,10 @@ def evaluate(model: DeFIPolicyModel, config, workdir: str, step: int, eval_iter)
     if n == 0:
         raise RuntimeError("policy evaluate: the eval iterator yielded no batch (config.data: empty eval split?)")
     out = {f"eval_{k}": v / n for k, v in sums.items()}
-    if not swap:   # config.eval.obs_info_gap=False
+    rows = swap["latent_swap_rows"]
+    out |= {"eval_latent_swap_change": swap["latent_swap_change_sum"] / rows if rows else float("nan"),
+            "eval_latent_swap_rows": rows}
+    if "obs_swap_rows" not in swap:   # config.eval.obs_info_gap=False
         return out
     rows = swap["obs_swap_rows"]
     gap = (swap["obs_swap_err_other_sum"] - swap["obs_swap_err_sum"]) / rows if rows else float("nan")
