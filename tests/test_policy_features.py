@@ -108,6 +108,7 @@ def test_training_on_the_store_centres_the_features_with_the_stores_mean(store, 
     workdir = str(store["tmp"] / "run")
     result = trainer.Trainer(c, mesh=one_device_mesh).fit(workdir)
     assert np.isfinite(result.metrics["eval_action_mse"]) and "eval_obs_info_gap" in result.metrics
+    assert "eval_latent_swap_change" in result.metrics    # the probes run on stored features as on frames
     params = checkpoint.restore_params(workdir)
     mean = features.read_stats(store["out"])["mean"]
     np.testing.assert_array_equal(np.asarray(params["feature_stats/mean"]), mean)   # loaded, frozen
