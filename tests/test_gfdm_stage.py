@@ -26,6 +26,16 @@ def test_psnr_ssim_match_tensorflow():
     assert float(evaluation.ssim(a, a).min()) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_noise_share_is_the_noise_draws_part_of_the_energy():
+    """0 for a function of the input alone, ~1 for the noise alone, |n|^2 / (|s|^2 + |n|^2) in between."""
+    rs = np.random.default_rng(0)
+    s = rs.standard_normal((3, 64, 32)).astype(np.float32)
+    n1, n2 = (rs.standard_normal(s.shape).astype(np.float32) for _ in range(2))
+    np.testing.assert_array_equal(evaluation.noise_share(s, s), np.zeros(3, np.float32))
+    np.testing.assert_allclose(evaluation.noise_share(n1, n2), 1.0, atol=0.02)
+    np.testing.assert_allclose(evaluation.noise_share(s + 0.5 * n1, s + 0.5 * n2), 0.25 / 1.25, atol=0.02)
+
+
 def test_byte_tokenizers_keep_their_ids():
     """Both byte schemes, id for id (tiny checkpoints were trained on them), and the exported artifacts' copies."""
     from defi_jax import inference
@@ -143,6 +153,7 @@ def test_tiny_training_run_learns_compiles_evaluation_once_and_writes_gif(demo_d
     # Validation loss at fixed noise draws on fixed batches goes down as training proceeds.
     assert evals[8]["eval_loss"] < evals[4]["eval_loss"], evals
     assert all(np.isfinite([r["eval_psnr"], r["eval_ssim"]]).all() for r in evals.values())
+    assert all(0.0 < r["eval_motion_noise_share"] < 1.5 for r in evals.values()), evals
     gif = workdir / "samples" / "step_00000008.gif"
     assert gif.exists()
     import imageio.v2 as imageio

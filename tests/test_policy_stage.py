@@ -109,10 +109,13 @@ def test_same_instruction_partner():
     assert policy_stage.other_instruction_partner(ids[jnp.asarray([0, 2])]).tolist() == [0, 1]   # one instruction
 
 
-def test_observation_swap_measures_what_the_images_add(finetuned, one_device_mesh):
+def test_observation_and_latent_swaps_measure_what_the_images_and_the_gidm_tokens_add(finetuned, one_device_mesh):
     """eval_obs_info_gap swaps images only, between samples of one instruction: with every frame of the batch
     equal it is exactly 0 (instructions, noise draws and actions stay with their sample), with distinct frames
-    it is not; with no two samples of one instruction nothing is swapped and it is NaN."""
+    it is not; with no two samples of one instruction nothing is swapped and it is NaN.
+    eval_latent_swap_change gives each sample the latent-action tokens of a sample of another instruction:
+    the sampled chunk moves; with the head's token embedding zeroed (tokens unread) it moves exactly 0; with
+    one instruction in the batch nothing is swapped and it is NaN."""
     c = finetuned["config"]
     model = trainer.restore_model(c, finetuned["workdir"], mesh=one_device_mesh)
     tr = finetuned["trainer"]
@@ -120,6 +123,7 @@ def test_observation_swap_measures_what_the_images_add(finetuned, one_device_mes
     same = dict(local, frames=np.broadcast_to(local["frames"][:1], local["frames"].shape).copy())
     unique = dict(local, goal_ids=local["goal_ids"].copy())
     unique["goal_ids"][:, -1] = 3 + np.arange(len(unique["goal_ids"]))   # a different last (padding) token per row
+    one_task = dict(local, goal_ids=np.broadcast_to(local["goal_ids"][:1], local["goal_ids"].shape).copy())
     with sharding.use_rules(tr.mesh, tr.rules):
         distinct, equal, alone = (policy_stage.evaluate(model, c, None, 0, iter([tr.global_batch(b)]))
                                   for b in (local, same, unique))
@@ -136,18 +140,6 @@ def test_observation_swap_measures_what_the_images_add(finetuned, one_device_mes
     np.testing.assert_equal(lean, {k: v for k, v in distinct.items()          # NaN equal to NaN
                                    if k not in ("eval_obs_info_gap", "eval_obs_swap_rows")})
 
-
-def test_latent_swap_measures_what_the_gidm_tokens_move(finetuned, one_device_mesh):
-    """eval_latent_swap_change gives each sample the latent-action tokens of a sample of another instruction:
-    the sampled chunk moves; with the head's token embedding zeroed (tokens unread) it moves exactly 0; with
-    one instruction in the batch nothing is swapped and it is NaN."""
-    c = finetuned["config"]
-    model = trainer.restore_model(c, finetuned["workdir"], mesh=one_device_mesh)
-    tr = finetuned["trainer"]
-    local = next(policy_stage.make_data(c, 0, 1, "eval"))
-    unique = dict(local, goal_ids=local["goal_ids"].copy())
-    unique["goal_ids"][:, -1] = 3 + np.arange(len(unique["goal_ids"]))   # a different last (padding) token per row
-    one_task = dict(local, goal_ids=np.broadcast_to(local["goal_ids"][:1], local["goal_ids"].shape).copy())
     with sharding.use_rules(tr.mesh, tr.rules):
         # The short fine-tune's VQ sends every sample to one code (equal tokens: nothing to swap). Each (sample,
         # query) gets its own code: the codebook's first rows become the encoder outputs under the evaluation's

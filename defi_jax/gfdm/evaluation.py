@@ -1,4 +1,4 @@
-"""Video-prediction metrics (PSNR, SSIM) and sample videos written as GIFs."""
+"""Video-prediction metrics (PSNR, SSIM, the noise share of random features) and sample videos written as GIFs."""
 
 from __future__ import annotations
 
@@ -15,6 +15,17 @@ def psnr(pred: jax.Array, target: jax.Array, max_val: float = 1.0) -> jax.Array:
     """Peak signal-to-noise ratio per image over the last three dims ``[..., H, W, C]`` (dB)."""
     mse = jnp.mean((pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2, axis=(-3, -2, -1))
     return 10.0 * jnp.log10(max_val**2 / jnp.maximum(mse, 1e-12))
+
+
+def noise_share(x1: jax.Array, x2: jax.Array) -> jax.Array:
+    """Per sample (leading axis), the share of ``x``'s energy that comes from the noise draw, from two draws
+    ``x1``, ``x2`` of one random function of one input: ``|x1 - x2|^2 / (|x1|^2 + |x2|^2)``. With
+    ``x_i = s + n_i`` (``n_i`` independent, zero mean, the same spread) its expectation is ``|n|^2 / (|s|^2 +
+    |n|^2)``: 0 when the input determines ``x``, 1 when ``x`` is the noise alone."""
+    a = x1.astype(jnp.float32).reshape(x1.shape[0], -1)
+    b = x2.astype(jnp.float32).reshape(x2.shape[0], -1)
+    energy = jnp.sum(a**2, axis=-1) + jnp.sum(b**2, axis=-1)
+    return jnp.sum((a - b) ** 2, axis=-1) / jnp.maximum(energy, 1e-30)
 
 
 def _gaussian_kernel(size: int = 11, sigma: float = 1.5) -> np.ndarray:

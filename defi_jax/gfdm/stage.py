@@ -10,7 +10,11 @@ reads clips precomputed by ``python -m launch.precompute_latents`` from ``config
 (``defi_jax.models.byte_tokenizer.clip_bytes``: tiny configs; no vocabulary can be downloaded into tests).
 
 Evaluation writes ``eval_loss`` (EDM loss at fixed noise draws), PSNR / SSIM of sampled future frames
-against the real ones, and ``<workdir>/samples/step_<N>.gif`` (real clip on top, sampled clip below).
+against the real ones, ``eval_motion_noise_share`` and ``<workdir>/samples/step_<N>.gif`` (real clip on top, sampled
+clip below). ``eval_motion_noise_share``: how much of the one-step features' change from the current to the last
+predicted frame (the motion the policy's GIDM reads, ``model.latent_action_frames`` of ``configs/policy.py``) the
+noise draw makes, over two draws per clip (``evaluation.noise_share``): 1 = the predicted motion is noise, 0 = the
+clip determines it.
 """
 
 from __future__ import annotations
@@ -119,8 +123,8 @@ def evaluate(model: GFDM, config, workdir: str, step: int, eval_iter) -> dict:
     if e.num_videos > 0:
         n = min(e.num_videos, len(first["input_ids"]))
         sub = {k: v[:n] for k, v in first.items()}
-        real, fake, p, s = generate(state, sub, jax.random.fold_in(key, 10_000))
-        metrics |= {"eval_psnr": float(p), "eval_ssim": float(s)}
+        real, fake, p, s, motion_noise = generate(state, sub, jax.random.fold_in(key, 10_000))
+        metrics |= {"eval_psnr": float(p), "eval_ssim": float(s), "eval_motion_noise_share": float(motion_noise)}
         if jax.process_index() == 0:
             path = os.path.join(workdir, "samples", f"step_{step:08d}.gif")
             evaluation.write_video_grid(path, [evaluation.to_uint8(real), evaluation.to_uint8(fake)],
@@ -146,7 +150,14 @@ def _eval_fns(graphdef, config):
         fake = model.decode(pred)
         # Frame 0 is the given current frame; score the predicted future frames, in [0, 1].
         r01, f01 = (real[:, 1:] + 1) / 2, jnp.clip((fake[:, 1:] + 1) / 2, 0, 1)
-        return real, fake, evaluation.psnr(f01, r01).mean(), evaluation.ssim(f01, r01).mean()
+        # What the policy's GIDM reads: the change of the one-step features from the current to the last
+        # predicted frame, under two noise draws of one clip. Near 1, the predicted motion is the noise draw's.
+        twice = lambda x: jnp.concatenate([x, x])   # one UNet call for both draws
+        feats, _ = model.one_step_features(twice(real[:, 0]), twice(text), jax.random.fold_in(rng, 1),
+                                           predict_latents=False)
+        motion = feats[:, -1] - feats[:, 0]
+        return (real, fake, evaluation.psnr(f01, r01).mean(), evaluation.ssim(f01, r01).mean(),
+                evaluation.noise_share(*jnp.split(motion, 2)).mean())
 
     return val_loss, generate
 
